@@ -1,0 +1,1 @@
+"""HTTP APIs (A1111-compatible /sdapi/v1, OpenAI-compatible /v1)."""

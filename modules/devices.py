@@ -1,0 +1,106 @@
+"""Device, dtype and attention-backend choice, plus memory readings.
+
+Nothing here touches the GPU at import time: :func:`choose_devices` is called
+once from ``main`` and the result travels in the app context.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Devices:
+    device: torch.device
+    dtype: torch.dtype
+    #: "sdpa" (PyTorch scaled_dot_product_attention) or "xformers"
+    attention: str = "sdpa"
+    #: "none", "medvram" or "lowvram": how hard to offload to CPU between uses
+    offload: str = "none"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    def total_memory(self) -> int:
+        """Bytes of memory models on this device can use."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).total_memory
+        return psutil.virtual_memory().total
+
+    def free_memory(self) -> int:
+        """Measured free bytes: the driver's free memory plus PyTorch's cached-but-unused blocks on CUDA,
+        available RAM elsewhere (MPS shares system memory)."""
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            stats = torch.cuda.memory_stats(self.device)
+            reserved_unused = stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0)
+            return free + max(0, reserved_unused)
+        return psutil.virtual_memory().available
+
+    def describe(self) -> dict:
+        return {
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "attention": self.attention, "offload": self.offload,
+            "total_memory": self.total_memory(), "free_memory": self.free_memory(),
+        }
+
+
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool = False,
+                   medvram: bool = False, lowvram: bool = False) -> Devices:
+    """Pick device and dtype the way users expect.
+
+    auto: CUDA if present (bf16 when the card supports it, else fp16), then MPS (fp16), then CPU (fp32:
+    fp16 matmul on CPUs is a scalar fallback, and bf16 loses quality users did not ask to lose).
+    """
+    notes = []
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was given but PyTorch sees no CUDA device "
+                           f"(torch {torch.__version__}). Use --device cpu, or install a CUDA build of torch.")
+    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("--device mps was given but MPS is not available on this machine. Use --device cpu.")
+    dev = torch.device(device)
+
+    if precision == "auto":
+        if dev.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif dev.type == "mps":
+            dtype = torch.float16
+        else:
+            dtype = torch.float32
+    else:
+        dtype = _DTYPES[precision]
+        if dev.type == "cpu" and dtype is torch.float16:
+            notes.append("fp16 on CPU is very slow on most processors; bf16 or fp32 is recommended")
+
+    attention = "sdpa"
+    if xformers:
+        if xformers_available() and dev.type == "cuda":
+            attention = "xformers"
+        else:
+            why = "it is not installed" if not xformers_available() else f"it needs CUDA (device is {dev.type})"
+            notes.append(f"--xformers was given but {why}; using PyTorch SDPA attention")
+    offload = "lowvram" if lowvram else "medvram" if medvram else "none"
+    for note in notes:
+        log.warning(note)
+    return Devices(device=dev, dtype=dtype, attention=attention, offload=offload, notes=tuple(notes))

@@ -1,0 +1,1 @@
+"""Extension system: discovery, loading, callbacks and the Script API."""

@@ -1,0 +1,290 @@
+"""One job queue per device, shared by the UI and the API.
+
+Work is submitted as a function of a :class:`Job`. One worker thread runs jobs
+in arrival order; the job reports progress (fraction, step, ETA, preview), can
+stream items to its caller, and checks ``job.check_interrupted()`` at safe
+points. An exception inside a job is stored on it and re-raised to whoever
+waits for the result, so the worker (and the app) keeps running.
+
+Jobs submitted with the same ``batch_key`` that wait next to each other at the
+head of the queue are handed to one ``run_batch`` call, so that e.g. several
+chat requests that arrive together are generated as one batch.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+
+class JobInterrupted(Exception):
+    """Raised inside a job by ``check_interrupted()`` after Interrupt was pressed."""
+
+
+class JobFailed(RuntimeError):
+    """Wraps nothing: the job's own exception is re-raised as is. Kept for callers that want one type."""
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    total: int = 0
+    text: str = ""
+    preview: Any = None  # a PIL image, when the job has one
+    started: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / self.total) if self.total else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left, extrapolated from the time per step so far."""
+        if not self.started or not self.step or not self.total:
+            return None
+        elapsed = time.monotonic() - self.started
+        return max(0.0, elapsed / self.step * (self.total - self.step))
+
+    @property
+    def rate(self) -> float | None:
+        if not self.started or not self.step:
+            return None
+        elapsed = time.monotonic() - self.started
+        return self.step / elapsed if elapsed > 0 else None
+
+
+_DONE = object()
+
+
+class Job:
+    _ids = itertools.count(1)
+
+    def __init__(self, fn: Callable[["Job"], Any] | None, name: str, batch_key: str | None = None,
+                 payload: Any = None, run_batch: Callable[[list["Job"]], list[Any]] | None = None):
+        self.id = f"job-{next(self._ids)}"
+        self.name = name
+        self.fn = fn
+        self.batch_key = batch_key
+        self.payload = payload
+        self.run_batch = run_batch
+        self.state = "queued"  # queued, running, done, failed, interrupted
+        self.progress = Progress()
+        self.error: BaseException | None = None
+        self.created = time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self._result: Any = None
+        self._done = threading.Event()
+        self._interrupt = threading.Event()
+        self._skip = threading.Event()
+        self._stream: queue.Queue = queue.Queue()
+
+    # -- inside the job -----------------------------------------------------------
+    def report(self, step: int, total: int, *, text: str = "", preview: Any = None) -> None:
+        """Record progress: *step* of *total* done. Also checks for interrupts."""
+        p = self.progress
+        if p.started is None or step < p.step:
+            p.started = time.monotonic()
+        p.step, p.total = step, total
+        if text:
+            p.text = text
+        if preview is not None:
+            p.preview = preview
+        self.check_interrupted()
+
+    def check_interrupted(self) -> None:
+        if self._interrupt.is_set():
+            raise JobInterrupted(f"{self.name} was interrupted")
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
+
+    def take_skip(self) -> bool:
+        """True once after Skip was pressed: stop the current item (image) and go on with the next."""
+        if self._skip.is_set():
+            self._skip.clear()
+            return True
+        return False
+
+    def emit(self, item: Any) -> None:
+        """Send one streamed item (a token, a preview) to whoever iterates ``stream()``."""
+        self._stream.put(item)
+
+    # -- outside the job ------------------------------------------------------------
+    def interrupt(self) -> None:
+        self._interrupt.set()
+
+    def skip(self) -> None:
+        self._skip.set()
+
+    def stream(self, timeout: float | None = None) -> Iterator[Any]:
+        """Yield emitted items until the job ends; then raise its error, if any."""
+        while True:
+            item = self._stream.get(timeout=timeout)
+            if item is _DONE:
+                break
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self.name} did not finish within {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self._result
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self._result, self.error = result, error
+        self.state = ("interrupted" if isinstance(error, JobInterrupted) else "failed") if error else "done"
+        self.finished = time.time()
+        self._stream.put(_DONE)
+        self._done.set()
+
+    def describe(self) -> dict:
+        p = self.progress
+        return {"id": self.id, "name": self.name, "state": self.state, "step": p.step, "total": p.total,
+                "fraction": p.fraction, "eta": p.eta, "text": p.text}
+
+
+class JobQueue:
+    """FIFO of jobs for one device, run by one worker thread."""
+
+    def __init__(self, name: str = "cpu", *, max_batch: int = 8):
+        self.name = name
+        self.max_batch = max_batch
+        self._waiting: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._running: list[Job] = []
+        self._closed = False
+        self.completed = 0
+        self._worker = threading.Thread(target=self._loop, name=f"jobs-{name}", daemon=True)
+        self._worker.start()
+
+    # -- submitting -----------------------------------------------------------------
+    def submit(self, fn: Callable[[Job], Any], *, name: str = "job") -> Job:
+        return self._put(Job(fn, name))
+
+    def submit_batchable(self, batch_key: str, payload: Any, run_batch: Callable[[list[Job]], list[Any]],
+                         *, name: str = "job") -> Job:
+        """Queue *payload*; jobs with the same *batch_key* waiting together run in one ``run_batch`` call,
+        which returns one result per job (or raises, failing them all)."""
+        return self._put(Job(None, name, batch_key=batch_key, payload=payload, run_batch=run_batch))
+
+    def take_waiting(self, batch_key: str, limit: int) -> list[Job]:
+        """Claim up to *limit* jobs with *batch_key* that are waiting at the head of the queue (for
+        engines that add arrivals to a batch already running). The caller must finish them."""
+        taken: list[Job] = []
+        with self._cv:
+            while self._waiting and len(taken) < limit and self._waiting[0].batch_key == batch_key:
+                job = self._waiting.popleft()
+                self._start(job)
+                taken.append(job)
+        return taken
+
+    def _put(self, job: Job) -> Job:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the job queue is shut down")
+            self._waiting.append(job)
+            self._cv.notify()
+        return job
+
+    # -- control ----------------------------------------------------------------------
+    @property
+    def current(self) -> Job | None:
+        running = self._running
+        return running[0] if running else None
+
+    def running_jobs(self) -> list[Job]:
+        return list(self._running)
+
+    def waiting_jobs(self) -> list[Job]:
+        with self._cv:
+            return list(self._waiting)
+
+    def interrupt(self, job_id: str | None = None) -> bool:
+        """Interrupt the given job (queued or running), or every running job when *job_id* is None."""
+        with self._cv:
+            targets = [j for j in list(self._running) + list(self._waiting) if job_id in (None, j.id)]
+            if job_id is None:
+                targets = list(self._running)
+        for job in targets:
+            job.interrupt()
+        return bool(targets)
+
+    def skip(self) -> bool:
+        for job in list(self._running):
+            job.skip()
+        return bool(self._running)
+
+    def status(self) -> dict:
+        current = self.current
+        return {"queue": self.name, "waiting": len(self._waiting), "running": [j.describe() for j in self._running],
+                "completed": self.completed, "current": current.describe() if current else None}
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self.interrupt()
+        self._worker.join(timeout)
+
+    # -- worker -----------------------------------------------------------------------
+    def _start(self, job: Job) -> None:
+        job.state, job.started = "running", time.time()
+        self._running.append(job)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._waiting:
+                    return
+                first = self._waiting.popleft()
+                batch = [first]
+                if first.batch_key is not None:
+                    while (self._waiting and len(batch) < self.max_batch
+                           and self._waiting[0].batch_key == first.batch_key):
+                        batch.append(self._waiting.popleft())
+                for job in batch:
+                    self._start(job)
+            self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        first = batch[0]
+        try:
+            if first.interrupted and len(batch) == 1:
+                raise JobInterrupted(f"{first.name} was interrupted before it started")
+            if first.batch_key is None:
+                first._finish(result=first.fn(first))
+            else:
+                results = first.run_batch(batch)
+                for job, result in zip(batch, results):
+                    if not job.done:
+                        job._finish(result=result)
+        except BaseException as exc:  # noqa: BLE001 - the job's error goes to its caller, the worker lives on
+            if not isinstance(exc, JobInterrupted):
+                log.exception("job %s failed", first.name)
+            for job in batch:
+                if not job.done:
+                    job._finish(error=exc)
+        finally:
+            with self._cv:
+                for job in self._running[:]:
+                    if job.done:
+                        self._running.remove(job)
+                        self.completed += 1
