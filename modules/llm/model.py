@@ -1,0 +1,302 @@
+"""The Llama-2 architecture with grouped-query attention, in plain PyTorch.
+
+Read bottom-up: RMSNorm, rotary embeddings, the KV cache, attention, the SwiGLU MLP, a decoder block,
+then :class:`Llama`. Parameter names equal Hugging Face's ``LlamaForCausalLM`` state-dict keys
+(``model.layers.0.self_attn.q_proj.weight`` ...), so HF checkpoints load without renaming, and the
+maths follows HF's operation order so fp32 logits agree to ~1e-5.
+
+Shapes: B batch, T new tokens, S key slots (cache length after appending), D hidden size,
+H query heads, K key/value heads (H = K * groups), hd head size, V vocabulary.
+
+Grouped-query attention (TinyLlama: H=32 query heads, K=4 key/value heads, 8 queries per group)::
+
+    q heads:  q0 q1 .. q7 | q8 .. q15 | ... | q24 .. q31
+    kv heads:      k0     |    k1     | ... |     k3
+
+K and V are stored and attended with K heads only; SDPA's ``enable_gqa`` broadcasts each over its group
+instead of materialising H copies (8x less KV memory and bandwidth for TinyLlama).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.llm.config import LlamaConfig
+
+#: SDPA grew ``enable_gqa`` in torch 2.5 (it is a builtin without an inspectable signature, hence the
+#: docstring check); older versions get K/V expanded per group instead.
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as HF does, so bf16 models keep precision)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the "rotate half" layout (dimension i pairs with i + hd/2).
+
+    TinyLlama and HF-converted Llama-2 checkpoints use this layout (Meta's original pairs adjacent
+    dimensions; HF's converter permutes q/k rows so this layout gives the same result).
+    ``rope_scaling`` linear divides positions by ``factor``; dynamic (NTK) grows theta once the
+    sequence exceeds ``max_position_embeddings``, recomputed from the largest position in the call.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.dim = config.head_dim
+        self.theta = float(config.rope_theta)
+        self.max_positions = config.max_position_embeddings
+        scaling = config.rope_scaling or {}
+        self.scaling_type, self.factor = scaling.get("type"), float(scaling.get("factor") or 1.0)
+        inv_freq = self._inv_freq(self.theta)
+        if self.scaling_type == "linear":
+            inv_freq = inv_freq / self.factor
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _inv_freq(self, theta: float, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+        return 1.0 / (theta ** exponents)                                   # (hd/2,)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, 1, T, hd) for integer ``positions`` (B, T); angles in fp32."""
+        inv_freq = self.inv_freq
+        if self.scaling_type == "dynamic":
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.max_positions:
+                ratio = self.factor * seq_len / self.max_positions - (self.factor - 1)
+                inv_freq = self._inv_freq(self.theta * ratio ** (self.dim / (self.dim - 2)), positions.device)
+        freqs = positions.float()[:, :, None] * inv_freq.float()[None, None, :]  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                        # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin                                   # (B, heads, T, hd)
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding; one slot per token, shared slot count.
+
+    All rows of the batch fill the same slots (``length`` is shared): ragged prompts are left-padded and
+    the padding slots are excluded with ``key_mask``. Tensors are plain attributes, not module buffers,
+    so they never reach a state dict. Tensors per layer: ``k[i]``/``v[i]`` of shape (B, K, max_len, hd).
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        problems = [f"{name} must be a positive integer, got {value!r}" for name, value in
+                    (("batch_size", batch_size), ("max_len", max_len)) if not isinstance(value, int) or value < 1]
+        if problems:
+            raise ValueError("Cannot allocate a KV cache: " + "; ".join(problems))
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def reset(self) -> None:
+        """Forget every slot (the memory stays allocated for the next request)."""
+        self.length = 0
+
+    def truncate(self, n: int) -> None:
+        """Keep slots [0, n): roll back to an earlier point (regenerate, rejected draft tokens)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"truncate(n={n}): n must be between 0 and the cache length {self.length}")
+        self.length = n
+
+    def select_rows(self, indices: list[int] | torch.Tensor) -> None:
+        """Keep only these batch rows, in this order (drop finished requests from a batch)."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.k[0].device)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.batch_size):
+            raise ValueError(f"select_rows({indices!r}): rows must be in [0, {self.batch_size})")
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, K, T, hd) at slots [length, length+T); return all filled slots (B, K, S, hd).
+
+        ``length`` itself advances once per forward pass, in :meth:`Llama.forward`, after every layer.
+        """
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)   # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, K, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)                                        # (B, K, S, hd)
+        y = attend(q, k, v, mask, causal=mask is None and T > 1)                    # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           causal: bool) -> torch.Tensor:
+    """SDPA over grouped heads: q (B, H, T, hd), k/v (B, K, S, hd), mask (B, 1, T, S) bool or None."""
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    B, K, S, hd = k.shape                                  # fallback for torch < 2.5: expand each K/V head
+    k = k[:, :, None].expand(B, K, groups, S, hd).reshape(B, K * groups, S, hd)
+    v = v[:, :, None].expand(B, K, groups, S, hd).reshape(B, K * groups, S, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        d, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, i, bias=bias)
+        self.up_proj = nn.Linear(d, i, bias=bias)
+        self.down_proj = nn.Linear(i, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama: ``logits = model(input_ids)``; pass a :class:`KVCache` to decode incrementally."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        # A ModuleDict named "model" gives exactly HF's "model.layers.0...." state-dict keys.
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight   # one tensor, counted and saved once
+        self.rotary = RotaryEmbedding(config)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())   # parameters() yields a tied tensor once
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache for ``batch_size`` rows and ``max_len`` token slots, on the model's device and dtype."""
+        if isinstance(max_len, int) and max_len > self.config.max_position_embeddings \
+                and self.config.rope_scaling is None:
+            raise ValueError(f"max_len={max_len} exceeds the model's context length "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        weight = self.lm_head.weight
+        return KVCache(self.config.num_hidden_layers, batch_size, self.config.num_key_value_heads, max_len,
+                       self.config.head_dim, dtype=weight.dtype, device=weight.device)
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, key_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with ``last_only``.
+
+        input_ids: (B, T) token ids. With ``cache``, they are written at slots cache.length .. +T-1 and
+        attend causally to every earlier slot. positions: (B, T) RoPE positions (default: slot
+        numbers; give them per row for left-padded batches). key_mask: (B, S) bool over all slots after
+        the append, S = cache.length + T (or T without a cache); False slots (padding) are never attended.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        self._check_call(B, T, past, cache, positions, key_mask)
+        if positions is None:
+            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)                                       # (B, T, D)
+        cos, sin = self.rotary(positions, x.dtype)                                   # (B, 1, T, hd)
+        mask = self._attention_mask(B, T, past, key_mask, x.device)                  # (B, 1, T, S) | None
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length = past + T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()                            # (B, T|1, V)
+
+    @staticmethod
+    def _attention_mask(B: int, T: int, past: int, key_mask: torch.Tensor | None,
+                        device: torch.device) -> torch.Tensor | None:
+        """None when plain causal attention (or, for one new token, attending everything) is exact."""
+        if key_mask is None and (past == 0 or T == 1):
+            return None
+        S = past + T
+        query_slot = torch.arange(past, S, device=device)[:, None]                  # (T, 1)
+        mask = torch.arange(S, device=device)[None, :] <= query_slot                 # (T, S) causal
+        if key_mask is None:
+            return mask[None, None].expand(B, 1, T, S)
+        # A padding query may see no key at all; letting every query see its own slot keeps its
+        # (ignored) output finite, so no NaN reaches the cache.
+        own = torch.arange(S, device=device)[None, :] == query_slot
+        return (mask & (key_mask[:, None, :].bool() | own))[:, None]                # (B, 1, T, S)
+
+    def _check_call(self, B, T, past, cache, positions, key_mask) -> None:
+        problems = []
+        if T < 1:
+            problems.append("input_ids must hold at least one token per row")
+        if cache is not None:
+            if cache.batch_size != B:
+                problems.append(f"input_ids has {B} rows but the cache was made for {cache.batch_size}; "
+                                "use cache.select_rows() or model.new_kv_cache()")
+            if past + T > cache.max_len:
+                problems.append(f"{past} cached + {T} new tokens exceed the cache size {cache.max_len}")
+        if positions is not None and tuple(positions.shape) != (B, T):
+            problems.append(f"positions must have shape {(B, T)} like input_ids, got {tuple(positions.shape)}")
+        if key_mask is not None and tuple(key_mask.shape) != (B, past + T):
+            problems.append(f"key_mask must have shape {(B, past + T)} (batch, cached + new slots), "
+                            f"got {tuple(key_mask.shape)}")
+        if problems:
+            raise ValueError("Llama.forward: " + "; ".join(problems))
