@@ -69,6 +69,11 @@ class Paths:
         return REPO_DIR / "extensions"
 
     @property
+    def repo_scripts_dir(self) -> Path:
+        """Built-in UI scripts (X/Y/Z plot, ...), written against the public Script API."""
+        return REPO_DIR / "scripts"
+
+    @property
     def settings_file(self) -> Path:
         return self.data_dir / "settings.yaml"
 

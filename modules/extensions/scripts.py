@@ -81,16 +81,29 @@ class ScriptRunner:
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
             spec.loader.exec_module(module)
-            for obj in vars(module).values():
-                if inspect.isclass(obj) and issubclass(obj, Script) and obj is not Script \
-                        and obj.__module__ == module_name:
-                    script = obj()
-                    script.owner, script.filename = owner, str(path)
-                    self.scripts.append(script)
         except Exception as exc:  # noqa: BLE001 - a broken script is reported, the app goes on
-            message = f"{type(exc).__name__}: {exc}"
-            log.error("script %s (%s) failed to load: %s", path, owner, message, exc_info=exc)
-            self.load_errors.append((owner, str(path), message))
+            self._load_failed(owner, path, exc)
+            return
+        self.load_module(module, owner, path)
+
+    def load_module(self, module: Any, owner: str, path: Path) -> None:
+        """Instantiate every Script subclass defined in *module*."""
+        for obj in list(vars(module).values()):
+            if inspect.isclass(obj) and issubclass(obj, Script) and obj is not Script \
+                    and obj.__module__ == module.__name__:
+                try:
+                    script = obj()
+                    script.title()
+                except Exception as exc:  # noqa: BLE001
+                    self._load_failed(owner, path, exc)
+                    continue
+                script.owner, script.filename = owner, str(path)
+                self.scripts.append(script)
+
+    def _load_failed(self, owner: str, path: Path, exc: BaseException) -> None:
+        message = f"{Path(path).name}: {type(exc).__name__}: {exc}"
+        log.error("script %s (%s) failed to load: %s", path, owner, message, exc_info=exc)
+        self.load_errors.append((owner, str(path), message))
 
     def alwayson(self, tab: str) -> list[Script]:
         return [s for s in self.scripts if self._safe_show(s, tab) is AlwaysVisible]

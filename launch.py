@@ -1,0 +1,133 @@
+"""Prepare the environment, then start Atelier (the A1111 ``launch.py`` / ``webui.py`` split).
+
+    python launch.py               # install what is missing, then serve http://127.0.0.1:7860
+    python launch.py --run-tests   # install test requirements (and Chromium), then run the test suite
+    python launch.py --diagnose    # print the diagnostics report and exit
+
+Preparation: check the Python version; install ``requirements.txt`` into the running interpreter when
+something is missing, torch first and pinned (set TORCH_COMMAND to install a different build, e.g.
+``pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128``); run each enabled
+extension's ``install.py``. ``--skip-install`` skips all of that.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+MIN_PYTHON = (3, 10)
+
+
+def check_python() -> None:
+    if sys.version_info < MIN_PYTHON:
+        raise SystemExit(f"Atelier needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer; this is "
+                         f"{sys.version.split()[0]}. Install a newer Python and run launch.py with it.")
+
+
+def read_requirements(path: Path) -> list[str]:
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def _installed(requirement: str) -> bool:
+    """True when *requirement* (``name==version`` or ``name``) is satisfied by the running interpreter."""
+    match = re.match(r"^([A-Za-z0-9_.\-]+)(?:==([^;\s]+))?", requirement)
+    if not match:
+        return False
+    name, version = match.groups()
+    try:
+        have = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return version is None or have.split("+")[0] == version.split("+")[0]
+
+
+def pip(*args: str) -> None:
+    command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
+    print("launch.py:", " ".join(shlex.quote(a) for a in command), flush=True)
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise SystemExit(f"Installing {' '.join(args)} failed (pip exit code {result.returncode}); see pip's message "
+                         "above. Fix the cause (network, disk space) and run launch.py again, or use --skip-install.")
+
+
+def install_requirements(path: Path) -> None:
+    requirements = read_requirements(path)
+    torch_req = next((r for r in requirements if re.match(r"^torch(==|$)", r)), None)
+    if torch_req and not _installed(torch_req):
+        # torch first, on its own: so that the rest never pulls an unpinned (multi-GB CUDA) torch.
+        command = os.environ.get("TORCH_COMMAND")
+        if command:
+            print(f"launch.py: TORCH_COMMAND={command}", flush=True)
+            if subprocess.run(shlex.split(command)).returncode != 0:
+                raise SystemExit("TORCH_COMMAND failed; see its output above.")
+        else:
+            pip(torch_req)
+    missing = [r for r in requirements if r != torch_req and not _installed(r)]
+    if missing:
+        pip(*(["-r", str(path)] if len(missing) > 3 else missing))
+
+
+def ensure_chromium() -> None:
+    """Browser tests drive Debian's Chromium; install it when we can (root + apt), never a downloaded build."""
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], env=env, check=False)
+    if not shutil.which("chromium"):
+        print("launch.py: Chromium is not installed; the browser tests will fail. Install it with "
+              "'sudo apt-get install chromium' (Debian/Ubuntu).", flush=True)
+
+
+def run_tests(pytest_args: list[str]) -> int:
+    install_requirements(REPO / "requirements.txt")
+    install_requirements(REPO / "requirements-test.txt")
+    ensure_chromium()
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(pytest_args or ["tests"])]
+    print("launch.py:", " ".join(command), flush=True)
+    return subprocess.run(command, cwd=REPO).returncode
+
+
+def main(argv: list[str]) -> None:
+    check_python()
+    sys.path.insert(0, str(REPO))
+    from modules.cli import parse_args, preparse
+    from modules.extensions.loader import discover, run_installers
+    from modules.paths import Paths
+
+    pre = preparse(argv)
+    paths = Paths.from_options(pre.data_dir)
+    extensions = [] if pre.disable_all_extensions else discover(
+        [(paths.repo_extensions_dir, "builtin"), (paths.user_extensions_dir, "user")])
+    opts = parse_args(argv, extension_dirs=[e.path for e in extensions])
+
+    if opts.run_tests:
+        raise SystemExit(run_tests(opts.pytest_args))
+    if not opts.skip_install:
+        install_requirements(REPO / "requirements.txt")
+        run_installers([e for e in extensions if e.enabled])
+    if opts.diagnose:
+        import webui
+        from modules import diagnostics
+        ctx = webui.prepare(opts)
+        print(diagnostics.render(diagnostics.collect(ctx)))
+        ctx.close()
+        return
+    import webui
+    webui.main(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

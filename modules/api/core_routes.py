@@ -1,0 +1,110 @@
+"""The A1111-compatible routes every Atelier server has, whatever capabilities are present."""
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import psutil
+import torch
+from fastapi import APIRouter, Body, HTTPException
+
+
+def _png_b64(image: Any) -> str | None:
+    if image is None:
+        return None
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+def build_core_router(ctx) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/sdapi/v1/options", tags=["settings"])
+    def get_options() -> dict[str, Any]:
+        options = ctx.settings.as_dict()
+        for name, option in ctx.api.options.items():
+            options[name] = option.get()
+        return options
+
+    @router.post("/sdapi/v1/options", tags=["settings"])
+    def set_options(req: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        plain = {k: v for k, v in req.items() if k not in ctx.api.options}
+        unknown = [k for k in plain if k not in ctx.settings.as_dict()]
+        if unknown:
+            raise HTTPException(400, f"unknown option(s): {', '.join(sorted(unknown))}. "
+                                     "GET /sdapi/v1/options lists the valid names.")
+        try:
+            ctx.settings.update(plain)
+            for name, value in req.items():
+                if name in ctx.api.options:
+                    ctx.api.options[name].set(value)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        ctx.settings.save()
+        return get_options()
+
+    @router.get("/sdapi/v1/cmd-flags", tags=["settings"])
+    def cmd_flags() -> dict[str, Any]:
+        hidden = {"gradio_auth", "api_auth"}  # never echo credentials
+        return {k: ("***" if k in hidden and v else _json_safe(v)) for k, v in vars(ctx.opts).items()}
+
+    @router.get("/sdapi/v1/progress", tags=["jobs"])
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        job = ctx.jobs.current
+        waiting = len(ctx.jobs.waiting_jobs())
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "textinfo": None, "current_image": None,
+                    "state": {"skipped": False, "interrupted": False, "job": "", "job_count": waiting,
+                              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
+        p = job.progress
+        return {
+            "progress": p.fraction, "eta_relative": p.eta or 0.0, "textinfo": p.text or None,
+            "current_image": None if skip_current_image else _png_b64(p.preview),
+            "state": {"skipped": False, "interrupted": job.interrupted, "job": job.name,
+                      "job_count": waiting + 1, "job_timestamp": str(int(job.started or 0)), "job_no": 0,
+                      "sampling_step": p.step, "sampling_steps": p.total},
+        }
+
+    @router.post("/sdapi/v1/interrupt", tags=["jobs"])
+    def interrupt() -> dict[str, Any]:
+        return {"interrupted": ctx.jobs.interrupt()}
+
+    @router.post("/sdapi/v1/skip", tags=["jobs"])
+    def skip() -> dict[str, Any]:
+        return {"skipped": ctx.jobs.skip()}
+
+    @router.get("/sdapi/v1/memory", tags=["system"])
+    def memory() -> dict[str, Any]:
+        vm = psutil.virtual_memory()
+        result: dict[str, Any] = {
+            "ram": {"free": vm.available, "used": vm.total - vm.available, "total": vm.total},
+            "models": ctx.models.memory_report(),
+        }
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            stats = torch.cuda.memory_stats()
+            result["cuda"] = {"system": {"free": free, "used": total - free, "total": total},
+                              "active": {"current": stats.get("active_bytes.all.current", 0),
+                                         "peak": stats.get("active_bytes.all.peak", 0)}}
+        else:
+            result["cuda"] = {"error": "no CUDA device"}
+        return result
+
+    @router.get("/sdapi/v1/extensions", tags=["extensions"])
+    def extensions() -> list[dict[str, Any]]:
+        items = ctx.extensions.describe() if ctx.extensions is not None else []
+        return [{"name": e["name"], "remote": "", "branch": "", "commit_hash": "", "version": "",
+                 "commit_date": 0, "enabled": e["enabled"], "state": e["state"], "errors": e["errors"],
+                 "source": e["source"]} for e in items]
+
+    return router

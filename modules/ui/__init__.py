@@ -1,0 +1,1 @@
+"""The Gradio layer: thin wiring of components to functions in ``modules``."""

@@ -1,0 +1,34 @@
+"""Assemble the Gradio Blocks: banners, then one tab per registered TabSpec, in order."""
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+log = logging.getLogger(__name__)
+
+
+def build_ui(ctx) -> gr.Blocks:
+    from modules.server import exposure_warning
+
+    with gr.Blocks(title="Atelier", analytics_enabled=False) as blocks:
+        warning = exposure_warning(ctx)
+        if warning:
+            gr.Markdown(warning, elem_classes=["atelier-banner"], elem_id="exposure-banner")
+        if ctx.settings.load_error:
+            gr.Markdown(ctx.settings.load_error, elem_classes=["atelier-banner"], elem_id="settings-banner")
+        with gr.Tabs(elem_id="tabs"):
+            for spec in ctx.tabs.ordered():
+                with gr.Tab(spec.label, id=spec.id, elem_id=f"tab_{spec.id}") as tab:
+                    try:
+                        spec.build(ctx)
+                    except Exception as exc:  # noqa: BLE001 - a broken tab is hidden and reported, not fatal
+                        tab.visible = False
+                        ctx.callbacks.report(spec.owner, f"tab {spec.id}", exc)
+                        ext = ctx.extensions.get(spec.owner) if ctx.extensions is not None else None
+                        if ext is not None:
+                            ext.errors.append(f"tab {spec.label!r} failed to build: {type(exc).__name__}: {exc}")
+                        log.exception("tab %s (%s) failed to build; it is hidden", spec.id, spec.owner)
+                        if ctx.callbacks.raise_errors:
+                            raise
+    return blocks

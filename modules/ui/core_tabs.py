@@ -1,0 +1,69 @@
+"""Registers the foundation's own tabs and the tabs and settings extensions contribute.
+
+Gradio-free: the ``build`` functions import Gradio only when the UI is assembled.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from modules.settings import SettingsSection
+from modules.tabs import TabSpec
+
+log = logging.getLogger(__name__)
+
+
+def _lazy(module: str):
+    def build(ctx: Any) -> None:
+        import importlib
+        importlib.import_module(module).build(ctx)
+    return build
+
+
+def register_core_tabs(ctx) -> None:
+    ctx.tabs.add(TabSpec("settings", "Settings", _lazy("modules.ui.tabs.settings"), order=900))
+    ctx.tabs.add(TabSpec("extensions", "Extensions", _lazy("modules.ui.tabs.extensions"), order=910))
+    ctx.tabs.add(TabSpec("troubleshooting", "Troubleshooting", _lazy("modules.ui.tabs.troubleshooting"), order=920))
+
+
+def register_extension_ui(ctx) -> None:
+    """Fire ``on_ui_settings`` and ``on_ui_tabs`` and add what the handlers return."""
+    for owner, fn in list(ctx.callbacks._handlers["on_ui_settings"]):
+        try:
+            for section in fn(ctx=ctx) or []:
+                if not isinstance(section, SettingsSection):
+                    raise TypeError(f"on_ui_settings must return SettingsSection objects, got {type(section).__name__}")
+                ctx.settings.add_section(section)
+        except Exception as exc:  # noqa: BLE001
+            ctx.callbacks.report(owner, "on_ui_settings", exc)
+            _mark_extension_error(ctx, owner, f"on_ui_settings raised {type(exc).__name__}: {exc}")
+            if ctx.callbacks.raise_errors:
+                raise
+    for owner, fn in list(ctx.callbacks._handlers["on_ui_tabs"]):
+        try:
+            for item in fn(ctx=ctx) or []:
+                ctx.tabs.add(_as_tab(item, owner))
+        except Exception as exc:  # noqa: BLE001
+            ctx.callbacks.report(owner, "on_ui_tabs", exc)
+            _mark_extension_error(ctx, owner, f"on_ui_tabs raised {type(exc).__name__}: {exc}")
+            if ctx.callbacks.raise_errors:
+                raise
+
+
+def _as_tab(item: Any, owner: str) -> TabSpec:
+    if isinstance(item, TabSpec):
+        item.owner = owner
+        return item
+    if isinstance(item, (tuple, list)) and len(item) == 3:
+        build, label, tab_id = item
+        if not callable(build):
+            raise TypeError("on_ui_tabs tuples are (build_function, label, id); build_function(ctx) makes the components")
+        return TabSpec(id=str(tab_id), label=str(label), build=build, order=500, owner=owner)
+    raise TypeError(f"on_ui_tabs must return TabSpec objects or (build, label, id) tuples, got {item!r}")
+
+
+def _mark_extension_error(ctx, owner: str, message: str) -> None:
+    ext = ctx.extensions.get(owner) if ctx.extensions is not None else None
+    if ext is not None:
+        ext.errors.append(message)
+        ext.loaded = False
