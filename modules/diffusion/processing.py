@@ -1,0 +1,236 @@
+"""What a txt2img / img2img request asks for (:class:`GenerationParams`) and what it produced
+(:class:`Processed`).
+
+Field names are A1111's, so the API payloads, infotext "Send to" buttons and
+scripts written against A1111's ``p`` read naturally. ``validate()`` collects
+every problem and raises one ValueError naming argument, value and fix.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from modules.diffusion.images import HR_UPSCALERS, RESIZE_MODES
+
+#: A1111's masked-content choices, by index (the API's ``inpainting_fill``).
+INPAINTING_FILL = ("fill", "original", "latent noise", "latent nothing")
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class GenerationParams:
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler_name: str = "Euler a"
+    #: A1111's "Schedule type": Automatic, Uniform, Karras, Exponential, SGM Uniform
+    scheduler: str = "Automatic"
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    batch_size: int = 1
+    #: "Batch count": how many batches run one after another
+    n_iter: int = 1
+    eta: float = 0.0
+    # hires fix (txt2img)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
+    denoising_strength: float = 0.75
+    # img2img / inpainting
+    init_images: list = field(default_factory=list)  # PIL images
+    resize_mode: int = 0
+    mask: Any = None  # PIL image; white = repaint
+    mask_blur: int = 4
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: int = 0
+    # model and settings
+    clip_skip: int = 1
+    override_settings: dict = field(default_factory=dict)
+    script_name: str | None = None
+    #: the selected script's values by name; for AlwaysVisible scripts, {title: {name: value}}
+    script_args: dict = field(default_factory=dict)
+    alwayson_scripts: dict = field(default_factory=dict)
+    save_images: bool = True
+    do_not_save_grid: bool = False
+    #: filled while processing: extra infotext keys (Hires..., Lora hashes...) in insertion order
+    extra_generation_params: dict = field(default_factory=dict)
+
+    @property
+    def is_img2img(self) -> bool:
+        return bool(self.init_images)
+
+    @property
+    def total_images(self) -> int:
+        return self.batch_size * self.n_iter
+
+    @property
+    def hr_size(self) -> tuple[int, int]:
+        """Second-pass size: the first-pass size times ``hr_scale``, down to a multiple of 8."""
+        return (max(8, int(self.width * self.hr_scale) // 8 * 8), max(8, int(self.height * self.hr_scale) // 8 * 8))
+
+    def copy(self, **changes: Any) -> "GenerationParams":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["init_images"] = list(self.init_images)
+        values["extra_generation_params"] = dict(self.extra_generation_params)
+        values["override_settings"] = dict(self.override_settings)
+        values.update(changes)
+        return GenerationParams(**values)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenerationParams":
+        """Build from an API payload; unknown keys are ignored (A1111 payloads carry many)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names and v is not None})
+
+    def validate(self, *, samplers: list[str] | None = None, schedules: list[str] | None = None,
+                 memory_budget: int | None = None, img2img: bool | None = None) -> None:
+        """Raise one ValueError listing every problem. *samplers*/*schedules* are the valid names;
+        *memory_budget* the bytes free for activations (None: not checked)."""
+        problems: list[str] = []
+
+        def bad(name: str, value: Any, fix: str) -> None:
+            problems.append(f"{name}={value!r}: {fix}")
+
+        if not isinstance(self.prompt, str):
+            bad("prompt", self.prompt, "must be text")
+        if not isinstance(self.negative_prompt, str):
+            bad("negative_prompt", self.negative_prompt, "must be text")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                bad(name, value, "must be a positive whole number of pixels, e.g. 512")
+            elif value % 8:
+                bad(name, value, f"must be a multiple of 8 (try {max(8, round(value / 8) * 8)})")
+            elif value > 8192:
+                bad(name, value, "must be at most 8192")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
+            bad("steps", self.steps, "must be a whole number from 1 to 1000")
+        if not isinstance(self.cfg_scale, (int, float)) or not 0 <= self.cfg_scale <= 100:
+            bad("cfg_scale", self.cfg_scale, "must be a number from 0 to 100 (7 is typical)")
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 64:
+            bad("batch_size", self.batch_size, "must be from 1 to 64")
+        if not isinstance(self.n_iter, int) or not 1 <= self.n_iter <= 1000:
+            bad("n_iter", self.n_iter, "(batch count) must be from 1 to 1000")
+        for name in ("seed", "subseed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value <= MAX_SEED:
+                bad(name, value, f"must be -1 (random) or a whole number from 0 to {MAX_SEED}")
+        if not 0 <= float(self.subseed_strength) <= 1:
+            bad("subseed_strength", self.subseed_strength, "must be from 0 to 1")
+        if samplers is not None and self.sampler_name not in samplers:
+            bad("sampler_name", self.sampler_name, f"unknown sampler; valid samplers: {', '.join(samplers)}")
+        if schedules is not None and self.scheduler not in schedules:
+            bad("scheduler", self.scheduler, f"unknown schedule type; valid: {', '.join(schedules)}")
+        if not 0 <= float(self.denoising_strength) <= 1:
+            bad("denoising_strength", self.denoising_strength, "must be from 0 to 1")
+        if self.enable_hr:
+            if not 1 <= float(self.hr_scale) <= 8:
+                bad("hr_scale", self.hr_scale, "must be from 1 to 8")
+            if self.hr_upscaler not in HR_UPSCALERS:
+                bad("hr_upscaler", self.hr_upscaler, f"unknown upscaler; valid: {', '.join(HR_UPSCALERS)}")
+            if not isinstance(self.hr_second_pass_steps, int) or not 0 <= self.hr_second_pass_steps <= 1000:
+                bad("hr_second_pass_steps", self.hr_second_pass_steps, "must be 0 (same as steps) to 1000")
+        if img2img and not self.init_images:
+            bad("init_images", self.init_images, "img2img needs at least one init image")
+        if self.init_images and len(self.init_images) not in (1, self.batch_size):
+            bad("init_images", f"{len(self.init_images)} images",
+                f"give one image, or one per batch item ({self.batch_size})")
+        if self.resize_mode not in range(len(RESIZE_MODES)):
+            bad("resize_mode", self.resize_mode, "must be " + ", ".join(f"{i} ({n})" for i, n in enumerate(RESIZE_MODES)))
+        if self.inpainting_fill not in range(len(INPAINTING_FILL)):
+            bad("inpainting_fill", self.inpainting_fill,
+                "must be " + ", ".join(f"{i} ({n})" for i, n in enumerate(INPAINTING_FILL)))
+        if not isinstance(self.mask_blur, int) or not 0 <= self.mask_blur <= 256:
+            bad("mask_blur", self.mask_blur, "must be from 0 to 256 pixels")
+        if not isinstance(self.inpaint_full_res_padding, int) or not 0 <= self.inpaint_full_res_padding <= 1024:
+            bad("inpaint_full_res_padding", self.inpaint_full_res_padding, "must be from 0 to 1024 pixels")
+        if not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
+            bad("clip_skip", self.clip_skip, "must be from 1 to 12")
+        if memory_budget is not None and not problems:
+            w, h = self.hr_size if self.enable_hr and not self.init_images else (self.width, self.height)
+            need = estimate_activation_bytes(w, h, self.batch_size)
+            if need > memory_budget:
+                bad("width x height", f"{w}x{h} x batch {self.batch_size}",
+                    f"needs about {need / 2**30:.1f} GiB, but only {max(0, memory_budget) / 2**30:.1f} GiB is free; "
+                    "use a smaller size or batch size, or free memory (unload other models)")
+        if problems:
+            raise ValueError("Invalid generation parameters: " + "; ".join(problems))
+
+
+def estimate_activation_bytes(width: int, height: int, batch_size: int, bytes_per_value: int = 4) -> int:
+    """Rough peak working memory of one SD step plus the VAE decode, beyond the weights.
+
+    Two terms dominate: the VAE decoder's full-resolution feature maps (128-256 channels, a few alive at
+    once) and the UNet's first self-attention (tokens^2 per head when attention is materialised).
+    """
+    pixels = width * height
+    tokens = pixels // 64
+    vae = 3 * 256 * pixels * bytes_per_value
+    attention = 2 * 8 * tokens * tokens * bytes_per_value
+    return batch_size * (vae + attention)
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 means random (A1111 draws from 0..2^32-2); anything else is used as is."""
+    if seed is None or int(seed) == -1:
+        return random.randrange(MAX_SEED)
+    return int(seed)
+
+
+@dataclass
+class Processed:
+    """The result of one generation job (mirrors A1111's ``Processed`` and its JSON ``info``)."""
+    images: list
+    infotexts: list[str]
+    seeds: list[int]
+    subseeds: list[int]
+    prompts: list[str]
+    negative_prompts: list[str]
+    params: GenerationParams
+    model_name: str = ""
+    model_hash: str = ""
+    paths: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    grid: Any = None
+    #: images beyond the generated ones (an X/Y/Z grid first, say); index_of_first_image counts them
+    index_of_first_image: int = 0
+    job_timestamp: str = ""
+
+    def info(self) -> dict[str, Any]:
+        p = self.params
+        return {
+            "prompt": p.prompt, "all_prompts": self.prompts, "negative_prompt": p.negative_prompt,
+            "all_negative_prompts": self.negative_prompts, "seed": self.seeds[0] if self.seeds else p.seed,
+            "all_seeds": self.seeds, "subseed": self.subseeds[0] if self.subseeds else p.subseed,
+            "all_subseeds": self.subseeds, "subseed_strength": p.subseed_strength,
+            "width": p.width, "height": p.height, "sampler_name": p.sampler_name, "cfg_scale": p.cfg_scale,
+            "steps": p.steps, "batch_size": p.batch_size, "restore_faces": False, "face_restoration_model": None,
+            "sd_model_name": self.model_name, "sd_model_hash": self.model_hash, "sd_vae_name": None,
+            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": p.denoising_strength if (p.init_images or p.enable_hr) else None,
+            "extra_generation_params": dict(p.extra_generation_params),
+            "index_of_first_image": self.index_of_first_image, "infotexts": self.infotexts,
+            "styles": [], "job_timestamp": self.job_timestamp, "clip_skip": p.clip_skip,
+            "is_using_inpainting_conditioning": False, "version": "atelier",
+            "warnings": self.warnings, "interrupted": self.interrupted, "paths": self.paths,
+        }
+
+    def js(self) -> str:
+        return json.dumps(self.info(), ensure_ascii=False, default=str)
+
+
+def params_dict(p: GenerationParams) -> dict[str, Any]:
+    """The request echoed back as ``parameters`` (images left out: they are in ``images``)."""
+    data = asdict(p.copy(init_images=[], mask=None))
+    data.pop("extra_generation_params", None)
+    return data
