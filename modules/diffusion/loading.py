@@ -1,0 +1,290 @@
+"""Loading a checkpoint into a diffusers pipeline, fully offline.
+
+Why: diffusers' ``from_single_file`` fetches configs and tokenizers from the Hub
+unless it is given a local ``config=`` folder (and even with
+``local_files_only=True`` it may try the network when nothing is cached). We
+therefore always assemble that folder ourselves, in a temporary directory:
+
+1. the shipped component configs for the detected type, ``configs/diffusion/<sd1|sd2|sdxl>/``;
+2. overridden by any ``model_index.json`` / ``<component>/config.json`` /
+   ``scheduler/scheduler_config.json`` in the checkpoint's *sidecar folder*
+   ``X/`` beside ``X.safetensors`` (that is how the toy-sized fixtures and
+   unusual fine-tunes describe themselves);
+3. tokenizer files, searched in order: the sidecar ``X/tokenizer/`` (and
+   ``X/tokenizer_2/`` for SDXL), then ``tokenizer/`` / ``tokenizer_2/`` in the
+   folder holding the checkpoint (shared by all checkpoints there), then the
+   local Hugging Face cache (``openai/clip-vit-large-patch14``,
+   ``stabilityai/stable-diffusion-xl-base-1.0``, …). If none is found the error
+   names the files and folders to create.
+
+Diffusers folders load with ``from_pretrained(local_files_only=True)``; their
+tokenizer may come from the same search when the folder lacks one.
+The safety checker is never loaded. A VAE from ``models/VAE`` can replace the
+checkpoint's own (LDM-named single file, or a diffusers VAE folder).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modules.diffusion.checkpoints import CheckpointInfo, detect_kind, read_safetensors_header
+
+log = logging.getLogger(__name__)
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "diffusion"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+#: Hugging Face cache repos (and subfolders) that hold the tokenizers, tried in order.
+HF_TOKENIZER_SOURCES = {
+    ("sd1", "tokenizer"): [("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
+                           ("runwayml/stable-diffusion-v1-5", "tokenizer"), ("openai/clip-vit-large-patch14", "")],
+    ("sd2", "tokenizer"): [("stabilityai/stable-diffusion-2-1", "tokenizer"),
+                           ("stabilityai/stable-diffusion-2-1-base", "tokenizer")],
+    ("sdxl", "tokenizer"): [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+                            ("openai/clip-vit-large-patch14", "")],
+    ("sdxl", "tokenizer_2"): [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),
+                              ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "")],
+}
+
+
+class MissingTokenizer(FileNotFoundError):
+    """No tokenizer files for a checkpoint; the message says where to put them."""
+
+
+class UnsafeCheckpoint(PermissionError):
+    """A pickled checkpoint was refused because --allow-unsafe-pickle is off."""
+
+
+@dataclass
+class SDModel:
+    """A loaded checkpoint: the diffusers pipeline plus what the app needs to know about it."""
+    pipe: Any
+    kind: str
+    is_inpaint: bool
+    info: CheckpointInfo
+    vae_name: str | None = None
+    #: the checkpoint's own VAE while an override is applied (restored by ``apply_vae(sd, None)``)
+    original_vae: Any = field(default=None, repr=False)
+
+    def memory_bytes(self) -> int:
+        seen, total = set(), 0
+        for component in self.pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                for t in list(component.parameters()) + list(component.buffers()):
+                    if t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        total += t.numel() * t.element_size()
+        return total
+
+    def to(self, device) -> "SDModel":
+        """Move the pipeline (the model manager calls this to park idle models on CPU)."""
+        self.pipe.to(device)
+        return self
+
+
+def pipeline_class(kind: str, is_inpaint: bool):
+    from diffusers import (StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline)
+    if kind == "sdxl":
+        return StableDiffusionXLInpaintPipeline if is_inpaint else StableDiffusionXLPipeline
+    return StableDiffusionInpaintPipeline if is_inpaint else StableDiffusionPipeline
+
+
+def sidecar_dir(info: CheckpointInfo) -> Path:
+    """``X/`` beside ``X.safetensors``: optional configs and tokenizers for that checkpoint."""
+    path = Path(info.filename)
+    return path.with_name(path.name[: -len(path.suffix)] if path.suffix else path.name)
+
+
+# -- tokenizers ----------------------------------------------------------------------------------
+def _has_tokenizer(folder: Path) -> bool:
+    """CLIP tokenizer files: the classic vocab.json + merges.txt, or a fast-tokenizer tokenizer.json."""
+    return all((folder / f).is_file() for f in TOKENIZER_FILES) or (folder / "tokenizer.json").is_file()
+
+
+def _hf_cached_tokenizer(kind: str, name: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+    for repo, sub in HF_TOKENIZER_SOURCES.get((kind, name), []):
+        prefix = f"{sub}/" if sub else ""
+        found = [try_to_load_from_cache(repo, prefix + f) for f in TOKENIZER_FILES]
+        if all(isinstance(p, str) for p in found):
+            return Path(found[0]).parent
+    return None
+
+
+def find_tokenizer(info: CheckpointInfo, kind: str, name: str = "tokenizer") -> Path:
+    """The folder with tokenizer files for *info* (*name* is ``tokenizer`` or ``tokenizer_2``)."""
+    path = Path(info.filename)
+    candidates = [path / name] if info.format == "diffusers" else []
+    candidates += [sidecar_dir(info) / name, path.parent / name]
+    for folder in candidates:
+        if _has_tokenizer(folder):
+            return folder
+    cached = _hf_cached_tokenizer(kind, name)
+    if cached is not None:
+        return cached
+    which = "the OpenCLIP ViT-bigG tokenizer (SDXL's tokenizer_2)" if name == "tokenizer_2" else "the CLIP tokenizer"
+    raise MissingTokenizer(
+        f"no {name} files for {info.name}: put {which} — {', '.join(TOKENIZER_FILES)} plus tokenizer_config.json "
+        f"and special_tokens_map.json — into {candidates[-1]} (shared by every checkpoint in that folder) or "
+        f"{sidecar_dir(info) / name} (this checkpoint only). They are the files of the '{name}' folder of the "
+        f"model's diffusers repository, e.g. {HF_TOKENIZER_SOURCES[(kind, name)][0][0]}.")
+
+
+def _tokenizer_names(kind: str) -> tuple[str, ...]:
+    return ("tokenizer", "tokenizer_2") if kind == "sdxl" else ("tokenizer",)
+
+
+# -- config folder -----------------------------------------------------------------------------------
+def _overlay(src: Path, dst: Path) -> None:
+    """Copy the JSON configs of *src* (a sidecar) over *dst*; weights and tokenizers are not copied."""
+    for f in src.rglob("*.json"):
+        rel = f.relative_to(src)
+        if rel.parts[0].startswith("tokenizer"):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst / rel)
+
+
+def build_config_dir(info: CheckpointInfo, kind: str, is_inpaint: bool, dest: Path) -> Path:
+    """Assemble the diffusers-layout folder ``from_single_file(config=...)`` needs, under *dest*."""
+    base = CONFIGS_DIR / kind
+    if not base.is_dir():
+        raise ValueError(f"no shipped configs for model type {kind!r} (looked in {base})")
+    shutil.copytree(base, dest, dirs_exist_ok=True)
+    sidecar = sidecar_dir(info)
+    if sidecar.is_dir():
+        _overlay(sidecar, dest)
+    for name in _tokenizer_names(kind):
+        shutil.copytree(find_tokenizer(info, kind, name), dest / name, dirs_exist_ok=True)
+    index_file = dest / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["_class_name"] = pipeline_class(kind, is_inpaint).__name__
+    for key in ("safety_checker", "feature_extractor", "image_encoder"):
+        if key in index:
+            index[key] = [None, None]
+    index_file.write_text(json.dumps(index, indent=2))
+    if is_inpaint:
+        unet_file = dest / "unet" / "config.json"
+        unet = json.loads(unet_file.read_text())
+        unet["in_channels"] = 9
+        unet_file.write_text(json.dumps(unet, indent=2))
+    return dest
+
+
+# -- loading ----------------------------------------------------------------------------------------
+def _single_file_kind(info: CheckpointInfo, allow_unsafe_pickle: bool) -> tuple[str, bool]:
+    if info.kind is not None:
+        return info.kind, info.is_inpaint
+    if info.is_pickle:
+        state = _load_pickle(Path(info.filename), allow_unsafe_pickle)
+        kind, inpaint = detect_kind({k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")})
+    else:
+        header = read_safetensors_header(info.filename)
+        kind, inpaint = detect_kind({k: v.get("shape", ()) for k, v in header.items()})
+    if kind is None:
+        raise ValueError(f"{info.name}: cannot tell whether this is an SD1, SD2 or SDXL checkpoint from its keys")
+    return kind, inpaint
+
+
+def _load_pickle(path: Path, allow_unsafe_pickle: bool) -> dict:
+    if not allow_unsafe_pickle:
+        raise UnsafeCheckpoint(f"{path.name} is a pickled checkpoint, which can run code when loaded; convert it to "
+                               "safetensors, or start with --allow-unsafe-pickle if you trust its source")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
+
+
+def _pipe_kwargs(cls) -> dict:
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    if cls in (StableDiffusionPipeline, StableDiffusionInpaintPipeline):
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return {}
+
+
+def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  vae_path: str | Path | None = None, allow_unsafe_pickle: bool = False) -> SDModel:
+    """Load *info* into a diffusers pipeline on *device* in *dtype*, without any network access.
+
+    Raises ValueError for a broken or unknown checkpoint, UnsafeCheckpoint for a pickle without
+    *allow_unsafe_pickle*, and MissingTokenizer (with instructions) when no tokenizer is found.
+    """
+    if info.error:
+        raise ValueError(f"checkpoint {info.name} cannot be loaded: {info.error}")
+    if info.is_pickle and not allow_unsafe_pickle:
+        _load_pickle(Path(info.filename), allow_unsafe_pickle)  # raises UnsafeCheckpoint
+    if info.format == "diffusers":
+        kind, inpaint = info.kind or "sd1", info.is_inpaint
+        cls = pipeline_class(kind, inpaint)
+        extra = {}
+        for name in _tokenizer_names(kind):
+            if not _has_tokenizer(Path(info.filename) / name):
+                from transformers import CLIPTokenizer
+                extra[name] = CLIPTokenizer.from_pretrained(find_tokenizer(info, kind, name), local_files_only=True)
+        pipe = cls.from_pretrained(info.filename, dtype=dtype, local_files_only=True,
+                                   **_pipe_kwargs(cls), **extra)
+    else:
+        kind, inpaint = _single_file_kind(info, allow_unsafe_pickle)
+        cls = pipeline_class(kind, inpaint)
+        with tempfile.TemporaryDirectory(prefix="atelier-sdconfig-") as tmp:
+            config_dir = build_config_dir(info, kind, inpaint, Path(tmp) / "config")
+            pipe = cls.from_single_file(info.filename, config=str(config_dir), local_files_only=True,
+                                        dtype=dtype, **_pipe_kwargs(cls))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    model = SDModel(pipe=pipe, kind=kind, is_inpaint=inpaint, info=info)
+    if vae_path is not None:
+        apply_vae(model, vae_path, allow_unsafe_pickle=allow_unsafe_pickle)
+    log.info("loaded %s (%s%s, %s) on %s", info.title, kind, ", inpainting" if inpaint else "", info.format, device)
+    return model
+
+
+def load_vae(path: str | Path, like, *, allow_unsafe_pickle: bool = False):
+    """An ``AutoencoderKL`` from *path* (LDM single file or diffusers folder) shaped like VAE *like*."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    path = Path(path)
+    dtype = next(like.parameters()).dtype
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(path, dtype=dtype, local_files_only=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = _load_pickle(path, allow_unsafe_pickle)
+    state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}
+    if any(k.startswith("encoder.down_blocks.") for k in state):
+        converted = state  # already diffusers-named
+    else:
+        converted = convert_ldm_vae_checkpoint(state, dict(like.config))
+    vae = AutoencoderKL.from_config(like.config)
+    missing, unexpected = vae.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"VAE {path.name} does not fit this checkpoint: {len(missing)} missing weights "
+                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+                         "pick a VAE made for this model type")
+    return vae.to(dtype=dtype).eval()
+
+
+def apply_vae(model: SDModel, vae_path: str | Path | None, *, allow_unsafe_pickle: bool = False) -> None:
+    """Swap the pipeline's VAE for the one at *vae_path*; ``None`` restores the checkpoint's own."""
+    pipe = model.pipe
+    if vae_path is None:
+        if model.original_vae is not None:
+            pipe.register_modules(vae=model.original_vae)
+            model.original_vae, model.vae_name = None, None
+        return
+    device = pipe.vae.device
+    vae = load_vae(vae_path, pipe.vae, allow_unsafe_pickle=allow_unsafe_pickle).to(device)
+    if model.original_vae is None:
+        model.original_vae = pipe.vae
+    pipe.register_modules(vae=vae)
+    model.vae_name = Path(vae_path).name
