@@ -1,0 +1,124 @@
+import threading
+import time
+
+import pytest
+
+from modules.jobs import JobInterrupted, JobQueue
+
+
+@pytest.fixture
+def q():
+    queue = JobQueue("test")
+    yield queue
+    queue.shutdown()
+
+
+def test_concurrent_submissions_run_in_arrival_order_and_none_lost(q):
+    order, lock = [], threading.Lock()
+    jobs = []
+
+    def submit(i):
+        def fn(job):
+            with lock:
+                order.append(i)
+            return i * 2
+        with lock:  # record arrival order together with the submission
+            jobs.append((i, q.submit(fn, name=f"j{i}")))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(job.result(10) for _, job in jobs) == [i * 2 for i in range(40)]
+    assert order == [i for i, _ in jobs], "jobs run in the order they were queued"
+    assert q.completed == 40
+
+
+def test_failing_job_raises_to_caller_and_worker_lives(q):
+    def boom(job):
+        raise ValueError("bad input: width must be a multiple of 8")
+    job = q.submit(boom, name="boom")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        job.result(5)
+    assert job.state == "failed"
+    assert q.submit(lambda job: "still alive").result(5) == "still alive"
+
+
+def test_interrupt_running_job(q):
+    started = threading.Event()
+
+    def long(job):
+        started.set()
+        for step in range(1000):
+            time.sleep(0.01)
+            job.report(step, 1000)
+        return "finished"
+
+    job = q.submit(long, name="long")
+    started.wait(5)
+    assert q.interrupt()
+    with pytest.raises(JobInterrupted):
+        job.result(5)
+    assert job.state == "interrupted" and job.progress.step < 1000
+
+
+def test_interrupt_queued_job_never_runs(q):
+    gate = threading.Event()
+    first = q.submit(lambda job: gate.wait(5), name="first")
+    ran = []
+    second = q.submit(lambda job: ran.append(1), name="second")
+    q.interrupt(second.id)
+    gate.set()
+    first.result(5)
+    with pytest.raises(JobInterrupted):
+        second.result(5)
+    assert ran == []
+
+
+def test_progress_eta_and_skip(q):
+    seen = {}
+    gate = threading.Event()
+
+    def fn(job):
+        for step in range(1, 6):
+            job.report(step, 10, text="sampling")
+            time.sleep(0.02)
+        seen["fraction"] = job.progress.fraction
+        seen["eta"] = job.progress.eta
+        gate.wait(5)
+        return job.take_skip(), job.take_skip()
+
+    job = q.submit(fn)
+    time.sleep(0.3)
+    q.skip()
+    gate.set()
+    assert job.result(5) == (True, False)
+    assert seen["fraction"] == 0.5 and seen["eta"] > 0
+
+
+def test_streaming(q):
+    def fn(job):
+        for token in ["a", "b", "c"]:
+            job.emit(token)
+        return "abc"
+    job = q.submit(fn)
+    assert list(job.stream(timeout=5)) == ["a", "b", "c"] and job.result(5) == "abc"
+
+
+def test_batchable_jobs_waiting_together_run_as_one_batch(q):
+    gate = threading.Event()
+    q.submit(lambda job: gate.wait(5), name="blocker")
+    batches = []
+
+    def run_batch(jobs):
+        batches.append([j.payload for j in jobs])
+        return [p.upper() for p in (j.payload for j in jobs)]
+
+    jobs = [q.submit_batchable("llm:x", word, run_batch) for word in ("a", "b", "c")]
+    other = q.submit(lambda job: "other")
+    late = q.submit_batchable("llm:x", "d", run_batch)
+    gate.set()
+    assert [j.result(5) for j in jobs] == ["A", "B", "C"]
+    assert other.result(5) == "other" and late.result(5) == "D"
+    assert batches == [["a", "b", "c"], ["d"]]
