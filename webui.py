@@ -56,8 +56,9 @@ def main(argv=None) -> None:
     ext_dirs = [] if pre.disable_all_extensions else [
         e.path for e in discover([(pre_paths.repo_extensions_dir, "builtin"), (pre_paths.user_extensions_dir, "user")])]
     opts = parse_args(argv, extension_dirs=ext_dirs)
+    from modules.server import bind_host, check_port, create_app, serve
+    check_port(bind_host(opts), opts.port)  # fail fast, before any loading
     ctx = prepare(opts)
-    from modules.server import create_app, serve
     app = create_app(ctx)
     serve(ctx, app)
 
