@@ -60,24 +60,25 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = config.max_position_embeddings
         scaling = config.rope_scaling or {}
         self.scaling_type, self.factor = scaling.get("type"), float(scaling.get("factor") or 1.0)
-        inv_freq = self._inv_freq(self.theta)
-        if self.scaling_type == "linear":
-            inv_freq = inv_freq / self.factor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def _inv_freq(self, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    # inv_freq is recomputed per call (hd/2 numbers, microseconds) rather than kept as a buffer: a buffer
+    # would be cast by model.to(bfloat16) and left empty by meta-device construction.
+    def _inv_freq(self, theta: float, device: torch.device) -> torch.Tensor:
         exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
         return 1.0 / (theta ** exponents)                                   # (hd/2,)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, 1, T, hd) for integer ``positions`` (B, T); angles in fp32."""
-        inv_freq = self.inv_freq
+        theta = self.theta
         if self.scaling_type == "dynamic":
             seq_len = int(positions.max()) + 1
             if seq_len > self.max_positions:
                 ratio = self.factor * seq_len / self.max_positions - (self.factor - 1)
-                inv_freq = self._inv_freq(self.theta * ratio ** (self.dim / (self.dim - 2)), positions.device)
-        freqs = positions.float()[:, :, None] * inv_freq.float()[None, None, :]  # (B, T, hd/2)
+                theta = self.theta * ratio ** (self.dim / (self.dim - 2))
+        inv_freq = self._inv_freq(theta, positions.device)
+        if self.scaling_type == "linear":
+            inv_freq = inv_freq / self.factor
+        freqs = positions.float()[:, :, None] * inv_freq[None, None, :]        # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                        # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

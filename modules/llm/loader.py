@@ -1,0 +1,111 @@
+"""Find LLM folders under ``models/LLM/`` and load one into a :class:`LoadedLLM` bundle.
+
+The bundle is what the model manager holds and the generation engine uses: the model, its
+tokenizer, its chat template and its generation defaults, loaded together so they never disagree.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modules.llm.chat_template import ChatTemplate, load_chat_template
+from modules.llm.config import LlamaConfig
+from modules.llm.model import Llama
+from modules.llm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedLLM:
+    name: str
+    path: Path
+    config: LlamaConfig
+    model: Llama
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    #: generation_config.json (temperature, top_p, eos_token_id, ...) or {} when the folder has none
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the weights (a tied embedding counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+
+def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             allow_unsafe_pickle: bool = False) -> LoadedLLM:
+    """Load a Hugging Face Llama folder: config, tokenizer and template first (cheap, fail fast), then weights."""
+    from modules.llm.checkpoint import load_model
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"LLM folder {folder} does not exist; models go in models/LLM/<name>/")
+    started = time.perf_counter()
+    config = LlamaConfig.from_json_file(folder / "config.json")
+    tokenizer = Tokenizer.from_dir(folder)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
+                         f"vocab_size is {config.vocab_size}; the tokenizer files belong to another model")
+    template = load_chat_template(folder)
+    generation_config = _read_generation_config(folder / "generation_config.json")
+    model = load_model(folder, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,
+                       config=config)
+    llm = LoadedLLM(name=folder.name, path=folder, config=config, model=model, tokenizer=tokenizer,
+                    template=template, generation_config=generation_config)
+    log.info("Loaded LLM %s (%.1fM parameters, %s, %s) in %.1f s", folder.name, model.num_parameters() / 1e6,
+             str(dtype).replace("torch.", ""), device, time.perf_counter() - started)
+    return llm
+
+
+def _read_generation_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        log.warning("Ignoring %s: not valid JSON (%s)", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def list_llm_models(llm_dir: str | Path) -> list[dict[str, Any]]:
+    """Every subfolder of ``llm_dir`` with a config.json, sorted by name: {"name", "path", "error"}.
+
+    ``error`` is None for a folder that looks loadable, else the reason it cannot load (bad config,
+    no tokenizer, no weights), found without reading any weights.
+    """
+    from modules.llm.checkpoint import CheckpointError, weight_files
+
+    root = Path(llm_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()):
+        error = None
+        try:
+            LlamaConfig.from_json_file(folder / "config.json")
+            if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+                raise ValueError(f"no tokenizer: put tokenizer.model and/or tokenizer.json into {folder}/")
+            weight_files(folder, allow_unsafe_pickle=True)
+        except (ValueError, CheckpointError, OSError) as exc:
+            error = str(exc)
+        out.append({"name": folder.name, "path": str(folder), "error": error})
+    return out
