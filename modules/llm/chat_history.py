@@ -219,3 +219,29 @@ class ChatStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+# -- editing a conversation (pure functions used by the Chat tab) ------------------------------------------
+
+def without_last_exchange(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """Remove the last user message and the replies after it ("Remove last"); returns the shortened list and
+    the removed user text (to put back in the input box)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            return list(messages[:i]), messages[i].get("content", "")
+    return [m for m in messages if m.get("role") == "system"], ""
+
+
+def for_regenerate(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation without its last reply(ies), ending with the user message to answer again."""
+    trimmed = list(messages)
+    while trimmed and trimmed[-1].get("role") == "assistant":
+        trimmed.pop()
+    if not trimmed or trimmed[-1].get("role") != "user":
+        raise ValueError("nothing to regenerate: send a message first")
+    return trimmed
+
+
+def check_continuable(messages: list[dict[str, Any]]) -> None:
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("nothing to continue: the last message must be a reply (send a message first)")
