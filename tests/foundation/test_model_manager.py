@@ -145,3 +145,31 @@ def test_fifty_switches_do_not_grow_memory(tmp_path):
     gc.collect()
     rss_after_50 = proc.memory_info().rss
     assert rss_after_50 <= rss_after_2 * 1.10, (rss_after_2 / MB, rss_after_50 / MB)
+
+
+class Movable:
+    """Records where the manager moves it (no real GPU needed)."""
+
+    def __init__(self):
+        self.moves = []
+
+    def to(self, device):
+        self.moves.append(torch.device(device).type)
+        return self
+
+    def memory_bytes(self):
+        return MB
+
+
+def test_medvram_parks_idle_models_on_cpu():
+    mm = ModelManager("cuda", reserve_bytes=0, offload="medvram", free_memory=lambda: 10**12)
+    lease = mm.acquire("m", Movable)
+    model = lease.model
+    lease.release()
+    assert model.moves == ["cpu"] and not mm.loaded()[0]["on_device"]
+    with mm.acquire("m") as again:
+        assert again is model and model.moves == ["cpu", "cuda"]
+    no_offload = ModelManager("cuda", reserve_bytes=0, offload="none", free_memory=lambda: 10**12)
+    with no_offload.acquire("m", Movable) as m2:
+        pass
+    assert m2.moves == []
