@@ -63,6 +63,15 @@ class GenerationParams:
     do_not_save_grid: bool = False
     #: filled while processing: extra infotext keys (Hires..., Lora hashes...) in insertion order
     extra_generation_params: dict = field(default_factory=dict)
+    #: set by the service: runs a GenerationParams to a Processed, so scripts (X/Y/Z) can generate
+    runner: Any = field(default=None, repr=False, compare=False)
+
+    def process(self) -> "Processed":
+        """Generate with these parameters (what A1111 scripts do with ``process_images(p)``)."""
+        if self.runner is None:
+            raise RuntimeError("these GenerationParams are not attached to a running job; submit them through "
+                               "ctx.services['diffusion'] instead")
+        return self.runner(self)
 
     @property
     def is_img2img(self) -> bool:
@@ -231,6 +240,7 @@ class Processed:
 
 def params_dict(p: GenerationParams) -> dict[str, Any]:
     """The request echoed back as ``parameters`` (images left out: they are in ``images``)."""
-    data = asdict(p.copy(init_images=[], mask=None))
+    data = asdict(p.copy(init_images=[], mask=None, runner=None))
     data.pop("extra_generation_params", None)
+    data.pop("runner", None)
     return data
