@@ -299,12 +299,12 @@ class ModelManager:
 
     def _check_leaks(self) -> None:
         gc.collect()
-        alive = [(k, r) for k, r in self._leak_watch if r() is not None]
-        for key, ref in alive:
-            if key not in self._entries:
-                log.warning("model %s (%s) is still referenced after unload: suspected leak",
-                            key, type(ref()).__name__)
-        self._leak_watch = [(k, r) for k, r in alive if k not in self._entries and False]
+        for key, ref in self._leak_watch:
+            obj = ref()
+            if obj is not None and key not in self._entries:
+                log.warning("model %s (%s) is still referenced after unload: suspected leak (each is reported once)",
+                            key, type(obj).__name__)
+        self._leak_watch = []
 
     @staticmethod
     def _move(entry: ModelEntry, device: torch.device) -> None:
