@@ -6,8 +6,10 @@ Two backends, chosen by the files in the model folder:
   present, since it is what transformers' ``LlamaTokenizerFast`` itself runs;
 * ``tokenizer.model`` (SentencePiece protobuf) through the ``sentencepiece`` library. Special and added
   tokens written in the text (``</s>`` in a rendered chat template) are split out first and map to
-  their ids, as transformers does. ``tokenizer_config.json``'s ``legacy`` flag is honoured: with
-  ``legacy: false`` (TinyLlama) text that follows a special token gets no dummy-prefix space.
+  their ids, as transformers does. The dummy-prefix space follows transformers (v5), not raw
+  SentencePiece: it is not added to text that already starts with a space, and with
+  ``legacy: false`` in ``tokenizer_config.json`` (TinyLlama) it is added only at the start of the text,
+  not after special tokens.
 
 The Llama-2 layout is assumed and checked: ``<unk>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then 256
 ``<0xNN>`` byte-fallback pieces, so any text, emoji included, encodes without ``<unk>``.
@@ -198,12 +200,12 @@ class _SentencePieceBackend(_Backend):
                 continue
             if part in self.added:
                 ids.append(self.added[part][0])
-            elif self.legacy or (index == 0 and not part.startswith((" ", SPIECE_UNDERLINE))):
+            elif (self.legacy or index == 0) and not part.startswith((" ", SPIECE_UNDERLINE)):
                 ids.extend(self.sp.EncodeAsIds(part))
             else:
-                # Non-legacy (transformers' Metaspace with prepend_scheme="first"): the dummy-prefix
-                # space goes only at the very start of the text, and not when the text already starts
-                # with a space.
+                # As transformers' Metaspace pre-tokenizer: the dummy-prefix space goes before every
+                # piece of text between special tokens (legacy) or only at the very start of the text
+                # (legacy: false), and never where the text already starts with a space.
                 ids.extend(self.sp_no_prefix.EncodeAsIds(part))
         return ids
 
