@@ -1,0 +1,43 @@
+"""Registers the LLM capability: its settings, ``ctx.services["llm"]``, the Chat tab and the ``/v1`` routes.
+
+Cheap on purpose (start-up stays fast): nothing here loads a model or imports transformers or Gradio;
+the Chat tab's module is imported only when the UI is built, models load on first use.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from modules.settings import SettingSpec, SettingsSection
+from modules.tabs import TabSpec
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def settings_section() -> SettingsSection:
+    return SettingsSection("llm", "Chat / LLM", [
+        SettingSpec("llm.default_model", "", "Default LLM (folder name in models/LLM; empty = first found)", str),
+        SettingSpec("llm.system_prompt", DEFAULT_SYSTEM_PROMPT, "Default system prompt", str),
+        SettingSpec("llm.max_new_tokens", 512, "Max new tokens per reply", int, minimum=1, maximum=32768),
+        SettingSpec("llm.temperature", 0.7, "Temperature (0 = greedy)", float, minimum=0, maximum=5),
+        SettingSpec("llm.top_k", 40, "Top-k (0 = off)", int, minimum=0, maximum=1000),
+        SettingSpec("llm.top_p", 0.95, "Top-p (1 = off)", float, minimum=0.01, maximum=1),
+        SettingSpec("llm.min_p", 0.05, "Min-p (0 = off)", float, minimum=0, maximum=1),
+        SettingSpec("llm.repetition_penalty", 1.1, "Repetition penalty (1 = off)", float, minimum=0.05, maximum=10),
+        SettingSpec("llm.presence_penalty", 0.0, "Presence penalty", float, minimum=-2, maximum=2),
+        SettingSpec("llm.frequency_penalty", 0.0, "Frequency penalty", float, minimum=-2, maximum=2),
+    ])
+
+
+def _build_chat_tab(ctx: Any) -> None:
+    from modules.ui.tabs.chat import build
+    build(ctx)
+
+
+def register(ctx: Any) -> None:
+    from modules.api.openai_api import build_router
+    from modules.llm.service import LLMService
+
+    ctx.settings.add_section(settings_section())
+    ctx.services["llm"] = LLMService(ctx)
+    ctx.tabs.add(TabSpec("chat", "Chat", _build_chat_tab, order=10))
+    ctx.api.include(build_router(ctx))

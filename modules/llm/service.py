@@ -1,0 +1,392 @@
+"""The LLM capability's service: models, prompts and generation, shared by the Chat tab and the API.
+
+``ctx.services["llm"]`` is one :class:`LLMService`. It
+
+* lists the model folders in ``models/LLM`` and loads / unloads them through the shared model manager
+  (key ``llm:<name>``); generation holds a lease for the whole batch, so a model in use is never evicted;
+* turns a chat (system prompt + turns) into prompt tokens with the model's chat template, dropping the
+  oldest turns when the history does not fit the context (the system prompt is always kept) and saying
+  so in the returned :class:`ChatRun`;
+* queues requests on the shared job queue through one :class:`~modules.llm.engine.LLMEngine` per model;
+* fires the ``on_chat_message`` extension callback for each user message and each finished reply.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from modules.llm.chat_history import ChatStore
+from modules.llm.engine import (GenerationHandle, GenerationRequest, GenerationResult, LLMEngine, PromptTooLong,
+                                TokenDelta, context_length)
+from modules.llm.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+#: settings keys holding default sampling values, and the SamplingParams field each one feeds
+SAMPLING_SETTINGS = {
+    "llm.temperature": "temperature", "llm.top_k": "top_k", "llm.top_p": "top_p", "llm.min_p": "min_p",
+    "llm.repetition_penalty": "repetition_penalty", "llm.presence_penalty": "presence_penalty",
+    "llm.frequency_penalty": "frequency_penalty", "llm.max_new_tokens": "max_new_tokens",
+}
+
+
+class ModelNotFound(LookupError):
+    """No usable model folder of that name in models/LLM."""
+
+
+class ModelUnusable(ValueError):
+    """The folder exists but cannot be loaded (broken config, missing tokenizer...)."""
+
+
+@dataclass
+class PromptPlan:
+    """A rendered prompt and how it was fitted into the context."""
+    ids: list[int]
+    text: str
+    messages: list[dict[str, Any]]  # the messages actually rendered
+    dropped: int = 0  # how many of the oldest messages were left out to fit
+
+    @property
+    def notice(self) -> str:
+        if not self.dropped:
+            return ""
+        return (f"The conversation is longer than the model's context: the {self.dropped} oldest message"
+                f"{'s were' if self.dropped != 1 else ' was'} left out of the prompt (the system prompt is kept).")
+
+
+@dataclass
+class ReplyUpdate:
+    messages: list[dict[str, Any]]
+    notice: str = ""
+    result: GenerationResult | None = None
+
+
+@dataclass
+class ChatRun:
+    """One chat reply being generated: stream ``events()``, then read ``result()``."""
+    handle: GenerationHandle
+    plan: PromptPlan
+    model: str
+    chat_id: str | None
+    service: "LLMService"
+    _reported: bool = field(default=False, repr=False)
+
+    @property
+    def dropped(self) -> int:
+        return self.plan.dropped
+
+    @property
+    def notice(self) -> str:
+        return self.plan.notice
+
+    def events(self) -> Iterator[TokenDelta]:
+        yield from self.handle.events()
+        self.result()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        result = self.handle.result(timeout)
+        if not self._reported:
+            self._reported = True
+            self.service.fire_message("assistant", result.text, self.chat_id, self.model)
+        return result
+
+    def interrupt(self) -> None:
+        self.handle.interrupt()
+
+    @property
+    def done(self) -> bool:
+        return self.handle.done
+
+
+class LLMService:
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.chats = ChatStore(ctx.paths.chats_dir)
+        self._lock = threading.Lock()
+        self._current: str | None = None
+        self._engines: dict[str, LLMEngine] = {}
+
+    # -- models ------------------------------------------------------------------------------------------
+    @property
+    def models_dir(self) -> Path:
+        return self.ctx.paths.model_dir("LLM")
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Every folder in models/LLM: ``{"name", "path", "error"}`` (error None when it looks loadable)."""
+        from modules.llm.loader import list_llm_models
+        return list_llm_models(self.models_dir)
+
+    def model_names(self) -> list[str]:
+        return [m["name"] for m in self.list_models() if not m.get("error")]
+
+    @staticmethod
+    def model_key(name: str) -> str:
+        return f"llm:{name}"
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        for entry in self.list_models():
+            if entry["name"] == name:
+                if entry.get("error"):
+                    raise ModelUnusable(f"model {name!r} cannot be loaded: {entry['error']}")
+                return entry
+        available = ", ".join(self.model_names()) or "none"
+        raise ModelNotFound(f"no LLM model named {name!r} in {self.models_dir} (available: {available})")
+
+    def acquire(self, name: str) -> Any:
+        """A model-manager lease on model *name* (loaded on first use). Release it when done."""
+        entry = self._entry(name)
+        path = Path(entry["path"])
+
+        def load() -> Any:
+            from modules.llm.loader import load_llm
+            try:
+                return load_llm(path, self.ctx.devices.device, self.ctx.devices.dtype,
+                                allow_unsafe_pickle=bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False)))
+            except (ValueError, FileNotFoundError, KeyError) as exc:
+                raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
+
+        return self.ctx.models.acquire(self.model_key(name), load, kind="llm", size_bytes=_folder_weight_bytes(path),
+                                       meta={"name": name, "path": str(path)})
+
+    def load(self, name: str) -> dict[str, Any]:
+        """Load model *name* (if needed) and make it the current model; returns a description of it."""
+        lease = self.acquire(name)
+        try:
+            info = describe(lease.model)
+        finally:
+            lease.release()
+        with self._lock:
+            self._current = name
+        return info
+
+    def unload(self, name: str | None = None) -> bool:
+        """Unload *name* (default: the current model). Raises ModelInUse while it is generating."""
+        name = name or self._current
+        if not name:
+            return False
+        done = self.ctx.models.unload(self.model_key(name))
+        with self._lock:
+            if self._current == name:
+                self._current = None
+        return done
+
+    @property
+    def current_model(self) -> str | None:
+        """The model last loaded here, while it is still in memory."""
+        name = self._current
+        return name if name and self.ctx.models.is_loaded(self.model_key(name)) else None
+
+    def loaded_models(self) -> list[str]:
+        return [e.get("name") or e["key"].removeprefix("llm:") for e in self.ctx.models.loaded("llm")]
+
+    def resolve_model(self, name: str | None = None) -> str:
+        """The model a request means: the one named, else the current one, else the default setting, else the
+        only/first available one. Raises ModelNotFound when there is none."""
+        if name:
+            self._entry(name)
+            return name
+        for candidate in (self.current_model, self.ctx.settings.get("llm.default_model")):
+            if candidate and candidate in self.model_names():
+                return candidate
+        names = self.model_names()
+        if not names:
+            raise ModelNotFound(f"no LLM models found in {self.models_dir}: put a Hugging Face model folder there "
+                                "(config.json, *.safetensors, tokenizer.model)")
+        return names[0]
+
+    def engine(self, name: str) -> LLMEngine:
+        with self._lock:
+            engine = self._engines.get(name)
+            if engine is None:
+                engine = LLMEngine(self.ctx.jobs, name, lambda: self.acquire(name))
+                self._engines[name] = engine
+            return engine
+
+    # -- sampling defaults ---------------------------------------------------------------------------------
+    def default_params(self, **overrides: Any) -> SamplingParams:
+        """SamplingParams from the llm.* settings, with *overrides* (None values ignored) applied."""
+        values = {field_name: self.ctx.settings.get(key) for key, field_name in SAMPLING_SETTINGS.items()}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams.from_dict(values)
+
+    # -- prompts -------------------------------------------------------------------------------------------
+    def plan_chat_prompt(self, llm: Any, messages: list[dict[str, Any]], *, system_prompt: str | None = None,
+                         max_new_tokens: int = 256, continue_last: bool = False) -> PromptPlan:
+        """Render *messages* with the model's chat template into prompt ids that fit the context.
+
+        The reply needs room too: the prompt may use the context minus ``max_new_tokens``, but at most half
+        the context is reserved, so a large max_new_tokens does not wipe the history. Oldest turns go
+        first; the system prompt and the last message are always kept (if even those do not fit,
+        PromptTooLong). With *continue_last*, the last message is an assistant reply to be continued.
+        """
+        messages = [dict(m) for m in messages]
+        system = [m for m in messages if m.get("role") == "system"]
+        turns = [m for m in messages if m.get("role") != "system"]
+        if system_prompt:
+            system = [{"role": "system", "content": system_prompt}]
+        if not turns:
+            raise ValueError("there is no message to reply to: add a user message")
+        ctx_len = context_length(llm)
+        budget = ctx_len - min(max(1, int(max_new_tokens)), ctx_len // 2)
+        dropped = 0
+        while True:
+            text, ids = render_prompt(llm, system + turns, continue_last=continue_last)
+            if len(ids) <= budget or len(turns) <= 1:
+                break
+            # drop the oldest turn: a user message and the replies that follow it
+            cut = 1
+            while cut < len(turns) - 1 and turns[cut].get("role") == "assistant":
+                cut += 1
+            turns, dropped = turns[cut:], dropped + cut
+        if len(ids) >= ctx_len:
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens even with only the system prompt and the last "
+                                f"message, but the model's context is {ctx_len} tokens; shorten the message or "
+                                "the system prompt")
+        return PromptPlan(ids=ids, text=text, messages=system + turns, dropped=dropped)
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
+             model: str | None = None, system_prompt: str | None = None, chat_id: str | None = None,
+             continue_last: bool = False, fire_user: bool = True) -> ChatRun:
+        """Queue a reply to *messages* (OpenAI-style dicts); returns at once with a :class:`ChatRun`.
+
+        *continue_last*: the last message is an assistant reply to extend. *fire_user*: report the last user
+        message to ``on_chat_message`` (False when regenerating a reply to a message already reported).
+        """
+        params = (params or self.default_params()).validate()
+        check_messages(messages)
+        name = self.resolve_model(model)
+        lease = self.acquire(name)
+        try:
+            plan = self.plan_chat_prompt(lease.model, messages, system_prompt=system_prompt,
+                                         max_new_tokens=params.max_new_tokens, continue_last=continue_last)
+        finally:
+            lease.release()
+        if fire_user and messages[-1].get("role") == "user" and not continue_last:
+            self.fire_message("user", messages[-1]["content"], chat_id, name)
+        request = GenerationRequest(plan.ids, params, label=f"chat {chat_id or ''}".strip(),
+                                    keep_leading_space=continue_last)
+        return ChatRun(self.engine(name).submit(request), plan, name, chat_id, self)
+
+    def stream_reply(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
+                     model: str | None = None, system_prompt: str | None = None, chat_id: str | None = None,
+                     continue_last: bool = False, fire_user: bool = True,
+                     on_start: Callable[[ChatRun], None] | None = None) -> Iterator["ReplyUpdate"]:
+        """Generate a reply and yield the conversation as it grows (what the Chat tab shows).
+
+        Every update carries the whole message list with the reply so far as its last message; the last
+        update has ``result`` set and the reply's ``meta`` (tokens, tokens/s, finish reason, seed).
+        *on_start* receives the :class:`ChatRun` first, so a Stop button can interrupt it.
+        """
+        run = self.chat(messages, params, model=model, system_prompt=system_prompt, chat_id=chat_id,
+                        continue_last=continue_last, fire_user=fire_user)
+        if on_start is not None:
+            on_start(run)
+        base = [dict(m) for m in messages]
+        if continue_last:
+            reply = base.pop()
+            prefix = reply.get("content", "")
+        else:
+            reply, prefix = {"role": "assistant", "content": ""}, ""
+        text = ""
+        for delta in run.handle.events():
+            if delta.text:
+                text += delta.text
+                yield ReplyUpdate(base + [{**reply, "content": prefix + text}], run.notice)
+        result = run.result()
+        meta = {"tokens": result.completion_tokens, "prompt_tokens": result.prompt_tokens,
+                "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_second, 2),
+                "finish_reason": result.finish_reason, "seed": result.seed, "model": run.model}
+        final = {"role": "assistant", "content": prefix + result.text, "meta": meta}
+        yield ReplyUpdate(base + [final], run.notice, result)
+
+    def complete(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+                 model: str | None = None, add_bos: bool = True) -> tuple[GenerationHandle, str]:
+        """Queue a plain completion of *prompt* (text, or token ids); returns (handle, model name)."""
+        params = (params or self.default_params()).validate()
+        name = self.resolve_model(model)
+        lease = self.acquire(name)
+        try:
+            llm = lease.model
+            ids = list(prompt) if isinstance(prompt, list) else llm.tokenizer.encode(prompt, add_bos=add_bos)
+            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < llm.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {llm.config.vocab_size}), got {bad[:5]}")
+            ctx_len = context_length(llm)
+        finally:
+            lease.release()
+        if len(ids) >= ctx_len:
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens but the model's context is {ctx_len} tokens, "
+                                "leaving no room for a reply; shorten the prompt")
+        return self.engine(name).submit(GenerationRequest(ids, params, label="completion")), name
+
+    def count_tokens(self, text: str, model: str | None = None) -> int:
+        lease = self.acquire(self.resolve_model(model))
+        try:
+            return len(lease.model.tokenizer.encode(text, add_bos=False))
+        finally:
+            lease.release()
+
+    def fire_message(self, role: str, content: str, chat_id: str | None, model: str | None) -> None:
+        self.ctx.callbacks.fire("on_chat_message", role=role, content=content, chat_id=chat_id, model=model,
+                                ctx=self.ctx)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+def check_messages(messages: Any) -> None:
+    """Raise ValueError naming each malformed message."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} objects")
+    problems = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            problems.append(f"messages[{i}] must be an object, got {type(m).__name__}")
+        elif m.get("role") not in ("system", "user", "assistant"):
+            problems.append(f"messages[{i}].role is {m.get('role')!r}; use 'system', 'user' or 'assistant'")
+        elif not isinstance(m.get("content"), str):
+            problems.append(f"messages[{i}].content must be text, got {type(m.get('content')).__name__}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def render_prompt(llm: Any, messages: list[dict[str, Any]], *, continue_last: bool = False) -> tuple[str, list[int]]:
+    """Prompt text and ids for *messages* with the model's chat template.
+
+    Normal turn: render with the generation prompt (``<|assistant|>\\n`` for TinyLlama). Continue: render the
+    partial assistant message as the last turn and cut the text right after its content, so the model picks
+    up mid-reply (the template's end-of-turn marker is not in the prompt).
+    """
+    template = llm.template
+    if continue_last and messages and messages[-1].get("role") == "assistant" and messages[-1].get("content"):
+        text = template.render(messages, add_generation_prompt=False)
+        content = messages[-1]["content"]
+        end = text.rfind(content)
+        if end < 0:
+            raise ValueError("cannot continue: the chat template does not reproduce the last reply verbatim")
+        text = text[:end + len(content)]
+    else:
+        if continue_last and messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]  # an empty reply to continue is a fresh reply
+        text = template.render(messages, add_generation_prompt=True)
+    from modules.llm.chat_template import prompt_ids
+    return text, prompt_ids(llm.tokenizer, template, text)
+
+
+def describe(llm: Any) -> dict[str, Any]:
+    cfg = llm.config
+    return {"name": llm.name, "path": str(llm.path), "context_length": int(cfg.max_position_embeddings),
+            "vocab_size": int(cfg.vocab_size), "layers": int(cfg.num_hidden_layers),
+            "heads": int(cfg.num_attention_heads), "kv_heads": int(cfg.num_key_value_heads),
+            "memory_mb": round(llm.memory_bytes() / 2**20, 1)}
+
+
+def _folder_weight_bytes(path: Path) -> int:
+    """Size of the weight files: what loading will need, so memory can be freed first."""
+    total = 0
+    for pattern in ("*.safetensors", "*.bin"):
+        total += sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
+    return total
