@@ -1,0 +1,204 @@
+"""Offline loading of single-file and diffusers checkpoints; VAE override; memory on switching."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules.diffusion import checkpoints as ck
+from modules.diffusion.loading import (CONFIGS_DIR, MissingTokenizer, UnsafeCheckpoint, apply_vae,
+                                       load_sd_model)
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection during these tests fails loudly."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def infos(fixture_data_dir):
+    return ck.list_checkpoints(fixture_data_dir / "models" / "Stable-diffusion", fixture_data_dir / "cache")
+
+
+def _load(infos, name, **kw):
+    return load_sd_model(ck.find_checkpoint(infos, name), device="cpu", dtype=torch.float32, **kw)
+
+
+def _assert_same_weights(a, b, components):
+    for comp in components:
+        sa, sb = getattr(a, comp).state_dict(), getattr(b, comp).state_dict()
+        assert sa.keys() == sb.keys(), comp
+        for key in sb:
+            assert torch.equal(sa[key], sb[key]), f"{comp}.{key}"
+
+
+@pytest.mark.parametrize("name,components", [
+    ("tiny-sd15", ("unet", "vae", "text_encoder")),
+    ("tiny-sdxl", ("unet", "vae", "text_encoder", "text_encoder_2")),
+])
+def test_single_file_equals_diffusers_folder(infos, name, components):
+    single = _load(infos, name)
+    folder = _load(infos, name + "-diffusers")
+    assert single.kind == folder.kind == ("sdxl" if "xl" in name else "sd1")
+    assert type(single.pipe) is type(folder.pipe)
+    _assert_same_weights(single.pipe, folder.pipe, components)
+    ids = single.pipe.tokenizer("a photo of a cat").input_ids
+    assert ids == folder.pipe.tokenizer("a photo of a cat").input_ids
+    assert single.pipe.safety_checker is None if hasattr(single.pipe, "safety_checker") else True
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="np")
+    a = single.pipe("a cat", generator=gen(), **kw).images
+    b = folder.pipe("a cat", generator=gen(), **kw).images
+    assert a.shape == (1, 64, 64, 3)
+    assert abs(a - b).max() < 1e-5
+    assert single.memory_bytes() == folder.memory_bytes() > 0
+
+
+def test_inpainting_checkpoint_loads_inpaint_pipeline(infos):
+    from diffusers import StableDiffusionInpaintPipeline
+    model = _load(infos, "tiny-sd15-inpainting")
+    assert model.is_inpaint and isinstance(model.pipe, StableDiffusionInpaintPipeline)
+    assert model.pipe.unet.config.in_channels == 9
+
+
+def test_shipped_configs_describe_the_real_models():
+    """The configs/ folders must give the real architectures (checked on the meta device, no memory)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    def config(kind, comp):
+        name = "scheduler_config.json" if comp == "scheduler" else "config.json"
+        return json.loads((CONFIGS_DIR / kind / comp / name).read_text())
+
+    with init_empty_weights():
+        assert round(count(UNet2DConditionModel.from_config(config("sd1", "unet"))) / 1e6) == 860
+        assert round(count(UNet2DConditionModel.from_config(config("sdxl", "unet"))) / 1e6) == 2567
+        assert round(count(UNet2DConditionModel.from_config(config("sd2", "unet"))) / 1e6) == 866
+        assert round(count(AutoencoderKL.from_config(config("sd1", "vae"))) / 1e6) == 84
+        clip_l = CLIPTextModel(CLIPTextConfig(**config("sd1", "text_encoder")))
+        assert round(count(clip_l) / 1e6) == 123
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**config("sdxl", "text_encoder_2")))
+        assert round(count(clip_g) / 1e6) == 695
+    assert config("sdxl", "vae")["scaling_factor"] == 0.13025
+    assert config("sd1", "vae")["scaling_factor"] == 0.18215
+
+
+@pytest.fixture()
+def lone_dir(fixture_data_dir, tmp_path) -> Path:
+    """tiny-sd15.safetensors and its sidecar copied to a private folder."""
+    src = fixture_data_dir / "models" / "Stable-diffusion"
+    dst = tmp_path / "Stable-diffusion"
+    dst.mkdir()
+    shutil.copy(src / "tiny-sd15.safetensors", dst)
+    shutil.copytree(src / "tiny-sd15", dst / "tiny-sd15")
+    return dst
+
+
+def test_missing_tokenizer_says_where_to_put_files(lone_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    shutil.rmtree(lone_dir / "tiny-sd15" / "tokenizer")
+    info = ck.find_checkpoint(ck.list_checkpoints(lone_dir, tmp_path / "cache"), "tiny-sd15")
+    with pytest.raises(MissingTokenizer) as err:
+        load_sd_model(info)
+    msg = str(err.value)
+    assert "vocab.json" in msg and "merges.txt" in msg
+    assert str(lone_dir / "tokenizer") in msg and str(lone_dir / "tiny-sd15" / "tokenizer") in msg
+
+
+def test_shared_tokenizer_folder_beside_checkpoints(lone_dir, tmp_path):
+    shutil.move(str(lone_dir / "tiny-sd15" / "tokenizer"), str(lone_dir / "tokenizer"))
+    info = ck.find_checkpoint(ck.list_checkpoints(lone_dir, tmp_path / "cache"), "tiny-sd15")
+    model = load_sd_model(info)
+    assert model.pipe.tokenizer("a cat").input_ids[0] == model.pipe.tokenizer.bos_token_id
+
+
+def test_pickle_refused_without_flag_and_loaded_with_it(lone_dir, tmp_path):
+    from safetensors.torch import load_file
+    state = load_file(str(lone_dir / "tiny-sd15.safetensors"))
+    torch.save({"state_dict": state}, lone_dir / "old.ckpt")
+    shutil.copytree(lone_dir / "tiny-sd15", lone_dir / "old")
+    infos = ck.list_checkpoints(lone_dir, tmp_path / "cache")
+    info = ck.find_checkpoint(infos, "old")
+    with pytest.raises(UnsafeCheckpoint, match="allow-unsafe-pickle"):
+        load_sd_model(info)
+    model = load_sd_model(info, allow_unsafe_pickle=True)
+    reference = load_sd_model(ck.find_checkpoint(infos, "tiny-sd15"))
+    assert model.kind == "sd1"
+    _assert_same_weights(model.pipe, reference.pipe, ("unet", "vae", "text_encoder"))
+
+
+def test_broken_checkpoint_raises_clear_error(lone_dir, tmp_path):
+    (lone_dir / "bad.safetensors").write_bytes(b"junk")
+    info = ck.find_checkpoint(ck.list_checkpoints(lone_dir, tmp_path / "cache"), "bad")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_sd_model(info)
+
+
+def test_vae_override_and_restore(infos, fixture_data_dir):
+    vae_file = fixture_data_dir / "models" / "VAE" / "tiny-vae.safetensors"
+    plain = _load(infos, "tiny-sd15")
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    own = plain.pipe.vae.decode(latents).sample
+    with_vae = _load(infos, "tiny-sd15", vae_path=vae_file)
+    assert with_vae.vae_name == "tiny-vae.safetensors"
+    other = with_vae.pipe.vae.decode(latents).sample
+    assert not torch.allclose(own, other)
+    apply_vae(with_vae, None)
+    assert torch.equal(with_vae.pipe.vae.decode(latents).sample, own)
+    assert with_vae.vae_name is None
+
+
+def test_vae_of_wrong_shape_is_rejected(infos, fixture_data_dir):
+    from safetensors.torch import load_file, save_file
+    from modules.diffusion.loading import load_vae
+    model = _load(infos, "tiny-sdxl")
+    bad = {k: v for k, v in load_file(str(fixture_data_dir / "models" / "VAE" / "tiny-vae.safetensors")).items()
+           if "decoder" not in k}
+    path = fixture_data_dir / "cache" / "half-vae.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    save_file(bad, str(path))
+    with pytest.raises(ValueError, match="missing"):
+        load_vae(path, model.pipe.vae)
+
+
+def test_switching_checkpoints_keeps_memory_flat(infos, caplog):
+    import logging
+
+    import psutil
+
+    from modules.model_manager import ModelManager
+    manager = ModelManager("cpu", reserve_bytes=0, max_loaded=1)
+    names = ["tiny-sd15.safetensors", "tiny-sdxl.safetensors"]
+
+    def use(i):
+        info = ck.find_checkpoint(infos, names[i % 2])
+        with manager.acquire("sd:" + info.title, lambda: load_sd_model(info), kind="diffusion") as model:
+            assert model.info == info
+    proc = psutil.Process()
+    for i in range(4):  # warm up allocator pools and lazy imports
+        use(i)
+    baseline = proc.memory_info().rss
+    for i in range(20):
+        use(i)
+    assert len(manager.loaded("diffusion")) == 1
+    grown = proc.memory_info().rss / baseline
+    assert grown < 1.10, f"RSS grew by {100 * (grown - 1):.1f}% over 20 checkpoint switches"
+    with caplog.at_level(logging.WARNING, logger="modules.model_manager"):
+        manager.unload_all()
+    assert manager.loaded() == []
+    assert "suspected leak" not in caplog.text  # the manager watches every unloaded model with a weakref
