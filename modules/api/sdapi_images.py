@@ -152,8 +152,6 @@ def build_router(ctx) -> APIRouter:
             return error_response(500, type(exc).__name__, str(exc))
         send = req.get("send_images", True) if isinstance(req, dict) else True
         images = [encode_png(img, img.info.get("parameters")) for img in processed.images] if send else []
-        if processed.grid is not None and send and len(processed.images) > 1 and p.script_name:
-            images.insert(0, encode_png(processed.grid, processed.infotexts[0] if processed.infotexts else None))
         return {"images": images, "parameters": _echo(req), "info": processed.js()}
 
     @router.post("/sdapi/v1/txt2img")

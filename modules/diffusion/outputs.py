@@ -2,13 +2,15 @@
 
 Layout: ``outputs/<kind>/YYYY-MM-DD/NNNNN-SEED.png`` with the infotext in the PNG
 ``parameters`` text chunk. The number is one past the highest number already in
-the folder. Each file is written to a temporary name first and then *hard-linked*
-to its final name: ``link`` fails instead of replacing an existing file, so two
-writers racing for the same number never overwrite each other; the loser takes
-the next number. A reader never sees a half-written PNG.
+the folder. Each file is written to a temporary name first, so a reader never
+sees a half-written PNG, and then *hard-linked* to its final name: ``link`` fails
+instead of replacing an existing file. Picking the number and linking happen
+under an advisory lock on ``.atelier-save.lock`` in the folder, so concurrent
+writers (threads or processes) never share a number.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import re
@@ -20,6 +22,24 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 _NUMBERED = re.compile(r"^(\d+)-")
+LOCK_NAME = ".atelier-save.lock"
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """flock on a fresh open file: it excludes other processes *and* other threads of this one (each open()
+    is its own lock owner). Without fcntl (Windows) the hard link alone still prevents overwriting."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / LOCK_NAME, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def png_bytes_info(infotext: str | None) -> PngInfo:
@@ -53,14 +73,15 @@ def save_png_atomic(image: Image.Image, folder: Path, stem_suffix: str, infotext
             image.save(fh, format="PNG", pnginfo=png_bytes_info(infotext))
             fh.flush()
             os.fsync(fh.fileno())
-        number = next_number(folder)
-        for _ in range(max_tries):
-            target = folder / f"{number:05d}-{stem_suffix}.png"
-            try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
-                number = max(number + 1, next_number(folder))
+        with _folder_lock(folder):
+            number = next_number(folder)
+            for _ in range(max_tries):
+                target = folder / f"{number:05d}-{stem_suffix}.png"
+                try:
+                    os.link(tmp, target)
+                    return target
+                except FileExistsError:
+                    number += 1
         raise RuntimeError(f"could not find a free file name in {folder} after {max_tries} tries")
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -224,6 +224,12 @@ class DiffusionService:
             result = script.run(p, **(p.script_args or {}))
             if not isinstance(result, Processed):
                 raise TypeError(f"script {p.script_name!r} returned {type(result).__name__}, not Processed")
+            if result.grid is not None and p.save_images:
+                from modules.diffusion.outputs import ImageSaver
+                saver = ImageSaver(self.ctx.paths.outputs_dir, self.ctx.callbacks, self.ctx)
+                seed = result.seeds[0] if result.seeds else p.seed
+                result.paths.insert(0, str(saver.save(result.grid, f"{tab}-grids", seed,
+                                                      result.infotexts[0] if result.infotexts else None)))
             return result
         return self._process(job, p, tab)
 

@@ -186,9 +186,6 @@ def wire(ctx, form: GenerationForm, make_params: Callable[[dict], GenerationPara
         items = processed.paths if processed.paths and len(processed.paths) == len(processed.images) \
             else processed.images
         texts = list(processed.infotexts)
-        if processed.grid is not None and processed.params.script_name:
-            items = [processed.grid] + list(items)
-            texts = texts[:1] + texts
         notes = [] if not processed.interrupted else ["Interrupted: showing the images finished so far."]
         notes += [f"⚠ {w}" for w in processed.warnings]
         elapsed = (job.finished or time.time()) - (job.started or time.time())
