@@ -313,7 +313,12 @@ def generate(llm: Any, requests: Sequence[GenerationRequest], sinks: Sequence[Si
         padded = bool((~key_mask).any())
         logits = model(ids, positions=positions, cache=cache, key_mask=key_mask if padded else None,
                        last_only=True)[:, -1]
-    return [row.result(started, prefill_seconds) for row in rows]
+    results = [row.result(started, prefill_seconds) for row in rows]
+    for row, result in zip(rows, results):
+        log.info("%s: %d prompt + %d new tokens in %.2f s (%.1f tokens/s, batch of %d), finish: %s",
+                 row.request.label, result.prompt_tokens, result.completion_tokens, result.seconds,
+                 result.tokens_per_second, len(rows), result.finish_reason)
+    return results
 
 
 # -- the job-queue front door --------------------------------------------------------------------------------

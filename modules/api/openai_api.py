@@ -1,0 +1,330 @@
+"""OpenAI-compatible routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``.
+
+Bodies are parsed here with pydantic (not by FastAPI's signature binding), so every client mistake becomes
+a 400 in OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}`` instead of FastAPI's 422;
+an unknown model is a 404 with code ``model_not_found``. Streaming answers are Server-Sent Events: one
+``data: {chunk}`` per token delta, a last chunk with ``finish_reason``, and ``data: [DONE]``. When the client
+goes away, the generation job is interrupted so the queue moves on.
+
+Extra sampling fields beyond OpenAI's: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos`` (and
+``seed``, which OpenAI has too). Defaults are OpenAI's (temperature 1, top_p 1); ``max_tokens`` defaults to the rest of
+the context for chat and to 16 for legacy completions, as in OpenAI's API.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable, Literal, Union
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from modules.llm.engine import GenerationResult, PromptTooLong
+from modules.llm.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+#: legacy /v1/completions default, as OpenAI documents it
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+# -- request bodies ----------------------------------------------------------------------------------------
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extra field: generate max_tokens even past EOS (benchmarks)
+    n: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+
+    def params(self, default_max: int | None) -> SamplingParams:
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            max_new_tokens=default_max if max_tokens is None else max_tokens, stop=stop, seed=self.seed,
+            ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[dict[str, Any]], None] = None
+
+    def text(self) -> str:
+        """Content as text; OpenAI's list-of-parts form is accepted when every part is text."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"only text content parts are supported, got type {part.get('type')!r}",
+                               param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatBody(_Sampling):
+    messages: list[_Message] = Field(min_length=1)
+
+
+class CompletionBody(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+
+
+# -- errors --------------------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def payload(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content=self.payload())
+
+
+#: SamplingParams field -> the API field that sets it, so messages name what the client sent
+_API_NAMES = {"max_new_tokens": "max_tokens"}
+_PARAM_ORDER = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                "frequency_penalty", "max_new_tokens", "stop", "seed")
+
+
+def _sampling_error(exc: ValueError) -> ApiError:
+    message = str(exc)
+    for ours, theirs in _API_NAMES.items():
+        message = message.replace(ours, theirs)
+    param = next((_API_NAMES.get(n, n) for n in _PARAM_ORDER if f"{_API_NAMES.get(n, n)}=" in message), None)
+    return ApiError(400, message, param=param)
+
+
+def _translate(exc: Exception) -> ApiError:
+    from modules.llm.service import ModelNotFound, ModelUnusable
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ModelNotFound):
+        return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ModelUnusable):
+        return ApiError(400, str(exc), param="model", code="model_not_loadable")
+    if isinstance(exc, PromptTooLong):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, ValueError):
+        return _sampling_error(exc)
+    log.exception("OpenAI API request failed")
+    return ApiError(500, f"{type(exc).__name__}: {exc}", kind="server_error")
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        raw = await request.body()
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise ApiError(400, f"invalid request: {details}", param=param) from None
+
+
+# -- the router -----------------------------------------------------------------------------------------------
+
+def build_router(ctx: Any) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["openai"])
+
+    def service():
+        return ctx.services["llm"]
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "atelier"}
+
+    @router.get("/models")
+    async def list_models() -> JSONResponse:
+        names = await run_in_threadpool(service().model_names)
+        return JSONResponse({"object": "list", "data": [model_card(n) for n in names]})
+
+    @router.get("/models/{model_id}")
+    async def get_model(model_id: str) -> JSONResponse:
+        names = await run_in_threadpool(service().model_names)
+        if model_id not in names:
+            return ApiError(404, f"the model {model_id!r} does not exist", param="model",
+                            code="model_not_found").response()
+        return JSONResponse(model_card(model_id))
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body: ChatBody = await _parse(request, ChatBody)
+            _check_n(body)
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in body.messages]
+            params = _params(body, default_max=None)
+            run = await run_in_threadpool(lambda: service().chat(messages, params, model=body.model))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+            return _translate(exc).response()
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return _sse(request, run.handle, run.result, lambda delta, reason: {
+                "id": ident, "object": "chat.completion.chunk", "created": created, "model": run.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]},
+                chat=True, include_usage=body.include_usage, usage_base={"id": ident, "created": created,
+                                                                         "object": "chat.completion.chunk",
+                                                                         "model": run.model})
+        result = await _wait(request, run.handle, run.result)
+        if isinstance(result, ApiError):
+            return result.response()
+        return JSONResponse({
+            "id": ident, "object": "chat.completion", "created": created, "model": run.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "logprobs": None, "finish_reason": _finish(result)}],
+            "usage": result.usage(), "system_fingerprint": f"seed-{result.seed}"})
+
+    @router.post("/completions")
+    async def completions(request: Request):
+        try:
+            body: CompletionBody = await _parse(request, CompletionBody)
+            _check_n(body)
+            prompt = _one_prompt(body.prompt)
+            params = _params(body, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
+            handle, model = await run_in_threadpool(lambda: service().complete(prompt, params, model=body.model))
+        except Exception as exc:  # noqa: BLE001
+            return _translate(exc).response()
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = prompt if body.echo and isinstance(prompt, str) else ""
+        if body.stream:
+            return _sse(request, handle, handle.result, lambda delta, reason: {
+                "id": ident, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": delta.get("content", ""), "logprobs": None,
+                             "finish_reason": reason}]},
+                chat=False, include_usage=body.include_usage, prefix=echo,
+                usage_base={"id": ident, "created": created, "object": "text_completion", "model": model})
+        result = await _wait(request, handle, handle.result)
+        if isinstance(result, ApiError):
+            return result.response()
+        return JSONResponse({
+            "id": ident, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": echo + result.text, "logprobs": None,
+                         "finish_reason": _finish(result)}],
+            "usage": result.usage()})
+
+    return router
+
+
+def _check_n(body: _Sampling) -> None:
+    if body.n is not None and body.n != 1:
+        raise ApiError(400, f"n={body.n} is not supported: Atelier returns one choice per request (n=1)",
+                       param="n")
+
+
+def _params(body: _Sampling, default_max: int | None) -> SamplingParams:
+    """SamplingParams from the body; a missing max_tokens means "until the context is full"."""
+    params = body.params(default_max if default_max is not None else 2**31 - 1)
+    try:
+        return params.validate()
+    except ValueError as exc:
+        raise _sampling_error(exc) from None
+
+
+def _one_prompt(prompt: Any) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and len(prompt) == 1:
+        return prompt[0]
+    raise ApiError(400, "prompt must be one string or one list of token ids (batched prompts are not supported; "
+                        "send one request per prompt - they are batched on the server)", param="prompt")
+
+
+def _finish(result: GenerationResult) -> str:
+    """OpenAI knows "stop" and "length"; a reply cut short by an interrupt is reported as "stop"."""
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+async def _wait(request: Request, handle: Any, get_result: Callable[[], GenerationResult]):
+    """Wait for a non-streamed result, interrupting the job if the client disconnects meanwhile."""
+    while not handle.done:
+        if await request.is_disconnected():
+            handle.interrupt()
+            break
+        await asyncio.sleep(0.05)
+    try:
+        return await run_in_threadpool(get_result)
+    except Exception as exc:  # noqa: BLE001
+        return _translate(exc)
+
+
+def _sse(request: Request, handle: Any, get_result: Callable[[], GenerationResult],
+         chunk: Callable[[dict, str | None], dict], *, chat: bool, include_usage: bool,
+         usage_base: dict[str, Any], prefix: str = "") -> StreamingResponse:
+    """Stream *handle* as SSE chunks; always ends with ``data: [DONE]``. Interrupts the job on disconnect."""
+
+    def line(obj: Any) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        finished = False
+        try:
+            if chat:
+                yield line(chunk({"role": "assistant", "content": ""}, None))
+            if prefix:
+                yield line(chunk({"content": prefix}, None))
+            stream = handle.events()
+            while True:
+                delta = await run_in_threadpool(next, stream, None)
+                if delta is None:
+                    break
+                if delta.text:
+                    yield line(chunk({"content": delta.text}, None))
+            result = await run_in_threadpool(get_result)
+            finished = True
+            yield line(chunk({}, _finish(result)))
+            if include_usage:
+                yield line({**usage_base, "choices": [], "usage": result.usage()})
+        except Exception as exc:  # noqa: BLE001 - the error goes to the client as a chunk, the server lives on
+            finished = True
+            yield line(_translate(exc).payload())
+        finally:
+            if not finished:
+                handle.interrupt()  # client went away (the task was cancelled) before the reply ended
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,152 @@
+"""The OpenAI-compatible API on the real server (python launch.py --api), driven by the official client."""
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from server_utils import start_server
+
+MODEL = "tiny-llama-gqa"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from modules.fixtures import llm as fixture
+    data = tmp_path_factory.mktemp("openai")
+    fixture.write(data)
+    srv = start_server(data, "--api", "--nowebui")
+    srv.model_dir = data / "models" / "LLM" / MODEL
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(client, **kw):
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "Hello! How are you today?"}],
+                temperature=0, max_tokens=12)
+    args.update(kw)
+    return client.chat.completions.create(**args)
+
+
+def test_models_list(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_chat_completion_with_usage(client):
+    reply = chat(client, extra_body={"ignore_eos": True})
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.model == MODEL
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    usage = reply.usage
+    assert usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 12
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_streaming_equals_non_streaming(client):
+    whole = chat(client).choices[0].message.content
+    stream = chat(client, stream=True, stream_options={"include_usage": True})
+    pieces, reasons, usage = [], [], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(pieces) == whole
+    assert reasons[-1] in ("stop", "length") and all(r is None for r in reasons[:-1])
+    assert usage is not None and usage.completion_tokens >= 1
+
+
+def test_raw_sse_ends_with_done(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][len("data: "):])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_completions_and_extra_sampling_fields(server, client):
+    from modules.llm.tokenizer import Tokenizer
+    prompt_tokens = len(Tokenizer.from_dir(server.model_dir).encode("The quick brown fox", add_bos=True))
+    args = dict(model=MODEL, prompt="The quick brown fox", max_tokens=10, temperature=0.9,
+                extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2}, seed=42)
+    a = client.completions.create(**args)
+    b = client.completions.create(**args)
+    assert a.object == "text_completion" and a.choices[0].text == b.choices[0].text
+    assert a.usage.completion_tokens <= 10 and a.usage.prompt_tokens == prompt_tokens
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**args, stream=True) if c.choices)
+    assert streamed == a.choices[0].text
+
+
+def test_stop_strings(client):
+    whole = chat(client, max_tokens=30).choices[0].message.content
+    stop = whole[5:8]
+    cut = chat(client, max_tokens=30, stop=[stop])
+    assert cut.choices[0].message.content == whole[:whole.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("field,value,param", [
+    ("temperature", -1, "temperature"), ("top_p", 1.5, "top_p"), ("top_p", 0, "top_p"),
+    ("max_tokens", 0, "max_tokens"), ("n", 2, "n")])
+def test_invalid_values_are_400_in_openai_shape(server, client, field, value, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, **{field: value})
+    assert err.value.status_code == 400
+    body = err.value.body
+    assert body["param"] == param and body["type"] == "invalid_request_error" and field in body["message"]
+
+
+def test_malformed_bodies_are_400_not_422(server):
+    url = server.url + "/v1/chat/completions"
+    for content, kwargs in [("not json", {"content": b"{nope"}), ("no messages", {"json": {"model": MODEL}}),
+                            ("wrong type", {"json": {"model": MODEL, "messages": "hi"}}),
+                            ("bad role", {"json": {"model": MODEL, "messages": [{"role": "x", "content": "y"}]}})]:
+        response = httpx.post(url, timeout=30, headers={"content-type": "application/json"}, **kwargs)
+        assert response.status_code == 400, content
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], content
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        chat(client, model="no-such-model")
+    assert err.value.body["code"] == "model_not_found" and "no-such-model" in err.value.body["message"]
+
+
+def test_prompt_longer_than_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="word " * 400, max_tokens=5)
+    assert err.value.body["code"] == "context_length_exceeded"
+    assert chat(client).choices[0].message.content  # the server keeps serving
+
+
+def test_client_disconnect_stops_generation(server, client):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 100000, "stream": True,
+            "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # one token arrived; hang up
+    deadline = time.monotonic() + 20
+    while "finish: interrupted" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(x for x in server.log().splitlines() if "finish: interrupted" in x)
+    assert "completion:" in line
+    generated = int(line.split(" new tokens")[0].rsplit(" ", 1)[1])
+    assert generated < 200  # the context would have allowed ~250 more
+    assert chat(client, max_tokens=3).choices[0].message.content is not None  # the queue moved on
