@@ -57,7 +57,7 @@ def build(ctx: Any) -> None:
     with gr.Row():
         model = gr.Dropdown(model_choices(), value=initial_model(), label="Model (models/LLM)",
                             elem_id="chat_model", scale=4, allow_custom_value=False)
-        refresh = gr.Button("🔄", elem_id="chat_refresh_models", scale=0, min_width=50)
+        refresh = gr.Button("Refresh", elem_id="chat_refresh_models", scale=0, min_width=80)
         load = gr.Button("Load", elem_id="chat_load_model", scale=1)
         unload = gr.Button("Unload", elem_id="chat_unload_model", scale=1)
     model_status = gr.Markdown(elem_id="chat_model_status")
@@ -99,7 +99,7 @@ def build(ctx: Any) -> None:
                 saved = gr.Dropdown(chat_choices(), value=None, label="Chat", elem_id="chat_saved",
                                     allow_custom_value=False)
                 with gr.Row():
-                    refresh_chats = gr.Button("🔄", elem_id="chat_refresh_saved", min_width=50)
+                    refresh_chats = gr.Button("Refresh", elem_id="chat_refresh_saved", min_width=80)
                     delete = gr.Button("Delete", variant="stop", elem_id="chat_delete")
                 new_title = gr.Textbox(label="Rename to", elem_id="chat_title")
                 rename = gr.Button("Rename", elem_id="chat_rename")
@@ -139,18 +139,17 @@ def build(ctx: Any) -> None:
                                           chat_id=cid, continue_last=mode == "continue",
                                           fire_user=mode == "send",
                                           on_start=lambda run: slot.__setitem__("run", run))
-            update = None
             for update in stream:
-                yield display(update.messages), update.messages, update.notice, cid, gr.update()
+                if update.result is None:
+                    yield display(update.messages), update.messages, update.notice, cid, gr.update()
+                else:  # the finished reply: save first, so the saved-chats list is current when it shows
+                    new_cid, saved_update = save(update.messages, cid, system, model_name)
+                    yield display(update.messages), update.messages, update.notice, new_cid, saved_update
         except Exception as exc:  # noqa: BLE001 - shown to the user; the app keeps running
             log.warning("chat reply failed: %s", exc)
             yield display(hist), hist, f"⚠️ {exc}", cid, gr.update()
-            return
         finally:
             slot.pop("run", None)
-        if update is not None:
-            new_cid, saved_update = save(update.messages, cid, system, model_name)
-            yield display(update.messages), update.messages, update.notice, new_cid, saved_update
 
     outputs = [chatbot, history, notice, chat_id, saved]
     common = [chat_id, running, model, system_prompt]
@@ -208,6 +207,7 @@ def build(ctx: Any) -> None:
         return [], [], "", None, gr.update(value=None)
 
     clear.click(on_clear, None, outputs, queue=False)
+    chatbot.clear(on_clear, None, outputs, queue=False)  # the Chatbot's own trash button
 
     # -- models ----------------------------------------------------------------------------------------
     def on_refresh_models(current):
@@ -218,7 +218,7 @@ def build(ctx: Any) -> None:
 
     def on_load(model_name):
         if not model_name:
-            return "⚠️ Pick a model first (put model folders in models/LLM and press 🔄)."
+            return "⚠️ Pick a model first (put model folders in models/LLM and press Refresh)."
         try:
             info = service.load(model_name)
         except Exception as exc:  # noqa: BLE001
