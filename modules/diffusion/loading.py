@@ -71,6 +71,10 @@ class SDModel:
     vae_name: str | None = None
     #: the checkpoint's own VAE while an override is applied (restored by ``apply_vae(sd, None)``)
     original_vae: Any = field(default=None, repr=False)
+    #: where prompts' textual-inversion names are looked up (None: models/embeddings beside the checkpoints)
+    embeddings_dir: Path | None = None
+    #: embeddings already loaded into the tokenizers/text encoders: {name: A1111 short hash}
+    loaded_embeddings: dict[str, str] = field(default_factory=dict)
 
     def memory_bytes(self) -> int:
         seen, total = set(), 0
@@ -211,7 +215,8 @@ def _pipe_kwargs(cls) -> dict:
 
 
 def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  vae_path: str | Path | None = None, allow_unsafe_pickle: bool = False) -> SDModel:
+                  vae_path: str | Path | None = None, allow_unsafe_pickle: bool = False,
+                  embeddings_dir: str | Path | None = None) -> SDModel:
     """Load *info* into a diffusers pipeline on *device* in *dtype*, without any network access.
 
     Raises ValueError for a broken or unknown checkpoint, UnsafeCheckpoint for a pickle without
@@ -240,7 +245,8 @@ def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", d
                                         dtype=dtype, **_pipe_kwargs(cls))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    model = SDModel(pipe=pipe, kind=kind, is_inpaint=inpaint, info=info)
+    model = SDModel(pipe=pipe, kind=kind, is_inpaint=inpaint, info=info,
+                    embeddings_dir=Path(embeddings_dir) if embeddings_dir else None)
     if vae_path is not None:
         apply_vae(model, vae_path, allow_unsafe_pickle=allow_unsafe_pickle)
     log.info("loaded %s (%s%s, %s) on %s", info.title, kind, ", inpainting" if inpaint else "", info.format, device)
