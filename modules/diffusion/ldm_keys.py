@@ -52,7 +52,6 @@ def _rename_resnet(rest: str) -> str:
 
 def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
     """Rename a diffusers ``UNet2DConditionModel`` state dict to LDM names (without prefix)."""
-    levels = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("down_blocks."))
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -92,7 +91,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[s
                 else:
                     out[f"output_blocks.{first + j}.1.{rest}"] = value
         else:
-            raise ValueError(f"unexpected UNet parameter {key!r} (levels={levels})")
+            raise ValueError(f"unexpected UNet parameter {key!r}")
     return out
 
 
