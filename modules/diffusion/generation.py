@@ -40,7 +40,8 @@ class Tools:
     injectable so the loop can be tested or benchmarked on its own."""
     make_scheduler: Callable[..., Any]  # (scheduler_config, sampler, schedule, seed=) -> scheduler
     schedule_label: Callable[[str, str], str]  # (sampler, schedule) -> infotext "Schedule type"
-    encode_schedule: Callable[..., Any]  # (sd, prompt, negative, steps, batch, hires_steps=) -> schedule
+    encode_schedule: Callable[..., Any]  # (sd, prompt, negative, steps, batch, hires_steps=, clip_skip=,
+    #                                      embeddings_dir=) -> ConditioningSchedule
     extract_extra_networks: Callable[[str], tuple[str, dict]]
     apply_loras: Callable[..., Any] | None = None  # (sd, calls, lora_dir) -> context manager -> AppliedLoras
 
@@ -77,6 +78,7 @@ class Run:
     saver: Any = None  # outputs.ImageSaver, or None to keep images in memory only
     scripts: Any = None  # ScriptRunner for AlwaysVisible hooks
     lora_dir: Any = None
+    embeddings_dir: Any = None
     model_name: str = ""
     model_hash: str = ""
     vae_name: str | None = None
@@ -287,7 +289,8 @@ def process_images(run: Run, p: GenerationParams) -> Processed:
             if value:
                 p.extra_generation_params["Lora hashes"] = value
         hires_steps = (p.hr_second_pass_steps or p.steps) if p.enable_hr and not p.is_img2img else None
-        cond = run.tools.encode_schedule(run.sd, prompt, negative, p.steps, p.batch_size, hires_steps=hires_steps)
+        cond = run.tools.encode_schedule(run.sd, prompt, negative, p.steps, p.batch_size, hires_steps=hires_steps,
+                                         clip_skip=p.clip_skip, embeddings_dir=run.embeddings_dir)
         _collect_cond_info(run, p, cond)
         init = prepare_init(run.sd.pipe, p, is_inpaint_model=run.sd.is_inpaint, device=run.device,
                             dtype=run.dtype) if p.is_img2img else None

@@ -247,6 +247,7 @@ class DiffusionService:
                       preview_every=int(ctx.settings.get("ui.show_progress_every_n_steps")),
                       saver=ImageSaver(ctx.paths.outputs_dir, ctx.callbacks, ctx) if p.save_images else None,
                       scripts=ctx.scripts, lora_dir=ctx.paths.model_dir("Lora"),
+                      embeddings_dir=ctx.paths.model_dir("embeddings"),
                       model_name=info.model_name, model_hash=info.shorthash or "",
                       vae_name=getattr(sd, "vae_name", None), device=ctx.devices.device, dtype=ctx.devices.dtype)
             return process_images(run, p)

@@ -80,7 +80,7 @@ def checkpoint_row(ctx, tab: str, form: GenerationForm) -> None:
     with gr.Row():
         form.checkpoint = gr.Dropdown(choices=choices(), value=current(), label="Stable Diffusion checkpoint",
                                       elem_id=f"{tab}_checkpoint", allow_custom_value=True, scale=4)
-        refresh = gr.Button("🔄 Refresh", elem_id=f"{tab}_checkpoint_refresh", scale=1, size="sm")
+        refresh = gr.Button("Refresh", elem_id=f"{tab}_checkpoint_refresh", scale=1, size="sm")
 
     def do_refresh():
         service.refresh()
@@ -113,7 +113,7 @@ def sampling_controls(tab: str, form: GenerationForm) -> None:
         c["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{tab}_cfg_scale")
     with gr.Row():
         c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{tab}_seed")
-        random_seed = gr.Button("🎲", elem_id=f"{tab}_random_seed", size="sm", scale=0)
+        random_seed = gr.Button("Random", elem_id=f"{tab}_random_seed", size="sm", scale=0)
         random_seed.click(lambda: -1, outputs=c["seed"])
 
 
