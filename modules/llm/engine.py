@@ -2,20 +2,21 @@
 
 Two layers:
 
-* :func:`generate` runs a list of requests as one static batch on a loaded model: left-padded
-  prefill (per-row RoPE positions, padding slots masked out with ``key_mask``), then batched decode,
-  one token per row per step. A row that finishes (EOS, stop string, max tokens, context full,
-  interrupted) leaves the batch through ``cache.select_rows``. Each row streams its text deltas to a
-  *sink* (anything with ``emit(item)`` and an ``interrupted`` flag: a :class:`~modules.jobs.Job`).
+* :func:`generate` decodes a batch of requests on a loaded model: left-padded prefill (per-row RoPE
+  positions, padding slots masked out with ``key_mask``), then one token per row per step. A row that
+  finishes (EOS, stop string, max tokens, context full, interrupted) leaves through
+  ``cache.select_rows``; between steps, waiting requests join (continuous batching on a contiguous
+  cache: a newcomer is prefilled alone, then both caches are copied right-aligned into a fresh one).
+  Each row streams its text deltas to a *sink* (anything with ``emit(item)`` and an ``interrupted``
+  flag: a :class:`~modules.jobs.Job`).
 * :class:`LLMEngine` puts requests on the shared job queue with ``submit_batchable`` under the key
-  ``"llm:<model>"``, so requests that arrive together run as one batch, holding the model lease for
-  the whole run. After a batch ends, requests that arrived meanwhile are pulled in with
-  ``take_waiting`` and run as the next wave under the same lease.
+  ``"llm:<model>"``, holds the model lease while a batch runs, pulls same-model arrivals in with
+  ``take_waiting`` between decode steps, and finishes each job as soon as its row is done.
 
-Design for the later paged-KV continuous-batching engine: callers only see ``LLMEngine.submit`` ->
-:class:`GenerationHandle` (``events()``, ``result()``, ``interrupt()``) and the dataclasses below;
-the batch loop behind it can be replaced without touching the service, the UI or the API. Joining
-new rows into a running decode needs per-row KV slots (paged KV), which this contiguous cache lacks.
+Design for the later paged-KV engine: callers only see ``LLMEngine.submit`` -> :class:`GenerationHandle`
+(``events()``, ``result()``, ``interrupt()``) and the dataclasses below, so the batch loop can be replaced
+without touching the service, the UI or the API. What paged KV would add: no copy when a row joins,
+no padding slots, prefix sharing.
 """
 from __future__ import annotations
 
@@ -171,7 +172,9 @@ class _Row:
         self.text = ""  # emitted text
         self.finish_reason: str | None = None
         self.stop_string: str | None = None
-        self.finished_at = 0.0
+        self.started = time.perf_counter()  # the row is made right before its prefill
+        self.prefilled_at = self.started
+        self.finished_at = self.started
 
     @property
     def position(self) -> int:
@@ -218,15 +221,23 @@ class _Row:
     def interrupt(self) -> None:
         self._finish("interrupted", -1)
 
-    def result(self, started: float, prefill_seconds: float) -> GenerationResult:
+    def result(self) -> GenerationResult:
         return GenerationResult(
             text=self.text, token_ids=list(self.tokens), finish_reason=self.finish_reason or "interrupted",
             prompt_tokens=self.prompt_len, completion_tokens=len(self.tokens), seed=self.state.seed,
-            seconds=max(0.0, self.finished_at - started), prefill_seconds=prefill_seconds,
+            seconds=max(0.0, self.finished_at - self.started), prefill_seconds=self.prefilled_at - self.started,
             stop_string=self.stop_string)
 
 
 # -- the batch loop -------------------------------------------------------------------------------------------
+
+class Arrivals(Protocol):
+    """Requests that may join a running batch between decode steps (continuous batching)."""
+
+    def take(self, fits: Callable[[GenerationRequest], bool], limit: int) -> list[tuple[GenerationRequest, Sink]]:
+        """Claim up to *limit* waiting requests, in order, while ``fits(request)`` says they fit."""
+        ...
+
 
 def _new_cache(model: Any, batch: int, slots: int) -> Any:
     """A KV cache with *slots* token slots. Left padding makes slots exceed positions, so a batch may need
@@ -262,13 +273,98 @@ def _prefill(model: Any, rows: list[_Row], cache: Any,
     return logits[:, -1], key_mask
 
 
+class _Batch:
+    """The rows decoding together and their shared-slot KV cache.
+
+    All rows fill the same slots, right-aligned: a row's valid slots end at ``cache.length`` and the
+    slots before its first token are masked out. Rows leave with ``select_rows``; rows join by prefilling
+    them on their own and copying both caches, right-aligned, into a fresh cache (dropping slot columns
+    that no remaining row uses), so the batch never needs more than ``slot_limit`` slots.
+    """
+
+    def __init__(self, llm: Any, rows: list[_Row], slot_limit: int):
+        self.model = llm.model
+        self.device = self.model.lm_head.weight.device
+        self.slot_limit = slot_limit
+        width = max(r.prompt_len for r in rows)
+        self.cache = _new_cache(self.model, len(rows), width + max(r.max_new for r in rows))
+        self.logits, self.key_mask = _prefill(self.model, rows, self.cache, self.device)
+        self.rows = list(rows)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def keep(self, live: list[int]) -> None:
+        if len(live) == len(self.rows):
+            return
+        self.cache.select_rows(live)
+        self.key_mask = self.key_mask[live]
+        if self.logits is not None:
+            self.logits = self.logits[live]
+        self.rows = [self.rows[i] for i in live]
+
+    def _leading_unused(self) -> int:
+        """Slot columns at the left that every row masks out (freed by rows that left)."""
+        used = self.key_mask.any(dim=0)
+        return int(used.float().argmax()) if bool(used.any()) else self.length
+
+    def slots_after_join(self, prompt_lens: list[int], max_news: list[int]) -> int:
+        """Slots the batch would need if rows with these prompt lengths / token budgets joined now."""
+        length = max([self.length - self._leading_unused(), *prompt_lens])
+        remaining = [r.max_new - len(r.tokens) for r in self.rows] + list(max_news)
+        return length + max(remaining)
+
+    def join(self, rows: list[_Row]) -> None:
+        """Prefill *rows* and merge them into the batch (their logits wait to be sampled with the rest)."""
+        width = max(r.prompt_len for r in rows)
+        side = _new_cache(self.model, len(rows), width)
+        logits, mask = _prefill(self.model, rows, side, self.device)
+        lead = self._leading_unused()
+        old_len = self.length - lead
+        length = max(old_len, width)
+        slots = self.slots_after_join([r.prompt_len for r in rows], [r.max_new for r in rows])
+        merged = _new_cache(self.model, len(self.rows) + len(rows), slots)
+        n_old = len(self.rows)
+        for layer in range(len(merged.k)):
+            for dst, src in ((merged.k[layer], (self.cache.k[layer], side.k[layer])),
+                             (merged.v[layer], (self.cache.v[layer], side.v[layer]))):
+                dst[:n_old, :, length - old_len:length] = src[0][:, :, lead:self.length]
+                dst[n_old:, :, length - width:length] = src[1][:, :, :width]
+        merged.length = length
+        key_mask = torch.zeros((n_old + len(rows), length), dtype=torch.bool, device=self.device)
+        key_mask[:n_old, length - old_len:] = self.key_mask[:, lead:]
+        key_mask[n_old:, length - width:] = mask
+        self.cache, self.key_mask = merged, key_mask
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        self.rows.extend(rows)
+
+    def sample(self) -> None:
+        for row, token in zip(self.rows, sample_next(self.logits, [r.state for r in self.rows])):
+            row.accept(token)
+        self.logits = None
+
+    def forward(self) -> None:
+        """Feed every row's last token; leaves the next logits for :meth:`sample`."""
+        ids = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[r.position] for r in self.rows], dtype=torch.long, device=self.device)
+        ones = torch.ones((len(self.rows), 1), dtype=torch.bool, device=self.device)
+        self.key_mask = torch.cat([self.key_mask, ones], dim=1)
+        padded = bool((~self.key_mask).any())
+        self.logits = self.model(ids, positions=positions, cache=self.cache,
+                                 key_mask=self.key_mask if padded else None, last_only=True)[:, -1]
+
+
 @torch.inference_mode()
 def generate(llm: Any, requests: Sequence[GenerationRequest], sinks: Sequence[Sink] | None = None, *,
-             stream_decoder: Callable[[Any], Any] | None = None) -> list[GenerationResult]:
+             arrivals: Arrivals | None = None, on_done: Callable[[Sink, GenerationResult], None] | None = None,
+             max_batch: int = 8, stream_decoder: Callable[[Any], Any] | None = None) -> list[GenerationResult]:
     """Generate every request as one batch on *llm* (a LoadedLLM); return one result per request.
 
     Each row streams :class:`TokenDelta` items to its sink and stops early when its sink reports
-    ``interrupted``. Raises ValueError before any work when a request is invalid.
+    ``interrupted``. With *arrivals*, waiting requests join between decode steps while the batch has fewer
+    than *max_batch* rows; *on_done(sink, result)* is called as each row (joined ones included) finishes.
+    Raises ValueError before any work when one of *requests* is invalid.
     """
     if stream_decoder is None:
         from modules.llm.tokenizer import StreamDecoder
@@ -277,48 +373,74 @@ def generate(llm: Any, requests: Sequence[GenerationRequest], sinks: Sequence[Si
     ctx_len = context_length(llm)
     for request in requests:
         check_request(request, ctx_len)
-    model = llm.model
-    device = model.lm_head.weight.device
     eos = eos_token_ids(llm)
-    rows = [_Row(llm, req, sink, ctx_len, eos, stream_decoder) for req, sink in zip(requests, sinks)]
-    started = time.perf_counter()
-    width = max(r.prompt_len for r in rows)
-    cache = _new_cache(model, len(rows), width + max(r.max_new for r in rows))
-    logits, key_mask = _prefill(model, rows, cache, device)
-    prefill_seconds = time.perf_counter() - started
-    active = list(rows)
+
+    def make_row(request: GenerationRequest, sink: Sink) -> _Row:
+        return _Row(llm, request, sink, ctx_len, eos, stream_decoder)
+
+    rows = [make_row(req, sink) for req, sink in zip(requests, sinks)]
+    # Joining rows are right-aligned with the batch, so slots can exceed any row's positions; capping them
+    # bounds KV memory (a newcomer that would need more waits for the next batch).
+    slot_limit = ctx_len + ctx_len // 2
+    batch = _Batch(llm, rows, slot_limit)
+    for row in rows:
+        row.prefilled_at = time.perf_counter()
+
+    def finish(finished: list[_Row]) -> None:
+        for row in finished:
+            result = row.result()
+            log.info("%s: %d prompt + %d new tokens in %.2f s (%.1f tokens/s, batch of %d), finish: %s",
+                     row.request.label, result.prompt_tokens, result.completion_tokens, result.seconds,
+                     result.tokens_per_second, len(batch.rows), result.finish_reason)
+            if on_done is not None:
+                on_done(row.sink, result)
+
+    def drop_finished() -> None:
+        live = [i for i, row in enumerate(batch.rows) if row.finish_reason is None]
+        finish([row for row in batch.rows if row.finish_reason is not None])
+        batch.keep(live)
+
     while True:
-        for row in active:
+        for row in batch.rows:
             if row.finish_reason is None and row.sink.interrupted:
                 row.interrupt()
-        live = [i for i, row in enumerate(active) if row.finish_reason is None]
-        if not live:
+        drop_finished()
+        if arrivals is not None and len(batch.rows) < max_batch:
+            joining = _admit(batch, arrivals, make_row, ctx_len, max_batch - len(batch.rows), slot_limit)
+            if joining:
+                if batch.rows:
+                    batch.join(joining)
+                else:  # everyone else is done: the newcomers make a fresh batch
+                    batch = _Batch(llm, joining, slot_limit)
+                for row in joining:
+                    row.prefilled_at = time.perf_counter()
+        if not batch.rows:
             break
-        if len(live) < len(active):  # rows stopped by their callers leave the batch
-            cache.select_rows(live)
-            logits, key_mask = logits[live], key_mask[live]
-            active = [active[i] for i in live]
-        for row, token in zip(active, sample_next(logits, [r.state for r in active])):
-            row.accept(token)
-        live = [i for i, row in enumerate(active) if row.finish_reason is None]
-        if not live:
+        batch.sample()
+        drop_finished()
+        if not batch.rows:
             break
-        if len(live) < len(active):  # finished rows leave the batch
-            cache.select_rows(live)
-            key_mask = key_mask[live]
-            active = [active[i] for i in live]
-        ids = torch.tensor([[r.tokens[-1]] for r in active], dtype=torch.long, device=device)
-        positions = torch.tensor([[r.position] for r in active], dtype=torch.long, device=device)
-        key_mask = torch.cat([key_mask, torch.ones((len(active), 1), dtype=torch.bool, device=device)], dim=1)
-        padded = bool((~key_mask).any())
-        logits = model(ids, positions=positions, cache=cache, key_mask=key_mask if padded else None,
-                       last_only=True)[:, -1]
-    results = [row.result(started, prefill_seconds) for row in rows]
-    for row, result in zip(rows, results):
-        log.info("%s: %d prompt + %d new tokens in %.2f s (%.1f tokens/s, batch of %d), finish: %s",
-                 row.request.label, result.prompt_tokens, result.completion_tokens, result.seconds,
-                 result.tokens_per_second, len(rows), result.finish_reason)
-    return results
+        batch.forward()
+    return [row.result() for row in rows]
+
+
+def _admit(batch: _Batch | None, arrivals: Arrivals, make_row: Callable[[GenerationRequest, Sink], _Row],
+           ctx_len: int, limit: int, slot_limit: int) -> list[_Row]:
+    """Claim waiting requests that fit the batch's slot budget; return their (not yet prefilled) rows."""
+    lens: list[int] = []
+    news: list[int] = []
+
+    def fits(request: GenerationRequest) -> bool:
+        n = len(request.prompt_ids)
+        budget = min(request.params.max_new_tokens, ctx_len - n)
+        if batch is not None and batch.rows and \
+                batch.slots_after_join(lens + [n], news + [budget]) > slot_limit:
+            return False
+        lens.append(n)
+        news.append(budget)
+        return True
+
+    return [make_row(request, sink) for request, sink in arrivals.take(fits, limit)]
 
 
 # -- the job-queue front door --------------------------------------------------------------------------------
@@ -380,40 +502,90 @@ class LLMEngine:
                                          name=f"{self.model_name}: {request.label}")
         return GenerationHandle(job, request)
 
-    def _run_batch(self, jobs: list[Job]) -> list[GenerationResult]:
+    def _run_batch(self, jobs: list[Job]) -> list[GenerationResult | None]:
+        """Run *jobs* (and every same-model request that arrives meanwhile) under one model lease.
+
+        Jobs are finished one by one as their rows finish (so callers get results without waiting for the
+        slowest row); the job queue sees every job done when this returns.
+        """
         lease = self._acquire()
+        arrivals = None
+        # Jobs finish as their rows finish; the batch's last ones only after the lease is released, so a
+        # caller that unloads the model right after its reply does not find it still in use.
+        running, deferred = [0], []
+
+        def on_done(job: Job, result: GenerationResult) -> None:
+            running[0] -= 1
+            if running[0] > 0:
+                job._finish(result=result)
+            else:
+                deferred.append((job, result))
+
+        def on_take(taken: list[Job]) -> None:
+            running[0] += len(taken)
+            while deferred:  # more work arrived: no reason to hold these back
+                job, result = deferred.pop(0)
+                job._finish(result=result)
+
         try:
             llm = lease.model
-            results = self._run_wave(llm, jobs)
-            while True:  # requests that queued up meanwhile: next wave, same lease
-                more = self.jobs.take_waiting(self.batch_key, self.max_batch)
-                if not more:
-                    break
+            ctx_len = context_length(llm)
+            arrivals = _QueueArrivals(self.jobs, self.batch_key, ctx_len, on_take)
+            first = []
+            for job in jobs:
                 try:
-                    for job, result in zip(more, self._run_wave(llm, more)):
-                        job._finish(result=result)
-                except BaseException as exc:  # noqa: BLE001 - the wave's jobs get the error, not the worker
-                    for job in more:
-                        if not job.done:
-                            job._finish(error=exc)
-                    if not isinstance(exc, Exception):
-                        raise
-            return results
+                    check_request(job.payload, ctx_len)
+                    first.append(job)
+                except ValueError as exc:
+                    job._finish(error=exc)  # a bad request fails alone; the others run
+            running[0] = len(first)
+            while first:
+                generate(llm, [job.payload for job in first], first, arrivals=arrivals, max_batch=self.max_batch,
+                         on_done=on_done)
+                # requests that did not fit the last batch's slot budget start the next one
+                first = [job for _request, job in arrivals.take(lambda request: True, self.max_batch)]
+            return [None] * len(jobs)
+        except BaseException as exc:  # the queue fails the jobs it handed over; the ones pulled in fail here
+            for job in arrivals.taken if arrivals is not None else []:
+                if not job.done:
+                    job._finish(error=exc)
+            raise
         finally:
             lease.release()
+            for job, result in deferred:
+                job._finish(result=result)
 
-    def _run_wave(self, llm: Any, jobs: list[Job]) -> list[GenerationResult | None]:
-        """Generate for *jobs*; a job whose request is invalid fails alone, the others still run."""
-        ctx_len = context_length(llm)
-        good, results = [], [None] * len(jobs)
-        for i, job in enumerate(jobs):
+
+class _QueueArrivals:
+    """The requests for one model waiting at the head of the job queue, for :func:`generate` to pull in.
+
+    Only the worker running this batch takes jobs from the queue, and new jobs are appended at the tail,
+    so peeking at the head and then taking one job claims exactly the job that was peeked at.
+    """
+
+    def __init__(self, jobs: Any, batch_key: str, ctx_len: int, on_take: Callable[[list[Job]], None]):
+        self.jobs, self.batch_key, self.ctx_len, self.on_take = jobs, batch_key, ctx_len, on_take
+        self.taken: list[Job] = []
+
+    def take(self, fits: Callable[[GenerationRequest], bool], limit: int) -> list[tuple[GenerationRequest, Job]]:
+        out: list[tuple[GenerationRequest, Job]] = []
+        while len(out) < limit:
+            waiting = self.jobs.waiting_jobs()
+            if not waiting or waiting[0].batch_key != self.batch_key:
+                break
+            head = waiting[0]
             try:
-                check_request(job.payload, ctx_len)
-                good.append(i)
+                check_request(head.payload, self.ctx_len)
             except ValueError as exc:
-                job._finish(error=exc)
-        if good:
-            outs = generate(llm, [jobs[i].payload for i in good], [jobs[i] for i in good])
-            for i, out in zip(good, outs):
-                results[i] = out
-        return results
+                for job in self.jobs.take_waiting(self.batch_key, 1):
+                    job._finish(error=exc)
+                continue
+            if not fits(head.payload):
+                break
+            claimed = self.jobs.take_waiting(self.batch_key, 1)
+            if not claimed:
+                break
+            self.taken.extend(claimed)
+            self.on_take(claimed)
+            out.extend((job.payload, job) for job in claimed)
+        return out

@@ -175,8 +175,8 @@ def test_job_queue_batches_requests_that_arrive_together(llm):
     jobs = JobQueue("test-llm")
     leases, batches = [], []
     engine = LLMEngine(jobs, "tiny", lambda: leases.append(_Lease(llm)) or leases[-1])
-    original = engine._run_wave
-    engine._run_wave = lambda model, js: batches.append(len(js)) or original(model, js)
+    original = engine._run_batch
+    engine._run_batch = lambda js: batches.append(len(js)) or original(js)
     gate = threading.Event()
     jobs.submit(lambda job: gate.wait(10), name="blocker")  # hold the worker so the requests queue up
     try:
@@ -194,6 +194,63 @@ def test_job_queue_batches_requests_that_arrive_together(llm):
     assert streamed == [r.text for r in results]
 
 
+class ScriptedArrivals:
+    """Hands out (request, sink) pairs once the batch has taken *after* decode steps."""
+
+    def __init__(self, schedule):
+        self.schedule, self.calls, self.joined = sorted(schedule, key=lambda x: x[0]), 0, []
+
+    def take(self, fits, limit):
+        self.calls += 1
+        out = []
+        while self.schedule and self.schedule[0][0] <= self.calls and len(out) < limit and fits(self.schedule[0][1]):
+            _step, request, sink = self.schedule.pop(0)
+            out.append((request, sink))
+            self.joined.append((self.calls, request))
+        return out
+
+
+def test_requests_join_a_running_batch_and_match_solo_runs(llm):
+    """Continuous batching: newcomers join mid-decode (longer and shorter prompts than the batch's slots,
+    after rows left and freed leading slots) and still produce exactly their solo tokens."""
+    long_prompt = ids_for(llm, " ".join(PROMPTS) * 2)
+    first = [GenerationRequest(ids_for(llm, "The quick"), greedy(max_new=60, ignore_eos=True)),
+             GenerationRequest(long_prompt, greedy(max_new=3, ignore_eos=True))]
+    late = [(4, GenerationRequest(long_prompt[:70], greedy(max_new=12, ignore_eos=True)), Sink()),
+            (9, GenerationRequest(ids_for(llm, PROMPTS[1]), SamplingParams(temperature=0.8, seed=3,
+                                                                          max_new_tokens=10)), Sink()),
+            (30, GenerationRequest(ids_for(llm, "Hello"), greedy(max_new=5, ignore_eos=True)), Sink())]
+    arrivals = ScriptedArrivals(list(late))
+    done = []
+    results = generate(llm, first, [Sink(), Sink()], arrivals=arrivals, on_done=lambda s, r: done.append((s, r)))
+    assert [step for step, _ in arrivals.joined] == [4, 9, 30]
+    solo = {id(r): generate(llm, [r])[0] for r in [*first, *(req for _s, req, _k in late)]}
+    for request, result in zip(first, results):
+        assert result.token_ids == solo[id(request)].token_ids
+    by_sink = {id(sink): result for sink, result in done}
+    for _step, request, sink in late:
+        assert by_sink[id(sink)].token_ids == solo[id(request)].token_ids
+        assert sink.text == by_sink[id(sink)].text
+    assert len(done) == 5
+    # the late short request finished long before the 60-token row
+    order = [r.completion_tokens for _s, r in done]
+    assert order.index(5) < order.index(60)
+
+
+def test_arrival_joins_only_once_it_fits_the_slot_budget(llm):
+    ctx = llm.config.max_position_embeddings
+    big = GenerationRequest((ids_for(llm, PROMPTS[2]) * 20)[:230], greedy(max_new=20, ignore_eos=True))
+    arrivals = ScriptedArrivals([(1, big, Sink())])
+    running = GenerationRequest((ids_for(llm, PROMPTS[0]) * 3)[:20], greedy(max_new=ctx, ignore_eos=True))
+    done = []
+    result = generate(llm, [running], [Sink()], arrivals=arrivals, on_done=lambda s, r: done.append(r))[0]
+    assert result.completion_tokens == ctx - 20
+    # joining needs 230 prompt slots + the running row's remaining tokens (236 - sampled) <= 1.5 x 256 = 384:
+    # at the k-th step k - 1 tokens are sampled, so it first fits at k = 83
+    assert [step for step, _ in arrivals.joined] == [83]
+    assert done[0].token_ids == generate(llm, [big])[0].token_ids
+
+
 def test_job_interrupt_keeps_partial_reply(llm):
     jobs = JobQueue("test-llm-int")
     engine = LLMEngine(jobs, "tiny", lambda: _Lease(llm))
@@ -209,6 +266,27 @@ def test_job_interrupt_keeps_partial_reply(llm):
         jobs.shutdown()
     assert result.finish_reason == "interrupted"
     assert 2 <= result.completion_tokens < 200
+
+
+def test_engine_pulls_in_requests_that_arrive_while_decoding(llm):
+    jobs = JobQueue("test-llm-cb")
+    calls = []
+    engine = LLMEngine(jobs, "tiny", lambda: _Lease(llm))
+    original = engine._run_batch
+    engine._run_batch = lambda js: calls.append(len(js)) or original(js)
+    try:
+        long = engine.submit(GenerationRequest(ids_for(llm, PROMPTS[0]), greedy(max_new=200, ignore_eos=True)))
+        stream = long.events(timeout=60)
+        next(stream)  # the long reply is decoding
+        short_request = GenerationRequest(ids_for(llm, PROMPTS[1]), greedy(max_new=4, ignore_eos=True))
+        short = engine.submit(short_request).result(60)
+        assert not long.done  # it finished while the long one was still going
+        rest = list(stream)
+        assert long.result(60).completion_tokens == 200 and rest
+    finally:
+        jobs.shutdown()
+    assert calls == [1]  # one batch: the short request joined it
+    assert short.token_ids == generate(llm, [short_request])[0].token_ids
 
 
 def test_invalid_params_are_rejected_at_submit(llm):
