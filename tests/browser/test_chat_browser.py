@@ -107,3 +107,25 @@ def test_remove_last_and_clear(page):
     assert "little robot" in page.locator("#chat_input textarea").input_value()
     page.locator("#chat_clear").click()
     page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 0", timeout=30000)
+
+
+def test_saved_chat_reload_rename_delete(page, server):
+    chats_dir = server[1] / "chats"
+    (chat_file,) = list(chats_dir.glob("*.json"))
+    saved = json.loads(chat_file.read_text(encoding="utf-8"))
+    page.locator("#chat_saved input").click()
+    page.get_by_role("option", name=saved["title"]).click()
+    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === {len(saved['messages']) // 2}",
+                           timeout=30000)
+    page.locator("#chat_title textarea, #chat_title input").first.fill("Robot story")
+    page.locator("#chat_rename").click()
+    page.wait_for_function("document.querySelector('#chat_notice').innerText.includes('Renamed')", timeout=30000)
+    assert json.loads(chat_file.read_text(encoding="utf-8"))["title"] == "Robot story"
+    page.locator("#chat_continue").click()
+    before = saved["messages"][-1]["content"]
+    seen = watch_reply(page, "tokens/s")
+    assert seen[-1].startswith(before[:20])  # the reply was extended, not replaced
+    page.locator("#chat_delete").click()
+    page.wait_for_function("document.querySelector('#chat_notice').innerText.includes('deleted')", timeout=30000)
+    assert not chat_file.exists()
+    assert page.locator(BOTS).count() == 0
