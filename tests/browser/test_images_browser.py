@@ -1,0 +1,119 @@
+"""Headless Chromium against the real server with the fixture models: txt2img generates an image,
+img2img inpaints a mask painted with the brush, and PNG Info round-trips the parameters."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
+
+from server_utils import CHROMIUM_ARGS, chromium_path, start_server
+
+
+@pytest.fixture(scope="module")
+def server(fixture_data_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("browser-images")
+    shutil.copytree(fixture_data_dir / "models", data / "models")
+    srv = start_server(data)
+    yield srv, data
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(60_000)
+        pg.goto(server[0].url, wait_until="load")
+        pg.wait_for_selector("#tabs")
+        yield pg
+        browser.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def fill_common(page, tab: str, prompt: str, seed: int) -> None:
+    page.locator(f"#{tab}_prompt textarea").fill(prompt)
+    for name, value in (("width", 64), ("height", 64), ("steps", 3)):
+        set_number(page, f"{tab}_{name}", value)
+    page.locator(f"#{tab}_seed input").fill(str(seed))
+
+
+def wait_for_infotext(page, tab: str, needle: str) -> str:
+    infotext = page.locator(f"#{tab}_infotext textarea")
+    expect(infotext).to_have_value(re.compile(re.escape(needle)), timeout=120_000)
+    return infotext.input_value()
+
+
+def test_txt2img_inpaint_and_png_info_round_trip(page, server, tmp_path):
+    srv, data = server
+    # -- txt2img --------------------------------------------------------------------------------
+    page.get_by_role("tab", name="txt2img", exact=True).click()
+    page.locator("#txt2img_checkpoint input").fill("tiny-sd15.safetensors")
+    page.keyboard.press("Enter")
+    fill_common(page, "txt2img", "a photo of a cat", 4242)
+    page.locator("#txt2img_generate").click()
+    text = wait_for_infotext(page, "txt2img", "Seed: 4242")
+    assert text.startswith("a photo of a cat\nSteps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, "
+                           "Seed: 4242, Size: 64x64")
+    expect(page.locator("#txt2img_gallery img").first).to_be_visible()
+    day = dt.date.today().strftime("%Y-%m-%d")
+    saved = data / "outputs" / "txt2img-images" / day / "00000-4242.png"
+    assert saved.exists()
+    with Image.open(saved) as image:
+        assert image.info["parameters"] == text
+
+    # -- img2img: paint a mask with the brush, inpaint -----------------------------------------------
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8), "RGB")
+    init_path = tmp_path / "init.png"
+    init.save(init_path)
+    page.get_by_role("tab", name="img2img", exact=True).click()
+    page.locator("#img2img_editor input[type=file]").set_input_files(str(init_path))
+    canvas = page.locator("#img2img_editor canvas").first
+    expect(canvas).to_be_visible()
+    page.wait_for_timeout(500)
+    box = canvas.bounding_box()
+    # the image fills the middle of the canvas; stroke down its left quarter
+    page.locator("#img2img_editor").get_by_role("button", name="Brush").first.click(timeout=5_000)
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    side = min(box["width"], box["height"]) * 0.8
+    x = cx - side * 0.3
+    page.mouse.move(x, cy - side * 0.4)
+    page.mouse.down()
+    for i in range(1, 21):
+        page.mouse.move(x, cy - side * 0.4 + side * 0.8 * i / 20)
+    page.mouse.up()
+    fill_common(page, "img2img", "a red house", 77)
+    page.locator("#img2img_mask_blur input[type=number]").fill("0")
+    page.locator("#img2img_mask_blur input[type=number]").press("Enter")
+    page.locator("#img2img_generate").click()
+    text2 = wait_for_infotext(page, "img2img", "Seed: 77")
+    assert "Denoising strength: 0.75, Mask blur: 0" in text2
+    out_path = data / "outputs" / "img2img-images" / day / "00000-77.png"
+    with Image.open(out_path) as out_image:
+        out = np.asarray(out_image.convert("RGB"), dtype=np.int16)
+    src = np.asarray(init, dtype=np.int16)
+    changed = np.abs(out - src).sum(axis=2) > 0
+    assert changed[:, :32].mean() > changed[:, 40:].mean()  # repainted where the brush went
+    assert changed[:, 48:].mean() < 0.05  # the right side is the original image
+
+    # -- PNG Info: read it back and send it to txt2img -------------------------------------------------
+    page.get_by_role("tab", name="PNG Info", exact=True).click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(saved))
+    expect(page.locator("#pnginfo_parameters textarea")).to_have_value(text, timeout=30_000)
+    page.locator("#txt2img_prompt textarea").evaluate("e => { e.value = ''; e.dispatchEvent(new Event('input')); }")
+    page.locator("#pnginfo_send_txt2img").click()
+    expect(page.locator("#txt2img_prompt textarea")).to_have_value("a photo of a cat", timeout=30_000)
+    expect(page.locator("#txt2img_prompt textarea")).to_be_visible()  # switched to the txt2img tab
+    expect(page.locator("#txt2img_seed input")).to_have_value("4242")
+    expect(page.locator("#txt2img_steps input[type=number]")).to_have_value("3")
+    expect(page.locator("#txt2img_width input[type=number]")).to_have_value("64")
