@@ -51,8 +51,12 @@ class LoadedLLM:
 
 
 def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             allow_unsafe_pickle: bool = False) -> LoadedLLM:
-    """Load a Hugging Face Llama folder: config, tokenizer and template first (cheap, fail fast), then weights."""
+             allow_unsafe_pickle: bool = False, cpu_threads: int | None = None) -> LoadedLLM:
+    """Load a Hugging Face Llama folder: config, tokenizer and template first (cheap, fail fast), then weights.
+
+    cpu_threads: on CPU, split decode matmuls over this many threads (:class:`~modules.llm.model.RowParallel`);
+    default ``torch.get_num_threads()``; 1 turns it off.
+    """
     from modules.llm.checkpoint import load_model
 
     folder = Path(path)
@@ -68,6 +72,8 @@ def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     generation_config = _read_generation_config(folder / "generation_config.json")
     model = load_model(folder, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,
                        config=config)
+    if torch.device(device).type == "cpu":
+        model.use_row_parallel(cpu_threads if cpu_threads is not None else torch.get_num_threads())
     llm = LoadedLLM(name=folder.name, path=folder, config=config, model=model, tokenizer=tokenizer,
                     template=template, generation_config=generation_config)
     log.info("Loaded LLM %s (%.1fM parameters, %s, %s) in %.1f s", folder.name, model.num_parameters() / 1e6,

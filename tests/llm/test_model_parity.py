@@ -154,3 +154,22 @@ def test_tinyllama_preset_parameter_count_on_meta_device():
         model = Llama(config)
     assert model.num_parameters() == config.num_parameters() == 1_100_048_384
     assert model.model.layers[0].self_attn.k_proj.weight.shape == (256, 2048)
+
+
+@torch.inference_mode()
+def test_row_parallel_decode_matches():
+    """Splitting decode matmuls over threads (RowParallel) changes nothing but speed."""
+    config, ours, hf = build_pair(CONFIGS["gqa4-tied"])
+    ids = random_ids(config, 2, 12, seed=7)
+    ref = hf(ids).logits
+    threads_before = torch.get_num_threads()
+    ours.use_row_parallel(2)
+    ours.row_parallel.min_rows = 1                 # split even these tiny matrices
+    try:
+        cache = ours.new_kv_cache(2, 12)
+        pieces = [ours(ids[:, :4], cache=cache)] + [ours(ids[:, t:t + 1], cache=cache) for t in range(4, 12)]
+        torch.testing.assert_close(torch.cat(pieces, dim=1), ref, atol=ATOL, rtol=0)
+        assert torch.get_num_threads() == threads_before
+    finally:
+        ours.use_row_parallel(None)
+    assert all(block.mlp.row_parallel is None for block in ours.model.layers)
