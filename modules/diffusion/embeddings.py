@@ -34,6 +34,11 @@ class EmbeddingInfo:
     kind: str | None  # "sd1" (CLIP-L width), "sd2", "sdxl", or None when unknown
     error: str | None = None
 
+    @property
+    def shape(self) -> int | None:
+        """The vector width A1111's ``/sdapi/v1/embeddings`` reports (CLIP-L's for SDXL files)."""
+        return self.dims.get("clip_l") or self.dims.get("clip_g")
+
 
 def _file_hash(path: Path) -> str:
     digest = hashlib.sha256()
@@ -75,26 +80,30 @@ def _kind(dims: dict) -> str | None:
     return {768: "sd1", 1024: "sd2"}.get(dims.get("clip_l"))
 
 
+def _embedding_files(emb_dir: str | Path) -> list[Path]:
+    root = Path(emb_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*") if p.suffix in EMBEDDING_EXTS and p.is_file())
+
+
+def read_embedding_info(path: Path) -> EmbeddingInfo:
+    """Name, hash, vector count and widths of one embedding file (errors are reported, not raised)."""
+    try:
+        vectors = read_embedding(path) if path.suffix == ".safetensors" else None
+    except (ValueError, OSError, RuntimeError) as exc:
+        return EmbeddingInfo(path.stem, str(path), None, 0, {}, None, error=str(exc))
+    if vectors is None:
+        return EmbeddingInfo(path.stem, str(path), _file_hash(path)[:12], 0, {}, None,
+                             error="pickled embedding: needs --allow-unsafe-pickle")
+    dims = {k: int(v.shape[-1]) for k, v in vectors.items()}
+    first = next(iter(vectors.values()))
+    return EmbeddingInfo(path.stem, str(path), _file_hash(path)[:12], int(first.shape[0]), dims, _kind(dims))
+
+
 def list_embeddings(emb_dir: str | Path) -> list[EmbeddingInfo]:
     """Every embedding under *emb_dir* (recursively), sorted by name; unreadable files carry ``error``."""
-    root = Path(emb_dir)
-    out = []
-    if not root.is_dir():
-        return out
-    for path in sorted(p for p in root.rglob("*") if p.suffix in EMBEDDING_EXTS and p.is_file()):
-        try:
-            vectors = read_embedding(path) if path.suffix == ".safetensors" else None
-        except (ValueError, OSError, RuntimeError) as exc:
-            out.append(EmbeddingInfo(path.stem, str(path), None, 0, {}, None, error=str(exc)))
-            continue
-        if vectors is None:
-            out.append(EmbeddingInfo(path.stem, str(path), _file_hash(path)[:12], 0, {}, None,
-                                     error="pickled embedding: needs --allow-unsafe-pickle"))
-            continue
-        dims = {k: int(v.shape[-1]) for k, v in vectors.items()}
-        first = next(iter(vectors.values()))
-        out.append(EmbeddingInfo(path.stem, str(path), _file_hash(path)[:12], int(first.shape[0]), dims, _kind(dims)))
-    return out
+    return [read_embedding_info(p) for p in _embedding_files(emb_dir)]
 
 
 def default_dir(sd) -> Path | None:
@@ -128,11 +137,15 @@ def ensure_loaded(sd, texts: list[str], emb_dir: str | Path | None,
     loaded: dict = sd.loaded_embeddings
     warnings = warnings if warnings is not None else []
     used: dict[str, str] = {}
-    for info in list_embeddings(emb_dir):
-        if info.error or not mentioned(info.name, texts):
+    for path in _embedding_files(emb_dir):
+        if not mentioned(path.stem, texts):
             continue
-        if info.name in loaded:
-            used[info.name] = loaded[info.name]
+        if path.stem in loaded:
+            used[path.stem] = loaded[path.stem]
+            continue
+        info = read_embedding_info(path)
+        if info.error:
+            warnings.append(f"embedding {info.name} was ignored: {info.error}")
             continue
         vectors = read_embedding(info.filename)
         targets = _targets(sd)

@@ -85,7 +85,8 @@ def _base_from(keys: list[str], metadata: dict) -> str | None:
     return None
 
 
-def read_lora_info(path: str | Path, root: str | Path) -> LoraInfo:
+def read_lora_info(path: str | Path, *, compute_hash: bool = False, cache_dir: str | Path | None = None) -> LoraInfo:
+    """Header-only facts about a LoRA file; the (slow) data hash only with *compute_hash*."""
     path = Path(path)
     name = path.stem
     try:
@@ -97,18 +98,49 @@ def read_lora_info(path: str | Path, root: str | Path) -> LoraInfo:
     except (OSError, ValueError, KeyError, struct.error) as exc:
         return LoraInfo(name, name, str(path), None, None, None, error=f"{path.name}: unreadable ({exc})")
     fmt = "kohya" if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys) else "diffusers"
-    short = (metadata.get("sshs_model_hash") or lora_hash(path))[:12]
+    full = metadata.get("sshs_model_hash") or (cached_lora_hash(path, cache_dir) if compute_hash else None)
+    short = full[:12] if full else None
     return LoraInfo(name, metadata.get("ss_output_name") or name, str(path), short, fmt,
                     _base_from(keys, metadata), metadata)
 
 
-def list_loras(lora_dir: str | Path) -> list[LoraInfo]:
-    """Every LoRA under *lora_dir* (recursively), sorted by name; unreadable files carry ``error``."""
+def cached_lora_hash(path: Path, cache_dir: str | Path | None) -> str:
+    """:func:`lora_hash`, remembered by size and mtime in the model hash cache when *cache_dir* is given."""
+    import os
+
+    from modules.diffusion.checkpoints import HASH_CACHE_FILE, _read_cache, _signature
+    if cache_dir is None:
+        return lora_hash(path)
+    cache_file = Path(cache_dir) / HASH_CACHE_FILE
+    key = f"{Path(path).resolve()}#lora-data"
+    entry = _read_cache(cache_file).get(key)
+    if entry and entry.get("signature") == _signature(Path(path)):
+        return entry["sha256"]
+    sha = lora_hash(path)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache = _read_cache(cache_file)
+    cache[key] = {"sha256": sha, "signature": _signature(Path(path))}
+    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    os.replace(tmp, cache_file)
+    return sha
+
+
+def _lora_files(lora_dir: str | Path) -> list[Path]:
     root = Path(lora_dir)
     if not root.is_dir():
         return []
-    files = sorted((p for p in root.rglob("*") if p.suffix in LORA_EXTS and p.is_file()), key=lambda p: p.stem.lower())
-    return [read_lora_info(p, root) for p in files]
+    return sorted((p for p in root.rglob("*") if p.suffix in LORA_EXTS and p.is_file()), key=lambda p: p.stem.lower())
+
+
+def list_loras(lora_dir: str | Path, *, compute_hashes: bool = False,
+               cache_dir: str | Path | None = None) -> list[LoraInfo]:
+    """Every LoRA under *lora_dir* (recursively), sorted by name; unreadable files carry ``error``.
+
+    Only headers are read; ``shorthash`` is filled from kohya's ``sshs_model_hash`` metadata, or by
+    hashing the file when *compute_hashes* (cached in *cache_dir*).
+    """
+    return [read_lora_info(p, compute_hash=compute_hashes, cache_dir=cache_dir) for p in _lora_files(lora_dir)]
 
 
 def find_lora(infos: list[LoraInfo], name: str) -> LoraInfo | None:
@@ -127,11 +159,12 @@ def _adapter_weights(pipe, adapter: str, te: float, unet: float) -> dict:
 
 
 @contextlib.contextmanager
-def apply_loras(sd, calls: list, lora_dir: str | Path) -> Iterator[AppliedLoras]:
+def apply_loras(sd, calls: list, lora_dir: str | Path, *, cache_dir: str | Path | None = None) -> Iterator[AppliedLoras]:
     """Activate the LoRAs named by *calls* (``ExtraNetworkParams`` of ``<lora:…>`` tags) for a block.
 
     Unknown, unreadable or incompatible LoRAs become warnings and are skipped; the generation
-    goes on. On exit every adapter is removed and the pipeline is as before.
+    goes on. On exit every adapter is removed and the pipeline is as before. Only the LoRAs used
+    are hashed (cached in *cache_dir* when given).
     """
     pipe = sd.pipe
     applied = AppliedLoras()
@@ -165,7 +198,7 @@ def apply_loras(sd, calls: list, lora_dir: str | Path) -> Iterator[AppliedLoras]
                 continue
             applied.adapters.append(adapter)
             weights.append(_adapter_weights(pipe, adapter, te, unet))
-            applied.hashes[name] = info.shorthash
+            applied.hashes[name] = info.shorthash or cached_lora_hash(Path(info.filename), cache_dir)[:12]
         if applied.adapters:
             pipe.set_adapters(applied.adapters, adapter_weights=weights)
         for warning in applied.warnings:

@@ -55,8 +55,10 @@ def _delta(module, x):
         return module(x) - module.base_layer(x)
 
 
-def test_listing_hashes_and_formats(models):
-    loras = {l.name: l for l in list_loras(models / "Lora")}
+def test_listing_hashes_and_formats(models, tmp_path, monkeypatch):
+    quick = {l.name: l for l in list_loras(models / "Lora")}
+    assert quick["tiny-sd15-peft"].shorthash is None  # listing reads headers only
+    loras = {l.name: l for l in list_loras(models / "Lora", compute_hashes=True, cache_dir=tmp_path)}
     assert loras["tiny-sd15-kohya"].format == "kohya" and loras["tiny-sd15-kohya"].base == "sd1"
     assert loras["tiny-sdxl-kohya"].base == "sdxl"
     assert loras["tiny-sd15-peft"].format == "diffusers" and loras["tiny-sd15-peft"].base == "sd1"
@@ -65,6 +67,10 @@ def test_listing_hashes_and_formats(models):
     header_len = int.from_bytes(data[:8], "little")
     assert lora_hash(path) == hashlib.sha256(data[8 + header_len:]).hexdigest()
     assert loras["tiny-sd15-peft"].shorthash == lora_hash(path)[:12]
+    from modules.diffusion import lora as lora_module
+    monkeypatch.setattr(lora_module, "lora_hash", lambda p: (_ for _ in ()).throw(AssertionError("not cached")))
+    again = {l.name: l for l in list_loras(models / "Lora", compute_hashes=True, cache_dir=tmp_path)}
+    assert again["tiny-sd15-peft"].shorthash == loras["tiny-sd15-peft"].shorthash
     item = loras["tiny-sd15-kohya"].api_item()
     assert item["alias"] == "tiny-sd15-kohya" and item["metadata"]["ss_network_dim"] == "4"
     assert find_lora(list(loras.values()), "tiny-sd15-kohya").filename == str(models / "Lora" / "tiny-sd15-kohya.safetensors")
@@ -77,7 +83,7 @@ def test_kohya_lora_changes_unet_and_te_by_expected_amount(sd15, models):
     scale = 2.0 / 4  # alpha / rank
     gen = torch.Generator().manual_seed(0)
     with apply_loras(sd15, _calls("<lora:tiny-sd15-kohya:0.5:1.5>"), models / "Lora") as applied:
-        assert applied.hashes == {"tiny-sd15-kohya": find_lora(list_loras(models / "Lora"), "tiny-sd15-kohya").shorthash}
+        assert applied.hashes == {"tiny-sd15-kohya": lora_hash(models / "Lora" / "tiny-sd15-kohya.safetensors")[:12]}
         assert applied.warnings == []
         q = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
         x = torch.randn(2, 5, q.in_features, generator=gen)
@@ -156,3 +162,13 @@ def test_lora_removed_even_when_the_job_fails(sd15, models):
         with apply_loras(sd15, _calls("<lora:tiny-sd15-peft:1>"), models / "Lora"):
             raise RuntimeError("job failed")
     _assert_restored(sd15.pipe, snapshot)
+
+
+def test_kohya_metadata_hash_and_alias(models, tmp_path):
+    state = load_file(str(models / "Lora" / "tiny-sd15-kohya.safetensors"))
+    from safetensors.torch import save_file
+    save_file(state, str(tmp_path / "file-name.safetensors"),
+              {"sshs_model_hash": "0123456789abcdef" * 4, "ss_output_name": "pretty-name"})
+    (info,) = list_loras(tmp_path)
+    assert (info.name, info.alias, info.shorthash) == ("file-name", "pretty-name", "0123456789ab")
+    assert find_lora([info], "pretty-name") is info
