@@ -135,3 +135,20 @@ def test_list_vaes(fixture_data_dir, tmp_path):
     assert vaes["broken.safetensors"].error
     assert ck.find_vae(vaes.values(), "tiny-vae") == good
     assert ck.find_vae(vaes.values(), "Automatic") is None
+
+
+def test_fixtures_are_byte_identical_across_runs(fixture_data_dir, tmp_path):
+    from modules.fixtures import diffusion
+    fresh = diffusion.write(tmp_path)
+
+    def digests(root: Path, paths) -> dict:
+        out = {}
+        for p in paths:
+            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+            for f in files:
+                out[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+        return out
+    ours = digests(tmp_path, fresh)
+    assert len(ours) > 20
+    theirs = digests(fixture_data_dir, [fixture_data_dir / Path(p).relative_to(tmp_path) for p in fresh])
+    assert ours == theirs
