@@ -108,14 +108,15 @@ def bench(name: str, pipe, width: int, height: int, steps: int, runs: int, seed:
     from modules.diffusion.processing import GenerationParams
 
     euler_config = dict(EulerDiscreteScheduler.from_config(pipe.scheduler.config).config)
-    sd = SimpleNamespace(pipe=pipe, kind="sd1", is_inpaint=False)
+    empty = Path(tempfile.mkdtemp(prefix="atelier-bench-emb-"))  # no textual inversions to look up
+    sd = SimpleNamespace(pipe=pipe, kind="sd1", is_inpaint=False, loaded_embeddings={}, embeddings_dir=empty)
     tools = Tools.default()
     params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler_name="Euler",
                               scheduler="Automatic", cfg_scale=7.0, width=width, height=height, seed=seed,
                               save_images=False)
 
     def atelier():
-        return process_images(Run(sd=sd, tools=tools, preview_every=0), params).images[0]
+        return process_images(Run(sd=sd, tools=tools, preview_every=0, embeddings_dir=empty), params).images[0]
 
     def diffusers_call():
         pipe.scheduler = EulerDiscreteScheduler.from_config(euler_config)

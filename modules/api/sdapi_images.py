@@ -231,13 +231,12 @@ def build_router(ctx) -> APIRouter:
     def embeddings():
         from modules.diffusion.embeddings import list_embeddings
         loaded = {}
+        skipped = {}
         for item in list_embeddings(ctx.paths.model_dir("embeddings")):
-            data = item if isinstance(item, dict) else vars(item)
-            name = data.get("name")
-            loaded[name] = {"step": data.get("step"), "sd_checkpoint": data.get("sd_checkpoint"),
-                            "sd_checkpoint_name": data.get("sd_checkpoint_name"),
-                            "shape": data.get("shape"), "vectors": data.get("vectors")}
-        return {"loaded": loaded, "skipped": {}}
+            entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                     "shape": next(iter(item.dims.values()), None) if item.dims else None, "vectors": item.vectors}
+            (skipped if item.error else loaded)[item.name] = entry
+        return {"loaded": loaded, "skipped": skipped}
 
     @router.get("/sdapi/v1/scripts")
     def scripts():
@@ -248,7 +247,7 @@ def build_router(ctx) -> APIRouter:
 
 
 def _lora_item(item: Any) -> dict[str, Any]:
-    data = item if isinstance(item, dict) else {k: getattr(item, k) for k in dir(item) if not k.startswith("_")
-                                                and not callable(getattr(item, k))}
-    return {"name": data.get("name"), "alias": data.get("alias") or data.get("name"),
-            "path": str(data.get("path") or data.get("filename") or ""), "metadata": data.get("metadata") or {}}
+    """An A1111 ``/sdapi/v1/loras`` item ``{name, alias, path, metadata}``."""
+    if hasattr(item, "api_item"):
+        return item.api_item()
+    return {"name": item.name, "alias": getattr(item, "alias", item.name), "path": item.filename, "metadata": {}}

@@ -12,8 +12,8 @@ the tests check that.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -49,7 +49,6 @@ class DenoiseInputs:
     #: called as on_step(i, latents) after each step; may raise SkipRequested / JobInterrupted
     on_step: Callable[[int, torch.Tensor], None] | None = None
     eta: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def use_cfg(unet, cfg_scale: float) -> bool:
@@ -57,7 +56,7 @@ def use_cfg(unet, cfg_scale: float) -> bool:
     return cfg_scale > 1 and getattr(unet.config, "time_cond_proj_dim", None) is None
 
 
-def build_conditioning(pipe, kwargs: dict, do_cfg: bool, batch: int, width: int, height: int) -> Conditioning:
+def build_conditioning(kwargs: dict, do_cfg: bool, batch: int, width: int, height: int) -> Conditioning:
     """Turn ``encode_schedule(...).at_step(i)`` kwargs into the UNet's inputs, as the SD/SDXL pipelines do."""
     pos = kwargs["prompt_embeds"]
     neg = kwargs.get("negative_prompt_embeds")
@@ -66,10 +65,9 @@ def build_conditioning(pipe, kwargs: dict, do_cfg: bool, batch: int, width: int,
     if pooled is None:
         return Conditioning(embeds)
     neg_pooled = kwargs.get("negative_pooled_prompt_embeds")
-    te2 = getattr(pipe, "text_encoder_2", None)
-    proj_dim = int(pooled.shape[-1]) if te2 is None else te2.config.projection_dim
-    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pos.dtype,
-                                      text_encoder_projection_dim=proj_dim)
+    # SDXL micro-conditioning: original size, crop top-left, target size (what the SDXL pipelines pass for
+    # an uncropped image at the requested size); built here because the inpaint pipeline's helper differs
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pos.dtype)
     text_embeds = pooled
     if do_cfg:
         text_embeds = torch.cat([neg_pooled, pooled], dim=0)
@@ -111,7 +109,7 @@ def denoise(pipe, scheduler, inp: DenoiseInputs) -> torch.Tensor:
         kwargs = inp.cond_at(i)
         if kwargs is not current_kwargs:  # rebuild only where the prompt schedule switches
             current_kwargs = kwargs
-            cond = build_conditioning(pipe, kwargs, do_cfg, batch, inp.width, inp.height)
+            cond = build_conditioning(kwargs, do_cfg, batch, inp.width, inp.height)
         model_in = torch.cat([latents] * 2) if do_cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
         if image_cond is not None:

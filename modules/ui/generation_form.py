@@ -88,6 +88,16 @@ def checkpoint_row(ctx, tab: str, form: GenerationForm) -> None:
 
     refresh.click(do_refresh, outputs=form.checkpoint)
 
+    def choose(title):
+        if title:
+            try:
+                service.select_checkpoint(title, load=False)
+                ctx.settings.save()
+            except ValueError as exc:
+                gr.Warning(str(exc))
+
+    form.checkpoint.input(choose, inputs=form.checkpoint)
+
 
 def prompt_area(tab: str, form: GenerationForm) -> None:
     form.components["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{tab}_prompt",
