@@ -311,3 +311,33 @@ def test_service_generates_saves_and_fires_callbacks(fixture_data_dir, tmp_path,
         service.submit(params(sampler_name="Nope"))
     with pytest.raises(ValueError, match="not found"):
         service.submit(params(override_settings={"sd_model_checkpoint": "nope"}))
+
+
+def test_resize_mode_geometry_and_fill():
+    from modules.diffusion.images import resize_image
+    from modules.diffusion.masks import fill_masked
+    src = Image.new("RGB", (40, 20), "blue")
+    src.paste((255, 0, 0), (0, 0, 10, 20))  # red left quarter
+    stretched = resize_image(0, src, 20, 20)
+    cropped = resize_image(1, src, 20, 20)  # cover 40x20 -> scale to 40x20 high=20, crop the centre 20 columns
+    filled = resize_image(2, src, 20, 20)  # fit -> 20x10 in the middle, rows stretched above and below
+    assert stretched.getpixel((2, 10))[0] > 240 and stretched.getpixel((18, 10))[2] > 240
+    assert cropped.getpixel((1, 10))[2] > 200 and cropped.getpixel((1, 10))[0] < 60  # the red quarter was cut
+    assert filled.size == (20, 20) and filled.getpixel((1, 0))[0] > 200 and filled.getpixel((18, 19))[2] > 200
+    image = Image.new("RGB", (32, 32), (0, 200, 0))
+    image.paste((255, 255, 255), (8, 8, 24, 24))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    out = np.asarray(fill_masked(image, mask), dtype=np.int16)
+    assert np.array_equal(out[0], np.asarray(image)[0])  # outside the mask untouched
+    assert abs(out[16, 16, 1] - 200) < 20 and out[16, 16, 0] < 30  # the hole took the surrounding green
+
+
+def test_variation_seed_blends_toward_the_subseed(models):
+    run = lambda **kw: arr(process_images(run_for(models.sd15, models), params(steps=2, **kw)).images[0])  # noqa: E731
+    plain, other = run(seed=5), run(seed=6)
+    assert np.array_equal(run(seed=5, subseed=6, subseed_strength=0.0), plain)
+    assert np.abs(run(seed=5, subseed=6, subseed_strength=1.0) - other).max() <= 1
+    half = process_images(run_for(models.sd15, models), params(steps=2, seed=5, subseed=6, subseed_strength=0.5))
+    assert "Variation seed: 6, Variation seed strength: 0.5" in half.infotexts[0]
+    assert not np.array_equal(arr(half.images[0]), plain)
