@@ -162,14 +162,16 @@ class KVCache:
 
 
 class RowParallel:
-    """Matrix-vector products split by weight rows over CPU threads, for batch-1 (and small-batch) decode.
+    """Small-batch matrix products split by weight rows over CPU threads (decode is bandwidth-bound).
 
-    Decoding streams every weight once per token, so its speed is memory bandwidth. MKL's fp32 GEMV
-    does not spread over two cores (measured ~17 GB/s with 1 or 2 threads on the 2-core dev machine,
-    where a 2-thread read reaches ~31 GB/s): here each thread runs a one-thread product on its own
-    contiguous row block (a view, no copy) and the outputs are concatenated (measured ~26 GB/s).
-    During such a forward pass torch runs with one intra-op thread per caller (see
-    :meth:`Llama.forward`); larger inputs (prefill) use PyTorch's own threading unchanged.
+    Decoding streams every weight once per token. MKL's fp32 GEMV does not spread over two cores
+    (measured ~17 GB/s with 1 or 2 threads on the 2-core dev machine, where a 2-thread read reaches
+    ~31 GB/s), so here each thread runs one-thread products on its own contiguous row blocks (views,
+    no copies) and the outputs are concatenated (~26 GB/s). Linears that read the same input (q/k/v,
+    gate/up) are handed out together, so a layer costs four thread hand-offs. During such a forward
+    pass torch runs with one intra-op thread (:meth:`Llama.forward` sets it and restores it after), so
+    anything else running torch in this process meanwhile runs single-threaded; larger inputs
+    (prefill) use PyTorch's own threading unchanged.
     """
 
     def __init__(self, threads: int, max_tokens: int = 16, min_rows: int = 1024):
@@ -179,26 +181,43 @@ class RowParallel:
     def applies(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.numel() // x.shape[-1] <= self.max_tokens
 
-    def linear(self, x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
-        weight, bias = module.weight, module.bias
-        if weight.shape[0] < self.min_rows or not self.applies(x):
-            return module(x)
-        weights = weight.chunk(self.threads, dim=0)                          # row blocks, views
-        biases = bias.chunk(self.threads) if bias is not None else [None] * len(weights)
+    def linears(self, x: torch.Tensor, modules: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
+        """``[m(x) for m in modules]``, computed by ``threads`` threads, each on an equal share of rows."""
+        rows = [m.weight.shape[0] for m in modules]
+        total = sum(rows)
+        if total < self.min_rows or not self.applies(x):
+            return [m(x) for m in modules]
+        # Thread t takes rows [t*total/n, (t+1)*total/n) of the modules' stacked weights.
+        shares: list[list[tuple[int, torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(self.threads)]
+        offset = 0
+        for index, (module, n) in enumerate(zip(modules, rows)):
+            for t in range(self.threads):
+                lo = max(offset, t * total // self.threads) - offset
+                hi = min(offset + n, (t + 1) * total // self.threads) - offset
+                if hi > lo:
+                    bias = module.bias[lo:hi] if module.bias is not None else None
+                    shares[t].append((index, module.weight[lo:hi], bias))
+            offset += n
         inference = torch.is_inference_mode_enabled()
-        futures = [self._pool.submit(_linear_in_thread, inference, x, w, b)
-                   for w, b in zip(weights[1:], biases[1:])]
-        first = F.linear(x, weights[0], biases[0])
-        return torch.cat([first] + [f.result() for f in futures], dim=-1)
+        futures = [self._pool.submit(_linears_in_thread, inference, x, share) for share in shares[1:]]
+        pieces: list[list[torch.Tensor]] = [[] for _ in modules]
+        for index, y in _linears_in_thread(inference, x, shares[0]) + [p for f in futures for p in f.result()]:
+            pieces[index].append(y)
+        return [p[0] if len(p) == 1 else torch.cat(p, dim=-1) for p in pieces]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
 
-def _linear_in_thread(inference: bool, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+def _linears_in_thread(inference: bool, x: torch.Tensor, share) -> list[tuple[int, torch.Tensor]]:
     # Grad and inference modes are thread-local: take the caller's.
     with torch.inference_mode() if inference else torch.no_grad():
-        return F.linear(x, weight, bias)
+        return [(index, F.linear(x, weight, bias)) for index, weight, bias in share]
+
+
+def project(x: torch.Tensor, modules: tuple[nn.Linear, ...], row_parallel: RowParallel | None) -> list[torch.Tensor]:
+    """Apply each linear to ``x``, split over threads when a :class:`RowParallel` is attached."""
+    return row_parallel.linears(x, modules) if row_parallel is not None else [m(x) for m in modules]
 
 
 class Attention(nn.Module):
@@ -212,20 +231,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=bias)
         self.row_parallel: RowParallel | None = None
 
-    def proj(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return self.row_parallel.linear(x, module) if self.row_parallel is not None else module(x)
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.proj(self.q_proj, x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.proj(self.k_proj, x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, K, T, hd)
-        v = self.proj(self.v_proj, x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, K, T, hd)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.row_parallel)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)                # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                  # (B, K, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                  # (B, K, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)                                        # (B, K, S, hd)
         y = attend(q, k, v, mask, causal=mask is None and T > 1)                    # (B, H, T, hd)
-        return self.proj(self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)            # (B, T, H*hd)
+        return project(y, (self.o_proj,), self.row_parallel)[0]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -253,11 +271,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, d, bias=bias)
         self.row_parallel: RowParallel | None = None
 
-    def proj(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return self.row_parallel.linear(x, module) if self.row_parallel is not None else module(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.down_proj, F.silu(self.proj(self.gate_proj, x)) * self.proj(self.up_proj, x))
+        gate, up = project(x, (self.gate_proj, self.up_proj), self.row_parallel)
+        return project(F.silu(gate) * up, (self.down_proj,), self.row_parallel)[0]
 
 
 class Block(nn.Module):
@@ -342,7 +358,7 @@ class Llama(nn.Module):
             x = x[:, -1:]
         x = self.model.norm(x)
         with self._threads_for(x):
-            logits = self.row_parallel.linear(x, self.lm_head) if self.row_parallel else self.lm_head(x)
+            logits = project(x, (self.lm_head,), self.row_parallel)[0]
         return logits.float()                                                        # (B, T|1, V)
 
     @staticmethod
