@@ -149,14 +149,20 @@ _OPENCLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1",
 
 
 def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers ``CLIPTextModelWithProjection`` state dict under OpenCLIP names (no prefix)."""
+    """A diffusers CLIP text model state dict under OpenCLIP names (no prefix).
+
+    For SD2's ``CLIPTextModel`` (no projection layer) an identity ``text_projection`` is written, as
+    the OpenCLIP checkpoint has one; diffusers' reader ignores it for SD2.
+    """
     flat = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    width = flat["final_layer_norm.weight"].shape[0]
+    projection = flat.pop("text_projection.weight", None)
     out: dict[str, torch.Tensor] = {
         "positional_embedding": flat.pop("embeddings.position_embedding.weight"),
         "token_embedding.weight": flat.pop("embeddings.token_embedding.weight"),
         "ln_final.weight": flat.pop("final_layer_norm.weight"),
         "ln_final.bias": flat.pop("final_layer_norm.bias"),
-        "text_projection": flat.pop("text_projection.weight").T.contiguous(),
+        "text_projection": (projection.T.contiguous() if projection is not None else torch.eye(width)),
     }
     layers = sorted({int(k.split(".")[2]) for k in flat if k.startswith("encoder.layers.")})
     for i in layers:
@@ -178,8 +184,12 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """The whole checkpoint of an SD1/SDXL pipeline as one LDM-named state dict (contiguous tensors)."""
+def pipeline_to_ldm(pipe, kind: str | None = None) -> dict[str, torch.Tensor]:
+    """The whole checkpoint of an SD1/SD2/SDXL pipeline as one LDM-named state dict (contiguous tensors).
+
+    *kind* "sd2" writes the text encoder in OpenCLIP layout; otherwise SDXL is recognised by its second
+    text encoder and everything else is written as SD1.
+    """
     unet = pipe.unet
     out = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet.state_dict(), unet.config.layers_per_block).items()}
     out.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(pipe.vae.state_dict()).items()})
@@ -187,6 +197,8 @@ def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
     if te2 is not None:
         out.update({SDXL_CLIP_PREFIX + k: v for k, v in clip_to_ldm(pipe.text_encoder.state_dict()).items()})
         out.update({SDXL_OPENCLIP_PREFIX + k: v for k, v in open_clip_to_ldm(te2.state_dict()).items()})
+    elif kind == "sd2":
+        out.update({SD2_OPENCLIP_PREFIX + k: v for k, v in open_clip_to_ldm(pipe.text_encoder.state_dict()).items()})
     else:
         out.update({SD1_CLIP_PREFIX + k: v for k, v in clip_to_ldm(pipe.text_encoder.state_dict()).items()})
     return {k: v.detach().contiguous().clone() for k, v in out.items()}

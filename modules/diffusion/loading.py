@@ -214,6 +214,30 @@ def _pipe_kwargs(cls) -> dict:
     return {}
 
 
+def sd2_uses_v_prediction(unet) -> bool:
+    """A1111's probe for SD 2.x: a v-prediction UNet, fed a flat latent at t=999 with a flat context,
+    answers far below the input (mean difference < -1); an epsilon UNet does not."""
+    param = next(unet.parameters())
+    with torch.no_grad():
+        x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=param.device, dtype=param.dtype)
+        cond = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=param.device, dtype=param.dtype)
+        out = unet(x, torch.tensor([999], device=param.device), encoder_hidden_states=cond).sample
+    return (out.float() - x[:, :out.shape[1]].float()).mean().item() < -1
+
+
+def _sd2_prediction_type(info: CheckpointInfo, pipe) -> str | None:
+    """v or epsilon for an SD 2.x single file: ``X.yaml`` beside it (A1111's override), then a sidecar
+    scheduler config, then the probe. None means "leave the scheduler as configured"."""
+    yaml_file = Path(info.filename).with_suffix(".yaml")
+    if yaml_file.is_file():
+        text = yaml_file.read_text(errors="replace")
+        is_v = any(f"parameterization: {q}v{q}" in text for q in ('"', "'", ""))
+        return "v_prediction" if is_v else "epsilon"
+    if (sidecar_dir(info) / "scheduler" / "scheduler_config.json").is_file():
+        return None
+    return "v_prediction" if sd2_uses_v_prediction(pipe.unet) else "epsilon"
+
+
 def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   vae_path: str | Path | None = None, allow_unsafe_pickle: bool = False,
                   embeddings_dir: str | Path | None = None) -> SDModel:
@@ -243,6 +267,11 @@ def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", d
             config_dir = build_config_dir(info, kind, inpaint, Path(tmp) / "config")
             pipe = cls.from_single_file(info.filename, config=str(config_dir), local_files_only=True,
                                         dtype=dtype, **_pipe_kwargs(cls))
+        if kind == "sd2" and not inpaint:
+            prediction = _sd2_prediction_type(info, pipe)
+            if prediction and prediction != pipe.scheduler.config.get("prediction_type"):
+                pipe.register_modules(scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config,
+                                                                                 prediction_type=prediction))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     model = SDModel(pipe=pipe, kind=kind, is_inpaint=inpaint, info=info,

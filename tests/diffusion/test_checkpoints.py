@@ -28,7 +28,8 @@ def test_lists_folders_and_single_files_with_a1111_titles(sd_dir, tmp_path):
     infos = ck.list_checkpoints(sd_dir, tmp_path / "cache")
     by_name = {i.name: i for i in infos}
     assert set(by_name) == {"tiny-sd15-diffusers", "tiny-sdxl-diffusers", "tiny-sd15.safetensors",
-                            "tiny-sdxl.safetensors", "tiny-sd15-inpainting.safetensors"}  # no sidecars listed
+                            "tiny-sdxl.safetensors", "tiny-sd15-inpainting.safetensors",
+                            "tiny-sd2.safetensors"}  # no sidecars listed
     single = by_name["tiny-sd15.safetensors"]
     assert single.sha256 == _sha(sd_dir / "tiny-sd15.safetensors")
     assert single.shorthash == single.sha256[:10]
@@ -37,6 +38,7 @@ def test_lists_folders_and_single_files_with_a1111_titles(sd_dir, tmp_path):
     assert (single.kind, single.is_inpaint, single.format, single.error) == ("sd1", False, "single-file", None)
     assert (by_name["tiny-sdxl.safetensors"].kind, by_name["tiny-sdxl-diffusers"].kind) == ("sdxl", "sdxl")
     assert by_name["tiny-sd15-diffusers"].format == "diffusers"
+    assert by_name["tiny-sd2.safetensors"].kind == "sd2"
     assert by_name["tiny-sd15-inpainting.safetensors"].is_inpaint is True
 
 

@@ -138,3 +138,12 @@ def test_batch_size_repeats_embeddings(sdxl):
     assert kw["prompt_embeds"].shape == (3, 77, 80)
     assert kw["pooled_prompt_embeds"].shape == (3, 48)
     assert torch.equal(kw["prompt_embeds"][0], kw["prompt_embeds"][2])
+
+
+def test_sd2_plain_prompt_equals_diffusers(infos):
+    sd2 = load_sd_model(ck.find_checkpoint(infos, "tiny-sd2"))
+    kw = encode_schedule(sd2, "a house on a hill", "blurry", 4, 1).at_step(0)
+    pos, neg = sd2.pipe.encode_prompt("a house on a hill", "cpu", 1, True, negative_prompt="blurry")
+    assert torch.equal(kw["prompt_embeds"], pos) and torch.equal(kw["negative_prompt_embeds"], neg)
+    # SD2's tokenizer pads with "!" after the end token, as A1111's OpenCLIP embedder does
+    assert sd2.pipe.tokenizer.pad_token == "!"

@@ -65,6 +65,30 @@ def test_single_file_equals_diffusers_folder(infos, name, components):
     assert single.memory_bytes() == folder.memory_bytes() > 0
 
 
+def test_sd2_single_file_and_its_prediction_type(infos, fixture_data_dir, tmp_path):
+    from modules.diffusion.loading import sd2_uses_v_prediction
+    from modules.fixtures.diffusion import build_sd2
+    model = _load(infos, "tiny-sd2")
+    assert model.kind == "sd2"
+    _assert_same_weights(model.pipe, build_sd2(), ("unet", "vae", "text_encoder"))
+    assert model.pipe.scheduler.config.prediction_type == "v_prediction"  # from the sidecar's scheduler config
+    # without a sidecar scheduler: A1111's X.yaml decides, else the UNet probe
+    src = fixture_data_dir / "models" / "Stable-diffusion"
+    dst = tmp_path / "sd"
+    shutil.copytree(src / "tiny-sd2", dst / "tiny-sd2")
+    shutil.copy(src / "tiny-sd2.safetensors", dst)
+    shutil.rmtree(dst / "tiny-sd2" / "scheduler")
+    (dst / "tiny-sd2.yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    info = ck.find_checkpoint(ck.list_checkpoints(dst, compute_hashes=False), "tiny-sd2")
+    assert load_sd_model(info).pipe.scheduler.config.prediction_type == "v_prediction"
+    (dst / "tiny-sd2.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
+    assert load_sd_model(info).pipe.scheduler.config.prediction_type == "epsilon"
+    (dst / "tiny-sd2.yaml").unlink()
+    probed = load_sd_model(info)
+    expected = "v_prediction" if sd2_uses_v_prediction(probed.pipe.unet) else "epsilon"
+    assert probed.pipe.scheduler.config.prediction_type == expected
+
+
 def test_inpainting_checkpoint_loads_inpaint_pipeline(infos):
     from diffusers import StableDiffusionInpaintPipeline
     model = _load(infos, "tiny-sd15-inpainting")
