@@ -29,6 +29,7 @@ from modules.diffusion.img2img import (InitState, a1111_steps, apply_masked_cont
 from modules.diffusion.infotext import create_infotext, join_hashes
 from modules.diffusion.previews import latent_preview
 from modules.diffusion.processing import INPAINTING_FILL, GenerationParams, Processed, resolve_seed
+from modules.jobs import JobInterrupted
 
 log = logging.getLogger(__name__)
 VERSION = "atelier"
@@ -280,7 +281,6 @@ def process_images(run: Run, p: GenerationParams) -> Processed:
     loras = networks.get("lora") or []
     lora_cm = run.tools.apply_loras(run.sd, loras, run.lora_dir) if (loras and run.tools.apply_loras) \
         else contextlib.nullcontext(None)
-    from modules.jobs import JobInterrupted
     with lora_cm as applied, torch.inference_mode():
         if applied is not None:
             run.warnings.extend(getattr(applied, "warnings", []) or [])

@@ -31,6 +31,7 @@ class DiffusionService:
         self._tools = None
         #: the txt2img / img2img forms, by tab, so PNG Info can fill them (set while the UI is built)
         self.ui_forms: dict[str, Any] = {}
+        self._jobs: set = set()  # this service's queued and running jobs (for Interrupt / Skip)
 
     # -- listings -------------------------------------------------------------------
     @property
@@ -211,7 +212,30 @@ class DiffusionService:
         self.validate(p, img2img=img2img)
         tab = "img2img" if img2img else "txt2img"
         name = f"{tab}: {p.prompt[:40]}"
-        return self.ctx.jobs.submit(lambda job: self.run_job(job, p, tab), name=name)
+
+        def work(job):
+            try:
+                return self.run_job(job, p, tab)
+            finally:
+                self._jobs.discard(job)
+
+        job = self.ctx.jobs.submit(work, name=name)
+        self._jobs = {j for j in self._jobs if not j.done} | {job}
+        return job
+
+    def interrupt(self) -> bool:
+        """Interrupt every image job (queued or running); other capabilities' jobs are left alone."""
+        jobs = [j for j in list(self._jobs) if not j.done]
+        for job in jobs:
+            job.interrupt()
+        return bool(jobs)
+
+    def skip(self) -> bool:
+        """Skip the current batch of the running image job(s)."""
+        jobs = [j for j in list(self._jobs) if j.state == "running"]
+        for job in jobs:
+            job.skip()
+        return bool(jobs)
 
     def generate(self, p: GenerationParams, *, img2img: bool = False, timeout: float | None = None) -> Processed:
         return self.submit(p, img2img=img2img).result(timeout)

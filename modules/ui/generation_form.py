@@ -203,8 +203,8 @@ def wire(ctx, form: GenerationForm, make_params: Callable[[dict], GenerationPara
         yield [items, None, "\n\n".join(notes), texts[0] if texts else "", texts]
 
     form.generate.click(run, inputs=form.inputs(), outputs=outputs, concurrency_limit=None)
-    form.interrupt.click(lambda: ctx.jobs.interrupt() and None, outputs=None)
-    form.skip.click(lambda: ctx.jobs.skip() and None, outputs=None)
+    form.interrupt.click(lambda: service.interrupt() and None, outputs=None)
+    form.skip.click(lambda: service.skip() and None, outputs=None)
 
     def show_info(texts, evt: gr.SelectData):
         if not texts:

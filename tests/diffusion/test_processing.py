@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -307,6 +308,12 @@ def test_service_generates_saves_and_fires_callbacks(fixture_data_dir, tmp_path,
         assert image.info["parameters"] == result.infotexts[0] == saved[0][1]
     assert "Model: tiny-sd15" in result.infotexts[0]
     assert [m["key"] for m in ctx.models.loaded("diffusion")] == ["sd:" + service.find("tiny-sd15.safetensors").title]
+    job = service.submit(params(steps=20, n_iter=4, save_images=False))
+    while job.progress.step < 2 and not job.done:
+        time.sleep(0.01)
+    assert service.interrupt()
+    stopped = job.result(timeout=60)
+    assert stopped.interrupted and len(stopped.images) < 4
     with pytest.raises(ValueError, match="valid samplers"):
         service.submit(params(sampler_name="Nope"))
     with pytest.raises(ValueError, match="not found"):
