@@ -86,16 +86,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-@contextlib.contextmanager
-def _intra_op_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -218,6 +208,16 @@ def _linears_in_thread(inference: bool, x: torch.Tensor, share) -> list[tuple[in
 def project(x: torch.Tensor, modules: tuple[nn.Linear, ...], row_parallel: RowParallel | None) -> list[torch.Tensor]:
     """Apply each linear to ``x``, split over threads when a :class:`RowParallel` is attached."""
     return row_parallel.linears(x, modules) if row_parallel is not None else [m(x) for m in modules]
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Attention(nn.Module):
