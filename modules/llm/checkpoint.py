@@ -95,7 +95,12 @@ class _Reader:
 
     def _pickle(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._pickles:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:    # files from before torch 1.6's zip format cannot be mapped
+                if "mmap" not in str(exc):
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(data, dict):
                 raise CheckpointError(f"{path} does not hold a state dict (found {type(data).__name__})")
             self._pickles[path] = data
