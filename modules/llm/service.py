@@ -286,16 +286,12 @@ class LLMService:
         if on_start is not None:
             on_start(run)
         base = [dict(m) for m in messages]
-        if continue_last:
-            reply = base.pop()
-            prefix = reply.get("content", "")
-        else:
-            reply, prefix = {"role": "assistant", "content": ""}, ""
+        prefix = base.pop().get("content", "") if continue_last else ""
         text = ""
         for delta in run.handle.events():
             if delta.text:
                 text += delta.text
-                yield ReplyUpdate(base + [{**reply, "content": prefix + text}], run.notice)
+                yield ReplyUpdate(base + [{"role": "assistant", "content": prefix + text}], run.notice)
         result = run.result()
         meta = {"tokens": result.completion_tokens, "prompt_tokens": result.prompt_tokens,
                 "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_second, 2),

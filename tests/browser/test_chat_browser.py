@@ -1,5 +1,9 @@
-"""The Chat tab in headless Chromium against the real server with the fixture model: load, streamed reply,
-Stop, Regenerate, saved chats, the "oldest turns dropped" notice."""
+"""The Chat tab in headless Chromium against the real server: load, streamed reply, Stop, Regenerate,
+Continue, saved chats, the "oldest turns dropped" notice.
+
+Two fixture-format models: the standard tiny one (256-token context, for the overflow notice) and a
+wider one written here ("slow-llama", ~50 tokens/s on a CPU) so that streaming and Stop can be watched.
+"""
 import json
 import time
 
@@ -16,6 +20,9 @@ def server(tmp_path_factory):
     from modules.fixtures import llm as fixture
     data = tmp_path_factory.mktemp("browser-chat")
     fixture.write(data)
+    fixture.write_model(data / "models" / "LLM" / "slow-llama",
+                        dict(fixture.FIXTURE_MODELS["tiny-llama-gqa"], hidden_size=512, intermediate_size=1408,
+                             num_hidden_layers=8, num_attention_heads=8, max_position_embeddings=1024))
     srv = start_server(data)
     yield srv, data
     srv.stop()
@@ -56,11 +63,26 @@ def send(page, text):
     page.locator("#chat_send").click()
 
 
+def set_max_new_tokens(page, n):
+    box = page.locator("#chat_max_new_tokens input[type=number]")
+    if not box.is_visible():
+        page.get_by_text("Parameters").click()
+    box.fill(str(n))
+    box.press("Enter")
+
+
+def pick(page, dropdown, option):
+    page.locator(f"{dropdown} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
 def test_load_model_and_stream_a_reply(page, server):
+    assert page.locator("#chat_model input").input_value() == "slow-llama"  # the first folder
     page.locator("#chat_load_model").click()
     page.wait_for_function("document.querySelector('#chat_model_status').innerText.includes('Loaded')",
                            timeout=60000)
-    assert "context 256 tokens" in page.locator("#chat_model_status").inner_text()
+    assert "context 1024 tokens" in page.locator("#chat_model_status").inner_text()
+    set_max_new_tokens(page, 40)
     send(page, "Hello! How are you today?")
     seen = watch_reply(page, "tokens/s")
     partial = [t for t in seen if t and "tokens/s" not in t]
@@ -75,7 +97,9 @@ def test_load_model_and_stream_a_reply(page, server):
     assert page.locator("#chat_saved input").input_value() == "Hello! How are you today?"
 
 
-def test_stop_keeps_the_partial_reply_and_notes_dropped_turns(page, server):
+def test_stop_keeps_the_partial_reply(page, server):
+    set_max_new_tokens(page, 800)
+    page.locator("#chat_ignore_eos input").check()  # no early end: the reply runs until Stop
     send(page, "Once upon a time there was a little robot who wanted to paint the sky.")
     page.wait_for_function(f"document.querySelectorAll('{BOTS}').length >= 2 && "
                            f"[...document.querySelectorAll('{BOTS}')].pop().innerText.trim().length > 0",
@@ -83,12 +107,15 @@ def test_stop_keeps_the_partial_reply_and_notes_dropped_turns(page, server):
     page.locator("#chat_stop").click()
     seen = watch_reply(page, "tokens/s")
     assert "stopped" in seen[-1]
-    # the first exchange filled most of the 256-token context, so it was left out of this prompt
-    assert "left out of the prompt" in page.locator("#chat_notice").inner_text()
     assert page.locator(BOTS).count() == 2
+    chat = json.loads(next((server[1] / "chats").glob("*.json")).read_text(encoding="utf-8"))
+    assert chat["messages"][-1]["meta"]["finish_reason"] == "interrupted"
+    assert chat["messages"][-1]["meta"]["tokens"] < 800
 
 
 def test_regenerate_replaces_the_last_reply(page, server):
+    set_max_new_tokens(page, 30)
+    page.locator("#chat_ignore_eos input").uncheck()
     before = last_reply(page)
     page.locator("#chat_regenerate").click()
     page.wait_for_function(f"[...document.querySelectorAll('{BOTS}')].pop().innerText !== {json.dumps(before)}",
@@ -99,6 +126,20 @@ def test_regenerate_replaces_the_last_reply(page, server):
     chat = json.loads(next((server[1] / "chats").glob("*.json")).read_text(encoding="utf-8"))
     assert [m["role"] for m in chat["messages"]] == ["user", "assistant", "user", "assistant"]
     assert chat["messages"][-1]["content"] != before.split("\n")[0]
+
+
+def test_small_context_model_drops_oldest_turns_with_a_notice(page):
+    pick(page, "#chat_model", "tiny-llama-gqa")
+    set_max_new_tokens(page, 200)  # keeps half the 256-token context free for the reply
+    replies = page.locator(BOTS).count()
+    send(page, "What is the capital of France? " * 3)
+    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === {replies + 1}", timeout=30000)
+    watch_reply(page, "tokens/s")
+    # the earlier exchanges do not fit the tiny model's 256-token context next to this one
+    assert "left out of the prompt" in page.locator("#chat_notice").inner_text()
+    page.locator("#chat_remove_last").click()
+    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 2", timeout=30000)
+    page.locator("#chat_input textarea").fill("")
 
 
 def test_remove_last_and_clear(page):
@@ -121,10 +162,12 @@ def test_saved_chat_reload_rename_delete(page, server):
     page.locator("#chat_rename").click()
     page.wait_for_function("document.querySelector('#chat_notice').innerText.includes('Renamed')", timeout=30000)
     assert json.loads(chat_file.read_text(encoding="utf-8"))["title"] == "Robot story"
+    shown = last_reply(page)
     page.locator("#chat_continue").click()
+    page.wait_for_function(f"(t => t !== {json.dumps(shown)} && t.includes('tokens/s'))"
+                           f"([...document.querySelectorAll('{BOTS}')].pop().innerText)", timeout=60000)
     before = saved["messages"][-1]["content"]
-    seen = watch_reply(page, "tokens/s")
-    assert seen[-1].startswith(before[:20])  # the reply was extended, not replaced
+    assert last_reply(page).startswith(before[:20])  # the reply was extended, not replaced
     page.locator("#chat_delete").click()
     page.wait_for_function("document.querySelector('#chat_notice').innerText.includes('deleted')", timeout=30000)
     assert not chat_file.exists()

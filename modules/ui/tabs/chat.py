@@ -95,6 +95,8 @@ def build(ctx: Any) -> None:
                                       label="Frequency penalty")
                 seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="chat_seed")
                 stops = gr.Textbox(label="Stop strings (one per line)", lines=2, elem_id="chat_stop_strings")
+                ignore_eos = gr.Checkbox(False, label="Ignore EOS (generate until max new tokens)",
+                                         elem_id="chat_ignore_eos")
             with gr.Accordion("Saved chats", open=True):
                 saved = gr.Dropdown(chat_choices(), value=None, label="Chat", elem_id="chat_saved",
                                     allow_custom_value=False)
@@ -104,16 +106,18 @@ def build(ctx: Any) -> None:
                 new_title = gr.Textbox(label="Rename to", elem_id="chat_title")
                 rename = gr.Button("Rename", elem_id="chat_rename")
 
-    param_inputs = [max_new, temperature, top_p, top_k, min_p, repetition, presence, frequency, seed, stops]
+    param_inputs = [max_new, temperature, top_p, top_k, min_p, repetition, presence, frequency, seed, stops,
+                    ignore_eos]
 
     def params_from(max_new_v, temperature_v, top_p_v, top_k_v, min_p_v, rep_v, presence_v, freq_v, seed_v,
-                    stops_v):
+                    stops_v, ignore_eos_v):
         stop_list = [s for s in (stops_v or "").splitlines() if s]
         return service.default_params(
             max_new_tokens=int(max_new_v), temperature=float(temperature_v), top_p=float(top_p_v),
             top_k=int(top_k_v), min_p=float(min_p_v), repetition_penalty=float(rep_v),
             presence_penalty=float(presence_v), frequency_penalty=float(freq_v),
-            seed=None if seed_v is None or int(seed_v) < 0 else int(seed_v), stop=stop_list)
+            seed=None if seed_v is None or int(seed_v) < 0 else int(seed_v), stop=stop_list,
+            ignore_eos=bool(ignore_eos_v))
 
     def save(hist, cid, system, model_name):
         """Save after a reply; the first save creates the chat. Returns (chat id, dropdown update)."""
