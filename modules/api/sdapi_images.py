@@ -112,7 +112,8 @@ def params_from_request(req: dict[str, Any], *, img2img: bool):
     else:
         data["init_images"], data["mask"] = [], None
     for key in ("steps", "width", "height", "batch_size", "n_iter", "seed", "subseed", "mask_blur",
-                "inpaint_full_res_padding", "hr_second_pass_steps", "resize_mode", "inpainting_fill"):
+                "inpaint_full_res_padding", "hr_second_pass_steps", "resize_mode", "inpainting_fill",
+                "hr_resize_x", "hr_resize_y"):
         value = data.get(key)
         if isinstance(value, float) and value.is_integer():
             data[key] = int(value)

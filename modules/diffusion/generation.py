@@ -248,7 +248,10 @@ def _extra_params(p: GenerationParams) -> dict[str, Any]:
             extra["Inpaint area"] = "Only masked"
             extra["Masked area padding"] = p.inpaint_full_res_padding
     if p.enable_hr and not p.is_img2img:
-        extra["Hires upscale"] = p.hr_scale
+        if p.hr_resize_x or p.hr_resize_y:
+            extra["Hires resize"] = "{}x{}".format(*p.hr_size)
+        else:
+            extra["Hires upscale"] = p.hr_scale
         if p.hr_second_pass_steps:
             extra["Hires steps"] = p.hr_second_pass_steps
         extra["Hires upscaler"] = p.hr_upscaler

@@ -42,6 +42,9 @@ class GenerationParams:
     hr_scale: float = 2.0
     hr_upscaler: str = "Latent"
     hr_second_pass_steps: int = 0
+    #: explicit second-pass size (A1111's "Resize width/height to"); 0 = use hr_scale
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
     denoising_strength: float = 0.75
     # img2img / inpainting
     init_images: list = field(default_factory=list)  # PIL images
@@ -83,8 +86,14 @@ class GenerationParams:
 
     @property
     def hr_size(self) -> tuple[int, int]:
-        """Second-pass size: the first-pass size times ``hr_scale``, down to a multiple of 8."""
-        return (max(8, int(self.width * self.hr_scale) // 8 * 8), max(8, int(self.height * self.hr_scale) // 8 * 8))
+        """Second-pass size: ``hr_resize_x/y`` when given (one of them alone keeps the aspect ratio), else the
+        first-pass size times ``hr_scale``; down to a multiple of 8."""
+        if self.hr_resize_x or self.hr_resize_y:
+            w = self.hr_resize_x or round(self.width * self.hr_resize_y / self.height)
+            h = self.hr_resize_y or round(self.height * self.hr_resize_x / self.width)
+        else:
+            w, h = int(self.width * self.hr_scale), int(self.height * self.hr_scale)
+        return max(8, int(w) // 8 * 8), max(8, int(h) // 8 * 8)
 
     def copy(self, **changes: Any) -> "GenerationParams":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -146,6 +155,10 @@ class GenerationParams:
                 bad("hr_scale", self.hr_scale, "must be from 1 to 8")
             if self.hr_upscaler not in HR_UPSCALERS:
                 bad("hr_upscaler", self.hr_upscaler, f"unknown upscaler; valid: {', '.join(HR_UPSCALERS)}")
+            for name in ("hr_resize_x", "hr_resize_y"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or not 0 <= value <= 8192:
+                    bad(name, value, "must be 0 (use hr_scale) or a size in pixels up to 8192")
             if not isinstance(self.hr_second_pass_steps, int) or not 0 <= self.hr_second_pass_steps <= 1000:
                 bad("hr_second_pass_steps", self.hr_second_pass_steps, "must be 0 (same as steps) to 1000")
         if img2img and not self.init_images:

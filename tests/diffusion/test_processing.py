@@ -201,6 +201,8 @@ def test_hires_fix(models):
     pil = process_images(run_for(models.sd15, models), params(steps=2, enable_hr=True, hr_scale=1.5,
                                                               hr_upscaler="Lanczos", denoising_strength=0.4))
     assert pil.images[0].size == (96, 96)
+    sized = GenerationParams(width=64, height=48, enable_hr=True, hr_resize_x=128)
+    assert sized.hr_size == (128, 96)
 
 
 def test_progress_previews_skip_and_interrupt(models):
