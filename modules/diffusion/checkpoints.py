@@ -26,7 +26,7 @@ import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -113,33 +113,46 @@ def _read_cache(cache_file: Path) -> dict:
         return {}
 
 
-def cached_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> str | None:
-    """The sha256 of *path* if the cache has it for the file's current size and mtime."""
+def _cache_key(path: Path, tag: str) -> str:
+    return f"{path}#{tag}" if tag else str(path)
+
+
+def cached_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None, *, tag: str = "") -> str | None:
+    """The cached digest of *path* (under *tag*) if the file's size and mtime still match."""
     if cache_dir is None:
         return None
     path = Path(path).resolve()
-    entry = _read_cache(Path(cache_dir) / HASH_CACHE_FILE).get(str(path))
+    entry = _read_cache(Path(cache_dir) / HASH_CACHE_FILE).get(_cache_key(path, tag))
     if entry and entry.get("signature") == _signature(path):
         return entry["sha256"]
     return None
 
 
-def model_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> str:
-    """Full sha256 of a checkpoint, cached in ``cache_dir/model_hashes.json`` by size and mtime."""
+def cached_digest(path: str | os.PathLike, cache_dir: str | os.PathLike | None,
+                  compute: Callable[[Path], str], *, tag: str = "") -> str:
+    """``compute(path)``, remembered in ``cache_dir/model_hashes.json`` by size and mtime.
+
+    *tag* keeps different digests of one file apart (e.g. LoRA data hashes).
+    """
     path = Path(path).resolve()
-    known = cached_hash(path, cache_dir)
+    known = cached_hash(path, cache_dir, tag=tag)
     if known:
         return known
-    sha = _sha256(path)
+    digest = compute(path)
     if cache_dir is not None:
         cache_file = Path(cache_dir) / HASH_CACHE_FILE
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache = _read_cache(cache_file)
-        cache[str(path)] = {"sha256": sha, "signature": _signature(path)}
+        cache[_cache_key(path, tag)] = {"sha256": digest, "signature": _signature(path)}
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache, indent=1))
         os.replace(tmp, cache_file)  # atomic: a concurrent reader sees the old or the new file
-    return sha
+    return digest
+
+
+def model_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> str:
+    """Full sha256 of a checkpoint (A1111's model hash), cached by size and mtime."""
+    return cached_digest(path, cache_dir, lambda p: _sha256(p))
 
 
 # -- safetensors header and type detection ------------------------------------------------------------

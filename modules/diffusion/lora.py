@@ -106,24 +106,8 @@ def read_lora_info(path: str | Path, *, compute_hash: bool = False, cache_dir: s
 
 def cached_lora_hash(path: Path, cache_dir: str | Path | None) -> str:
     """:func:`lora_hash`, remembered by size and mtime in the model hash cache when *cache_dir* is given."""
-    import os
-
-    from modules.diffusion.checkpoints import HASH_CACHE_FILE, _read_cache, _signature
-    if cache_dir is None:
-        return lora_hash(path)
-    cache_file = Path(cache_dir) / HASH_CACHE_FILE
-    key = f"{Path(path).resolve()}#lora-data"
-    entry = _read_cache(cache_file).get(key)
-    if entry and entry.get("signature") == _signature(Path(path)):
-        return entry["sha256"]
-    sha = lora_hash(path)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache = _read_cache(cache_file)
-    cache[key] = {"sha256": sha, "signature": _signature(Path(path))}
-    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=1))
-    os.replace(tmp, cache_file)
-    return sha
+    from modules.diffusion.checkpoints import cached_digest
+    return cached_digest(path, cache_dir, lora_hash, tag="lora-data")
 
 
 def _lora_files(lora_dir: str | Path) -> list[Path]:
