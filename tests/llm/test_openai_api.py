@@ -16,6 +16,9 @@ def server(tmp_path_factory):
     from modules.fixtures import llm as fixture
     data = tmp_path_factory.mktemp("openai")
     fixture.write(data)
+    broken = data / "models" / "LLM" / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}', encoding="utf-8")
     srv = start_server(data, "--api", "--nowebui")
     srv.model_dir = data / "models" / "LLM" / MODEL
     yield srv
@@ -126,6 +129,12 @@ def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as err:
         chat(client, model="no-such-model")
     assert err.value.body["code"] == "model_not_found" and "no-such-model" in err.value.body["message"]
+
+
+def test_broken_model_folder_is_400_with_the_reason(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, model="broken-model")
+    assert err.value.body["param"] == "model" and "vocab_size" in err.value.body["message"]
 
 
 def test_prompt_longer_than_context_is_400(client):
