@@ -113,10 +113,14 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def _hf_cached_tokenizer(kind: str, name: str) -> Path | None:
+    """Tokenizer files already in the local Hugging Face cache (``HF_HUB_CACHE`` read at call time)."""
+    import os
+
     from huggingface_hub import try_to_load_from_cache
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
     for repo, sub in HF_TOKENIZER_SOURCES.get((kind, name), []):
         prefix = f"{sub}/" if sub else ""
-        found = [try_to_load_from_cache(repo, prefix + f) for f in TOKENIZER_FILES]
+        found = [try_to_load_from_cache(repo, prefix + f, cache_dir=cache_dir) for f in TOKENIZER_FILES]
         if all(isinstance(p, str) for p in found):
             return Path(found[0]).parent
     return None

@@ -151,6 +151,30 @@ def test_shared_tokenizer_folder_beside_checkpoints(lone_dir, tmp_path):
     assert model.pipe.tokenizer("a cat").input_ids[0] == model.pipe.tokenizer.bos_token_id
 
 
+def test_tokenizer_from_the_local_hf_cache(lone_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--openai--clip-vit-large-patch14"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(lone_dir / "tiny-sd15" / "tokenizer", repo / "snapshots" / ("0" * 40))
+    shutil.rmtree(lone_dir / "tiny-sd15" / "tokenizer")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    info = ck.find_checkpoint(ck.list_checkpoints(lone_dir, tmp_path / "cache"), "tiny-sd15")
+    model = load_sd_model(info)
+    assert model.pipe.tokenizer("a cat").input_ids[0] == model.pipe.tokenizer.bos_token_id
+
+
+def test_diffusers_folder_without_tokenizer_uses_the_shared_one(fixture_data_dir, tmp_path):
+    src = fixture_data_dir / "models" / "Stable-diffusion"
+    dst = tmp_path / "sd"
+    shutil.copytree(src / "tiny-sd15-diffusers", dst / "mine")
+    shutil.move(str(dst / "mine" / "tokenizer"), str(dst / "tokenizer"))
+    info = ck.find_checkpoint(ck.list_checkpoints(dst, compute_hashes=False), "mine")
+    model = load_sd_model(info)
+    reference = load_sd_model(ck.find_checkpoint(ck.list_checkpoints(src, compute_hashes=False), "tiny-sd15-diffusers"))
+    assert model.pipe.tokenizer("a photo").input_ids == reference.pipe.tokenizer("a photo").input_ids
+
+
 def test_pickle_refused_without_flag_and_loaded_with_it(lone_dir, tmp_path):
     from safetensors.torch import load_file
     state = load_file(str(lone_dir / "tiny-sd15.safetensors"))
