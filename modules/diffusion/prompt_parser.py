@@ -57,6 +57,19 @@ class _ScheduleParser:
 
     def __init__(self, text: str):
         self.s = text
+        # packrat memo: each construct is parsed once per position, so nested brackets stay linear
+        self._memo: dict[tuple, tuple[list, int] | None] = {}
+
+    def _memoized(self, key: tuple, parse):
+        if key not in self._memo:
+            try:
+                self._memo[key] = parse()
+            except _Fail:
+                self._memo[key] = None
+        result = self._memo[key]
+        if result is None:
+            raise _Fail
+        return result
 
     def parse(self) -> list:
         nodes, i = [], 0
@@ -70,6 +83,9 @@ class _ScheduleParser:
 
     def prompt(self, i: int, *, pipe_stops: bool) -> tuple[list, int]:
         """Text and bracket constructs from *i* until a character this level cannot consume."""
+        return self._memoized(("prompt", i, pipe_stops), lambda: self._prompt(i, pipe_stops))
+
+    def _prompt(self, i: int, pipe_stops: bool) -> tuple[list, int]:
         s, nodes = self.s, []
         stops = "[]():|" if pipe_stops else "[]():"
         while i < len(s):
@@ -97,6 +113,9 @@ class _ScheduleParser:
 
     def round(self, i: int) -> tuple[list, int]:
         """``(prompt)`` or ``(prompt:prompt)``, kept literally."""
+        return self._memoized(("round", i), lambda: self._round(i))
+
+    def _round(self, i: int) -> tuple[list, int]:
         inner, j = self.prompt(i + 1, pipe_stops=False)
         if j < len(self.s) and self.s[j] == ")":
             return ["("] + inner + [")"], j + 1
@@ -123,6 +142,9 @@ class _ScheduleParser:
 
     def square(self, i: int) -> tuple[list, int]:
         """``[from:to:when]``, ``[to:when]``, ``[a|b|…]`` or emphasis ``[prompt]``, in that order."""
+        return self._memoized(("square", i), lambda: self._square(i))
+
+    def _square(self, i: int) -> tuple[list, int]:
         s = self.s
         first, j = self.prompt(i + 1, pipe_stops=False)
         if j < len(s) and s[j] == ":":

@@ -54,6 +54,15 @@ def test_old_scheduling_treats_numbers_below_one_as_fractions():
     assert prompt_schedule("a [b:3.0] c", 10, use_old_scheduling=True) == [[3, "a  c"], [10, "a b c"]]
 
 
+def test_deep_nesting_parses_quickly():
+    import time
+    started = time.perf_counter()
+    nested = "[" * 60 + "a" + "]" * 60 + " (" * 60 + "b:1.2" + ")" * 60 + " [[[[[[[[[[[[[[[[[[[[c:3"
+    result = prompt_schedule(nested + " [x:y:5]", 10)
+    assert time.perf_counter() - started < 1.0
+    assert [step for step, _ in result] == [5, 10]
+
+
 def test_unparseable_prompt_falls_back_to_literal():
     deep = "[" * 3000 + "a:1]"
     assert prompt_schedule(deep, 10) == [[10, deep]]
