@@ -240,14 +240,9 @@ class Arrivals(Protocol):
 
 
 def _new_cache(model: Any, batch: int, slots: int) -> Any:
-    """A KV cache with *slots* token slots. Left padding makes slots exceed positions, so a batch may need
-    more slots than the context length even though no row's position does."""
-    if slots <= model.config.max_position_embeddings or model.config.rope_scaling is not None:
-        return model.new_kv_cache(batch, slots)
-    from modules.llm.model import KVCache  # same cache, sized by slots rather than positions
-    cfg, weight = model.config, model.lm_head.weight
-    return KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots, cfg.head_dim,
-                   dtype=weight.dtype, device=weight.device)
+    """A KV cache with *slots* token slots. Left padding and joining rows make slots exceed positions, so a
+    batch may need more slots than the context length even though no row's position does."""
+    return model.new_kv_cache(batch, slots)
 
 
 def _prefill(model: Any, rows: list[_Row], cache: Any,
