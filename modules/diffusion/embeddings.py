@@ -65,6 +65,8 @@ def read_embedding(path: str | Path, *, allow_unsafe_pickle: bool = False) -> di
         out = {"clip_l": state["emb_params"]}
     elif "string_to_param" in state:
         out = {"clip_l": state["string_to_param"]["*"]}
+    elif "string_to_param.*" in state:  # the same A1111 layout, flattened into safetensors
+        out = {"clip_l": state["string_to_param.*"]}
     else:
         tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
         if len(tensors) != 1:

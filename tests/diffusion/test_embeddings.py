@@ -32,6 +32,13 @@ def test_formats(tmp_path):
     save_file({"<tok>": vec[0].clone()}, str(tmp_path / "diffusers.safetensors"))
     save_file({"clip_l": vec.clone(), "clip_g": vec * 2}, str(tmp_path / "xl.safetensors"))
     save_file({"x": vec, "y": vec.clone()}, str(tmp_path / "other.safetensors"))
+    save_file({"string_to_param.*": vec.clone(), "string_to_token.*": torch.tensor([265])},
+              str(tmp_path / "flat.safetensors"))
+    assert torch.equal(read_embedding(tmp_path / "flat.safetensors")["clip_l"], vec)
+    torch.save({"string_to_param": {"*": vec}, "name": "old"}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="allow-unsafe-pickle"):
+        read_embedding(tmp_path / "old.pt")
+    assert torch.equal(read_embedding(tmp_path / "old.pt", allow_unsafe_pickle=True)["clip_l"], vec)
     assert torch.equal(read_embedding(tmp_path / "a1111.safetensors")["clip_l"], vec)
     assert read_embedding(tmp_path / "diffusers.safetensors")["clip_l"].shape == (1, 3)
     assert set(read_embedding(tmp_path / "xl.safetensors")) == {"clip_l", "clip_g"}
@@ -39,6 +46,7 @@ def test_formats(tmp_path):
         read_embedding(tmp_path / "other.safetensors")
     infos = {i.name: i for i in list_embeddings(tmp_path)}
     assert infos["other"].error and infos["a1111"].vectors == 2
+    assert "pickle" in infos["old"].error
     data = (tmp_path / "xl.safetensors").read_bytes()
     assert infos["xl"].shorthash == hashlib.sha256(data).hexdigest()[:12] and infos["xl"].kind == "sdxl"
 
