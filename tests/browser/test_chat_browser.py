@@ -172,3 +172,12 @@ def test_saved_chat_reload_rename_delete(page, server):
     page.wait_for_function("document.querySelector('#chat_notice').innerText.includes('deleted')", timeout=30000)
     assert not chat_file.exists()
     assert page.locator(BOTS).count() == 0
+
+
+def test_page_load_lists_chats_saved_since_start(page, server):
+    from modules.llm.chat_history import ChatStore
+    ChatStore(server[1] / "chats").create([{"role": "user", "content": "saved elsewhere"}], title="From the API")
+    page.reload(wait_until="load")
+    page.get_by_role("tab", name="Chat", exact=True).click()
+    page.locator("#chat_saved input").click()
+    page.get_by_role("option", name="From the API", exact=True).wait_for(timeout=30000)

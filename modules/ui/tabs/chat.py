@@ -106,6 +106,13 @@ def build(ctx: Any) -> None:
                 new_title = gr.Textbox(label="Rename to", elem_id="chat_title")
                 rename = gr.Button("Rename", elem_id="chat_rename")
 
+    def on_page_load():
+        """The component values above were computed when the UI was built: refresh them per page load."""
+        return (gr.update(choices=model_choices(), value=initial_model()),
+                gr.update(choices=chat_choices(), value=None))
+
+    gr.on(triggers=None, fn=on_page_load, inputs=None, outputs=[model, saved], queue=False)
+
     param_inputs = [max_new, temperature, top_p, top_k, min_p, repetition, presence, frequency, seed, stops,
                     ignore_eos]
 
