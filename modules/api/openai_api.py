@@ -55,6 +55,10 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+    # accepted so clients that send their defaults work; asking for them is a clear 400 (see _check_unsupported)
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
 
     def params(self, default_max: int | None) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -248,9 +252,13 @@ def build_router(ctx: Any) -> APIRouter:
 
 
 def _check_n(body: _Sampling) -> None:
+    """Reject what this server cannot do instead of silently ignoring it."""
     if body.n is not None and body.n != 1:
         raise ApiError(400, f"n={body.n} is not supported: Atelier returns one choice per request (n=1)",
                        param="n")
+    for name in ("logprobs", "top_logprobs", "logit_bias"):
+        if getattr(body, name):
+            raise ApiError(400, f"{name} is not supported by this server; leave it out", param=name)
 
 
 def _params(body: _Sampling, default_max: int | None) -> SamplingParams:

@@ -105,7 +105,8 @@ def test_stop_strings(client):
 
 @pytest.mark.parametrize("field,value,param", [
     ("temperature", -1, "temperature"), ("top_p", 1.5, "top_p"), ("top_p", 0, "top_p"),
-    ("max_tokens", 0, "max_tokens"), ("n", 2, "n")])
+    ("max_tokens", 0, "max_tokens"), ("n", 2, "n"), ("logprobs", True, "logprobs"),
+    ("logit_bias", {"5": 10}, "logit_bias")])
 def test_invalid_values_are_400_in_openai_shape(server, client, field, value, param):
     with pytest.raises(openai.BadRequestError) as err:
         chat(client, **{field: value})
