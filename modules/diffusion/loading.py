@@ -61,7 +61,7 @@ class UnsafeCheckpoint(PermissionError):
     """A pickled checkpoint was refused because --allow-unsafe-pickle is off."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: two loads of one checkpoint are two models
 class SDModel:
     """A loaded checkpoint: the diffusers pipeline plus what the app needs to know about it."""
     pipe: Any
@@ -300,11 +300,12 @@ def load_vae(path: str | Path, like, *, allow_unsafe_pickle: bool = False):
     else:
         state = _load_pickle(path, allow_unsafe_pickle)
     state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}
-    if any(k.startswith("encoder.down_blocks.") for k in state):
-        converted = state  # already diffusers-named
-    else:
-        converted = convert_ldm_vae_checkpoint(state, dict(like.config))
     vae = AutoencoderKL.from_config(like.config)
+    if any(k.startswith("encoder.down_blocks.") for k in state):  # already diffusers-named
+        expected = set(vae.state_dict())
+        converted = {k: v for k, v in state.items() if k in expected or k.startswith(("encoder.", "decoder."))}
+    else:  # LDM names; training leftovers (model_ema.*, loss.*) are not VAE weights and are dropped
+        converted = convert_ldm_vae_checkpoint(state, dict(like.config))
     missing, unexpected = vae.load_state_dict(converted, strict=False)
     if missing or unexpected:
         raise ValueError(f"VAE {path.name} does not fit this checkpoint: {len(missing)} missing weights "
