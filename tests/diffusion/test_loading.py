@@ -250,3 +250,25 @@ def test_switching_checkpoints_keeps_memory_flat(infos, caplog):
         manager.unload_all()
     assert manager.loaded() == []
     assert "suspected leak" not in caplog.text  # the manager watches every unloaded model with a weakref
+
+
+def test_vae_file_variants_load_alike(infos, fixture_data_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from modules.diffusion.loading import load_vae
+    model = _load(infos, "tiny-sd15")
+    plain_file = fixture_data_dir / "models" / "VAE" / "tiny-vae.safetensors"
+    reference = load_vae(plain_file, model.pipe.vae)
+    state = load_file(str(plain_file))
+    prefixed = {"first_stage_model." + k: v for k, v in state.items()}
+    prefixed["model_ema.decay"] = torch.tensor(0.999)  # training leftovers found in A1111-era VAE files
+    prefixed["loss.logvar"] = torch.zeros(())
+    save_file(prefixed, str(tmp_path / "prefixed.safetensors"))
+    reference.save_pretrained(tmp_path / "folder-vae")
+    ref_state = reference.state_dict()
+    for source in (tmp_path / "prefixed.safetensors", tmp_path / "folder-vae"):
+        other = load_vae(source, model.pipe.vae).state_dict()
+        assert other.keys() == ref_state.keys()
+        assert all(torch.equal(other[k], ref_state[k]) for k in ref_state), source
+    listed = {v.name: v for v in ck.list_vaes(tmp_path, compute_hashes=False)}
+    assert listed["folder-vae"].format == "diffusers" and listed["prefixed.safetensors"].error is None
