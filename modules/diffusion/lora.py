@@ -150,10 +150,12 @@ def apply_loras(sd, calls: list, lora_dir: str | Path, *, cache_dir: str | Path 
     goes on. On exit every adapter is removed and the pipeline is as before. Only the LoRAs used
     are hashed (cached in *cache_dir* when given).
     """
+    from safetensors import SafetensorError
     pipe = sd.pipe
     applied = AppliedLoras()
     infos = list_loras(lora_dir)
     weights = []
+    attempted = False  # a load that failed half-way may still have injected layers: clean up then too
     try:
         for i, call in enumerate(calls):
             name = call.name
@@ -174,9 +176,10 @@ def apply_loras(sd, calls: list, lora_dir: str | Path, *, cache_dir: str | Path 
                                         "it was ignored")
                 continue
             adapter = f"lora{i}_{''.join(c if c.isalnum() else '_' for c in name)}"
+            attempted = True
             try:
                 pipe.load_lora_weights(info.filename, adapter_name=adapter)
-            except (ValueError, KeyError, RuntimeError) as exc:
+            except (ValueError, KeyError, RuntimeError, TypeError, IndexError, OSError, SafetensorError) as exc:
                 applied.warnings.append(f"LoRA '{name}' could not be applied to this model ({exc}); it was ignored")
                 log.warning("LoRA %s failed to load: %s", name, exc)
                 continue
@@ -189,5 +192,5 @@ def apply_loras(sd, calls: list, lora_dir: str | Path, *, cache_dir: str | Path 
             log.warning(warning)
         yield applied
     finally:
-        if applied.adapters:
+        if attempted:
             pipe.unload_lora_weights()

@@ -172,3 +172,20 @@ def test_kohya_metadata_hash_and_alias(models, tmp_path):
     (info,) = list_loras(tmp_path)
     assert (info.name, info.alias, info.shorthash) == ("file-name", "pretty-name", "0123456789ab")
     assert find_lora([info], "pretty-name") is info
+
+
+def test_unconvertible_lora_is_a_warning_and_leaves_nothing_behind(sd15, models, tmp_path):
+    from safetensors.torch import save_file
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    # a LoHa-style file: kohya names but keys diffusers cannot convert
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.ones(4, 4),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b": torch.ones(4, 16),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(1.0)},
+              str(lora_dir / "loha.safetensors"))
+    shutil.copy(models / "Lora" / "tiny-sd15-peft.safetensors", lora_dir)
+    snapshot = _snapshot(sd15.pipe)
+    with apply_loras(sd15, _calls("<lora:loha:1> <lora:tiny-sd15-peft:1>"), lora_dir) as applied:
+        assert list(applied.hashes) == ["tiny-sd15-peft"]
+        assert len(applied.warnings) == 1 and "loha" in applied.warnings[0]
+    _assert_restored(sd15.pipe, snapshot)
