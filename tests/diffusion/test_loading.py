@@ -272,3 +272,35 @@ def test_vae_file_variants_load_alike(infos, fixture_data_dir, tmp_path):
         assert all(torch.equal(other[k], ref_state[k]) for k in ref_state), source
     listed = {v.name: v for v in ck.list_vaes(tmp_path, compute_hashes=False)}
     assert listed["folder-vae"].format == "diffusers" and listed["prefixed.safetensors"].error is None
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_ldm_writer_round_trips_the_real_block_layout(kind):
+    """The shipped (real) UNet/VAE layouts at toy widths: our LDM names read back through diffusers' own
+    converters give every weight back, so real-size single files use the same key layout."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from modules.diffusion.ldm_keys import UNET_PREFIX, VAE_PREFIX, unet_to_ldm, vae_to_ldm
+    unet_cfg = json.loads((CONFIGS_DIR / kind / "unet" / "config.json").read_text())
+    unet_cfg.update(block_out_channels=[32, 64, 128, 128][:len(unet_cfg["block_out_channels"])],
+                    cross_attention_dim=64, norm_num_groups=16)
+    if kind == "sdxl":
+        unet_cfg.update(addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+                        attention_head_dim=[1, 2, 4])
+    elif kind == "sd2":
+        unet_cfg.update(attention_head_dim=[1, 2, 4, 4])
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(unet_cfg)
+    state = unet.state_dict()
+    ldm = {UNET_PREFIX + k: v for k, v in unet_to_ldm(state, unet_cfg["layers_per_block"]).items()}
+    back = convert_ldm_unet_checkpoint(ldm, unet_cfg)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    vae_cfg = json.loads((CONFIGS_DIR / kind / "vae" / "config.json").read_text())
+    vae_cfg.update(block_out_channels=[16, 16, 32, 32], norm_num_groups=16)
+    vae = AutoencoderKL.from_config(vae_cfg)
+    vstate = vae.state_dict()
+    vback = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in vae_to_ldm(vstate).items()}, vae_cfg)
+    assert vback.keys() == vstate.keys()
+    assert all(torch.equal(vback[k], vstate[k]) for k in vstate)
