@@ -27,6 +27,7 @@ exactly what diffusers' own ``encode_prompt`` gives.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 75
 COMMA_BACKTRACK = 20
+#: A1111's "Emphasis mode" setting: Original (scale, restore the mean), No norm (scale only),
+#: Ignore (parse brackets but use weight 1), None (brackets are plain text).
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 
 
 @dataclass
@@ -46,9 +50,15 @@ class TokenChunk:
     weights: list[float]
 
 
-def chunk_prompt(pipe, tokenizer, prompt: str, *, comma_backtrack: int = COMMA_BACKTRACK) -> list[TokenChunk]:
+def chunk_prompt(pipe, tokenizer, prompt: str, *, comma_backtrack: int = COMMA_BACKTRACK,
+                 emphasis: str = "Original") -> list[TokenChunk]:
     """Split *prompt* into 75-token chunks of (token ids, weights), without BOS/EOS."""
-    parsed = parse_prompt_attention(prompt)
+    if emphasis == "None":
+        parsed = [[prompt, 1.0]]
+    else:
+        parsed = parse_prompt_attention(prompt)
+        if emphasis == "Ignore":
+            parsed = [[t, w if t == "BREAK" and w < 0 else 1.0] for t, w in parsed]
     texts = [text for text, _ in parsed]
     if hasattr(pipe, "maybe_convert_prompt"):  # textual-inversion tokens: "emb" -> "emb emb_1 ..."
         texts = [pipe.maybe_convert_prompt(t, tokenizer) if t else t for t in texts]
@@ -105,13 +115,13 @@ def _hidden(encoder, ids: torch.Tensor, layer: int | None, final_norm: bool):
     return z, out
 
 
-def _weighted(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """A1111 "Original" emphasis: scale each token, then restore the chunk's mean."""
+def _weighted(z: torch.Tensor, weights: list[float], restore_mean: bool = True) -> torch.Tensor:
+    """A1111 "Original" emphasis: scale each token, then restore the chunk's mean ("No norm": scale only)."""
     if all(w == 1.0 for w in weights):
         return z
     original_mean = z.mean()
     z = z * torch.tensor(weights, dtype=z.dtype, device=z.device).reshape(1, -1, 1)
-    return z * (original_mean / z.mean())
+    return z * (original_mean / z.mean()) if restore_mean else z
 
 
 @dataclass
@@ -121,7 +131,7 @@ class Encoded:
     chunks: int
 
 
-def encode_prompt_a1111(sd, prompt: str, *, clip_skip: int = 1) -> Encoded:
+def encode_prompt_a1111(sd, prompt: str, *, clip_skip: int = 1, emphasis: str = "Original") -> Encoded:
     """One prompt (no schedule syntax left) encoded the A1111 way for SD1/SD2/SDXL."""
     pipe = sd.pipe
     if sd.kind == "sdxl":
@@ -130,7 +140,7 @@ def encode_prompt_a1111(sd, prompt: str, *, clip_skip: int = 1) -> Encoded:
     else:
         parts = [(pipe.tokenizer, pipe.text_encoder)]
         layer, final_norm = (None if clip_skip <= 1 else -clip_skip), True
-    chunked = [chunk_prompt(pipe, tok, prompt) for tok, _ in parts]
+    chunked = [chunk_prompt(pipe, tok, prompt, emphasis=emphasis) for tok, _ in parts]
     count = max(len(c) for c in chunked)
     for c in chunked:  # the SDXL tokenizers split alike; pad defensively if a vocab ever differs
         c += [TokenChunk([], []) for _ in range(count - len(c))]
@@ -143,7 +153,7 @@ def encode_prompt_a1111(sd, prompt: str, *, clip_skip: int = 1) -> Encoded:
             z, out = _hidden(encoder, torch.tensor([ids], device=device), layer, final_norm)
             if n == 0 and encoder is getattr(pipe, "text_encoder_2", None):
                 pooled = out[0]  # text_embeds of CLIPTextModelWithProjection, first chunk only
-            zs.append(_weighted(z, weights))
+            zs.append(_weighted(z, weights, restore_mean=emphasis != "No norm"))
         per_encoder.append(torch.cat(zs, dim=1))
     embeds = torch.cat(per_encoder, dim=-1) if len(per_encoder) > 1 else per_encoder[0]
     return Encoded(embeds, pooled, count)
@@ -191,15 +201,31 @@ def _merge(pos: list[list], neg: list[list]) -> list[tuple[int, str, str]]:
     return [(e, pick(pos, e), pick(neg, e)) for e in ends]
 
 
+def _is_positive_int(value) -> bool:
+    try:
+        return operator.index(value) >= 1
+    except TypeError:
+        return False
+
+
 def encode_schedule(sd, prompt: str, negative_prompt: str, steps: int, batch_size: int,
                     hires_steps: int | None = None, *, clip_skip: int = 1,
-                    embeddings_dir: str | Path | None = None) -> ConditioningSchedule:
+                    embeddings_dir: str | Path | None = None, emphasis: str = "Original") -> ConditioningSchedule:
     """Encode *prompt* and *negative_prompt* (A1111 syntax) for a run of *steps* (+ *hires_steps*).
 
     Textual-inversion embeddings named in either prompt are loaded from *embeddings_dir*
     (default: ``sd.embeddings_dir``, else ``models/embeddings`` beside the checkpoint folder).
     """
     from modules.diffusion import embeddings as emb
+    problems = []
+    if emphasis not in EMPHASIS_MODES:
+        problems.append(f"emphasis={emphasis!r} is not one of {', '.join(EMPHASIS_MODES)}")
+    for name, value, hint in (("clip_skip", clip_skip, " (1 = last layer)"), ("steps", steps, ""),
+                              ("batch_size", batch_size, "")):
+        if not _is_positive_int(value):
+            problems.append(f"{name}={value!r} must be an integer >= 1{hint}")
+    if problems:
+        raise ValueError("encode_schedule: " + "; ".join(problems))
     pipe = sd.pipe
     emb_dir = embeddings_dir or getattr(sd, "embeddings_dir", None) or emb.default_dir(sd)
     warnings: list[str] = []
@@ -210,7 +236,7 @@ def encode_schedule(sd, prompt: str, negative_prompt: str, steps: int, batch_siz
 
     def enc(text: str) -> Encoded:
         if text not in cache:
-            cache[text] = encode_prompt_a1111(sd, text, clip_skip=clip_skip)
+            cache[text] = encode_prompt_a1111(sd, text, clip_skip=clip_skip, emphasis=emphasis)
         return cache[text]
 
     made: dict[tuple[str, str], dict] = {}

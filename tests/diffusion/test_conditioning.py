@@ -147,3 +147,18 @@ def test_sd2_plain_prompt_equals_diffusers(infos):
     assert torch.equal(kw["prompt_embeds"], pos) and torch.equal(kw["negative_prompt_embeds"], neg)
     # SD2's tokenizer pads with "!" after the end token, as A1111's OpenCLIP embedder does
     assert sd2.pipe.tokenizer.pad_token == "!"
+
+
+def test_emphasis_modes(sd15):
+    base = _plain(sd15, "a cat")
+    no_norm = encode_schedule(sd15, "a (cat:1.5)", "", 4, 1, emphasis="No norm").at_step(0)["prompt_embeds"]
+    (chunk,) = chunk_prompt(sd15.pipe, sd15.pipe.tokenizer, "a (cat:1.5)")
+    weights = torch.ones(77)
+    weights[1:1 + len(chunk.weights)] = torch.tensor(chunk.weights)
+    assert torch.allclose(no_norm, base * weights.reshape(1, -1, 1), atol=1e-6)
+    ignore = encode_schedule(sd15, "a (cat:1.5)", "", 4, 1, emphasis="Ignore").at_step(0)["prompt_embeds"]
+    assert torch.equal(ignore, base)
+    literal = encode_schedule(sd15, "a (cat:1.5)", "", 4, 1, emphasis="None").at_step(0)["prompt_embeds"]
+    assert torch.equal(literal, _plain(sd15, "a (cat:1.5)"))
+    with pytest.raises(ValueError, match="emphasis='Loud'.*clip_skip=0"):
+        encode_schedule(sd15, "a", "", 4, 1, emphasis="Loud", clip_skip=0)
