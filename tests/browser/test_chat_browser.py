@@ -181,3 +181,23 @@ def test_page_load_lists_chats_saved_since_start(page, server):
     page.get_by_role("tab", name="Chat", exact=True).click()
     page.locator("#chat_saved input").click()
     page.get_by_role("option", name="From the API", exact=True).wait_for(timeout=30000)
+
+
+def test_two_browser_sessions_are_batched_together(page, server):
+    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    other.goto(server[0].url, wait_until="load")
+    for pg in (page, other):
+        pg.get_by_role("tab", name="Chat", exact=True).click()
+        pick(pg, "#chat_model", "slow-llama")
+        set_max_new_tokens(pg, 120)
+        pg.locator("#chat_ignore_eos input").check()
+    before = server[0].log().count("batch of 2")
+    send(page, "First session says hello")
+    send(other, "Second session says hello")
+    for pg in (page, other):
+        pg.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 1 && "
+                             f"[...document.querySelectorAll('{BOTS}')].pop().innerText.includes('tokens/s')",
+                             timeout=60000)
+    other.close()
+    # both replies were decoded in one batch (the second joined the first while it was generating)
+    assert server[0].log().count("batch of 2") > before

@@ -16,6 +16,10 @@ from modules.llm.chat_history import check_continuable, for_regenerate, without_
 
 log = logging.getLogger(__name__)
 
+#: replies from different browser sessions run at the same time (Gradio's default is one per event), so the
+#: engine can batch them; the job queue still owns the device
+REPLY_CONCURRENCY = 8
+
 
 def display(history: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Chatbot messages for *history*: replies get a small line with their token count and speed."""
@@ -195,9 +199,11 @@ def build(ctx: Any) -> None:
     send_inputs = [pending, history, *common, *param_inputs]
     for trigger in (send.click, message.submit):
         trigger(lambda text: ("", text), message, [message, pending], queue=False).then(
-            on_send, send_inputs, outputs, show_progress="hidden")
-    regenerate.click(on_regenerate, [history, *common, *param_inputs], outputs, show_progress="hidden")
-    cont.click(on_continue, [history, *common, *param_inputs], outputs, show_progress="hidden")
+            on_send, send_inputs, outputs, show_progress="hidden", concurrency_limit=REPLY_CONCURRENCY)
+    regenerate.click(on_regenerate, [history, *common, *param_inputs], outputs, show_progress="hidden",
+                     concurrency_limit=REPLY_CONCURRENCY)
+    cont.click(on_continue, [history, *common, *param_inputs], outputs, show_progress="hidden",
+               concurrency_limit=REPLY_CONCURRENCY)
 
     def on_stop(slot):
         run = slot.get("run")
