@@ -250,6 +250,7 @@ def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", d
     Raises ValueError for a broken or unknown checkpoint, UnsafeCheckpoint for a pickle without
     *allow_unsafe_pickle*, and MissingTokenizer (with instructions) when no tokenizer is found.
     """
+    from safetensors import SafetensorError
     if info.error:
         raise ValueError(f"checkpoint {info.name} cannot be loaded: {info.error}")
     if info.is_pickle and not allow_unsafe_pickle:
@@ -269,8 +270,14 @@ def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", d
         cls = pipeline_class(kind, inpaint)
         with tempfile.TemporaryDirectory(prefix="atelier-sdconfig-") as tmp:
             config_dir = build_config_dir(info, kind, inpaint, Path(tmp) / "config")
-            pipe = cls.from_single_file(info.filename, config=str(config_dir), local_files_only=True,
-                                        dtype=dtype, **_pipe_kwargs(cls))
+            try:
+                pipe = cls.from_single_file(info.filename, config=str(config_dir), local_files_only=True,
+                                            dtype=dtype, **_pipe_kwargs(cls))
+            except (ValueError, KeyError, RuntimeError, TypeError, IndexError, SafetensorError) as exc:
+                raise ValueError(f"{info.name} looks like an {kind} checkpoint but could not be loaded with the "
+                                 f"{kind} configs ({type(exc).__name__}: {exc}). If it is a fine-tune with a "
+                                 f"different architecture, put its diffusers configs in {sidecar_dir(info)}/"
+                                 ) from exc
         if kind == "sd2" and not inpaint:
             prediction = _sd2_prediction_type(info, pipe)
             if prediction and prediction != pipe.scheduler.config.get("prediction_type"):

@@ -304,3 +304,13 @@ def test_ldm_writer_round_trips_the_real_block_layout(kind):
     vback = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in vae_to_ldm(vstate).items()}, vae_cfg)
     assert vback.keys() == vstate.keys()
     assert all(torch.equal(vback[k], vstate[k]) for k in vstate)
+
+
+def test_architecture_mismatch_is_a_clear_error(lone_dir, tmp_path):
+    # the SD1 toy checkpoint with the *real* SD1 configs: every shape is wrong
+    for f in (lone_dir / "tiny-sd15").rglob("*.json"):
+        if "tokenizer" not in f.parts:
+            f.unlink()
+    info = ck.find_checkpoint(ck.list_checkpoints(lone_dir, compute_hashes=False), "tiny-sd15")
+    with pytest.raises(ValueError, match="could not be loaded with the sd1 configs"):
+        load_sd_model(info)
