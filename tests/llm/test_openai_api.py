@@ -160,3 +160,19 @@ def test_client_disconnect_stops_generation(server, client):
     generated = int(line.split(" new tokens")[0].rsplit(" ", 1)[1])
     assert generated < 200  # the context would have allowed ~250 more
     assert chat(client, max_tokens=3).choices[0].message.content is not None  # the queue moved on
+
+
+def test_content_parts_developer_role_and_single_stop_string(server):
+    body = {"model": MODEL, "temperature": 0, "max_completion_tokens": 6, "stop": "\u2603",
+            "messages": [{"role": "developer", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "Hello! "},
+                                                      {"type": "text", "text": "How are you today?"}]}]}
+    reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    plain = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        **body, "messages": [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "Hello! How are you today?"}]}).json()
+    assert reply["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert reply["usage"] == plain["usage"] and reply["usage"]["completion_tokens"] <= 6
+    image = {**body, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    response = httpx.post(server.url + "/v1/chat/completions", json=image, timeout=60)
+    assert response.status_code == 400 and "text content" in response.json()["error"]["message"]
