@@ -137,6 +137,11 @@ class LLMService:
 
     def acquire(self, name: str) -> Any:
         """A model-manager lease on model *name* (loaded on first use). Release it when done."""
+        if self.ctx.models.is_loaded(self.model_key(name)):
+            try:  # already in memory: no need to scan the folder again
+                return self.ctx.models.acquire(self.model_key(name), kind="llm")
+            except KeyError:
+                pass  # evicted in between; load it below
         entry = self._entry(name)
         path = Path(entry["path"])
 
@@ -186,7 +191,8 @@ class LLMService:
         """The model a request means: the one named, else the current one, else the default setting, else the
         only/first available one. Raises ModelNotFound when there is none."""
         if name:
-            self._entry(name)
+            if not self.ctx.models.is_loaded(self.model_key(name)):
+                self._entry(name)  # raises ModelNotFound / ModelUnusable
             return name
         for candidate in (self.current_model, self.ctx.settings.get("llm.default_model")):
             if candidate and candidate in self.model_names():
