@@ -161,8 +161,9 @@ def ensure_loaded(sd, texts: list[str], emb_dir: str | Path | None,
                 warnings.append(message)
             continue
         for key, tokenizer, encoder in targets:
-            dtype = encoder.get_input_embeddings().weight.dtype
-            sd.pipe.load_textual_inversion(vectors[key].to(dtype), token=info.name, tokenizer=tokenizer,
+            weight = encoder.get_input_embeddings().weight
+            sd.pipe.load_textual_inversion(vectors[key].to(device=weight.device, dtype=weight.dtype),
+                                           token=info.name, tokenizer=tokenizer,
                                            text_encoder=encoder)
         loaded[info.name] = info.shorthash
         used[info.name] = info.shorthash
