@@ -143,7 +143,8 @@ def _adapter_weights(pipe, adapter: str, te: float, unet: float) -> dict:
 
 
 @contextlib.contextmanager
-def apply_loras(sd, calls: list, lora_dir: str | Path, *, cache_dir: str | Path | None = None) -> Iterator[AppliedLoras]:
+def apply_loras(sd, calls: list, lora_dir: str | Path, *,
+                cache_dir: str | Path | None = None) -> Iterator[AppliedLoras]:
     """Activate the LoRAs named by *calls* (``ExtraNetworkParams`` of ``<lora:…>`` tags) for a block.
 
     Unknown, unreadable or incompatible LoRAs become warnings and are skipped; the generation

@@ -73,7 +73,8 @@ def test_listing_hashes_and_formats(models, tmp_path, monkeypatch):
     assert again["tiny-sd15-peft"].shorthash == loras["tiny-sd15-peft"].shorthash
     item = loras["tiny-sd15-kohya"].api_item()
     assert item["alias"] == "tiny-sd15-kohya" and item["metadata"]["ss_network_dim"] == "4"
-    assert find_lora(list(loras.values()), "tiny-sd15-kohya").filename == str(models / "Lora" / "tiny-sd15-kohya.safetensors")
+    found = find_lora(list(loras.values()), "tiny-sd15-kohya")
+    assert found.filename == str(models / "Lora" / "tiny-sd15-kohya.safetensors")
 
 
 def test_kohya_lora_changes_unet_and_te_by_expected_amount(sd15, models):
