@@ -4,14 +4,16 @@
     python benchmarks/llm_decode.py --layers 2   # quick check of the script itself
 
 Both implementations run the same random weights (std 0.02, seed 0; shared tensors, so the memory is
-paid once), fp32, on the CPU, in one process, one after the other. The method follows
+paid once), fp32, on the CPU, in one process. The host is shared and its speed drifts, so the
+measurements are interleaved in rounds (bandwidth, Atelier, transformers, back to back) and ratios
+are taken within a round; medians are reported. The method follows
 ../shared/reference/cpu-baselines.md section 2:
 
 * decode rate = (n - 1) / (time of the last token - time of the first token): the prefill that
   produces the first token is excluded. Batch-1 decode, and batch-8 total throughput.
 * prefill rate = prompt tokens / time of one forward over the prompt (logits of the last token only).
-* memory bandwidth = bytes / time of ``buffer.sum()`` over a 2 GiB fp32 buffer (the read rate decode
-  needs), plus ``copy_`` (read + write), measured in the same run, median of 5.
+* memory bandwidth = bytes / time of ``buffer.sum()`` over a 1 GiB fp32 buffer with 2 threads (the
+  read rate decode needs), median of 5, measured at the start of every round.
 * weight bytes per token = every weight except the embedding table (only one row of it is read).
 
 Atelier is measured through the serving engine (``modules.llm.engine.generate``, greedy, EOS ignored)
@@ -39,11 +41,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=22, help="decoder layers (22 = TinyLlama-1.1B)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens before decoding")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded at batch 1")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded at batch 1, per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved batch-1 rounds (Atelier, transformers)")
+    p.add_argument("--batch-rounds", type=int, default=1, help="interleaved rounds of prefill and batch runs")
     p.add_argument("--batch", type=int, default=8, help="batch size of the throughput run")
-    p.add_argument("--batch-tokens", type=int, default=32, help="tokens decoded per row in the batch run")
+    p.add_argument("--batch-tokens", type=int, default=16, help="tokens decoded per row in the batch run")
     p.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill run")
-    p.add_argument("--bandwidth-gib", type=float, default=2.0, help="buffer size of the bandwidth test")
+    p.add_argument("--bandwidth-gib", type=float, default=1.0, help="buffer size of the bandwidth test")
     p.add_argument("--skip-hf", action="store_true", help="measure Atelier only")
     return p.parse_args()
 
@@ -58,16 +62,11 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def memory_bandwidth(gib: float) -> tuple[float, float]:
-    """(read GB/s via sum, read+write GB/s via copy_) over ``gib`` GiB fp32 buffers."""
-    n = int(gib * 2**30 // 4)
-    a = torch.ones(n)
-    b = torch.empty(n)
+def memory_bandwidth(gib: float) -> float:
+    """Read GB/s of ``sum()`` over a ``gib`` GiB fp32 buffer (what streaming weights needs)."""
+    a = torch.ones(int(gib * 2**30 // 4))
     a.sum()
-    b.copy_(a)
-    read = a.numel() * 4 / median_time(lambda: a.sum(), 5) / 1e9
-    copy = 2 * a.numel() * 4 / median_time(lambda: b.copy_(a), 5) / 1e9
-    return read, copy
+    return a.numel() * 4 / median_time(lambda: a.sum(), 5) / 1e9
 
 
 def build_models(layers: int, with_hf: bool):
@@ -182,10 +181,8 @@ def prefill_rate(fn, tokens: int) -> float:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.layers} layers, fp32, CPU")
-    read_bw, copy_bw = memory_bandwidth(args.bandwidth_gib)
-    print(f"memory bandwidth: read (sum) {read_bw:.1f} GB/s, copy (read+write) {copy_bw:.1f} GB/s")
-
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.layers} layers, fp32, CPU; "
+          f"{args.rounds} interleaved rounds (median reported)")
     started = time.perf_counter()
     config, ours, hf = build_models(args.layers, with_hf=not args.skip_hf)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
@@ -197,54 +194,78 @@ def main() -> None:
     prompt = torch.randint(3, config.vocab_size, (1, args.prompt), generator=gen).tolist()
     batch_prompts = torch.randint(3, config.vocab_size, (args.batch, args.prompt), generator=gen).tolist()
     long_prompt = torch.randint(3, config.vocab_size, (1, args.prefill), generator=gen)
-    rows = []
 
-    def ours_prefill(n: int, model=ours) -> None:
+    def ours_prefill(n: int) -> None:
         with torch.inference_mode():
-            model(long_prompt[:, :n], cache=model.new_kv_cache(1, n), last_only=True)
+            ours(long_prompt[:, :n], cache=ours.new_kv_cache(1, n), last_only=True)
 
     def hf_prefill(n: int) -> None:
         with torch.inference_mode():
             hf(long_prompt[:, :n], use_cache=True, logits_to_keep=1)
 
+    # The host is shared and its speed drifts by 2x within minutes, so every round measures the
+    # bandwidth, Atelier and transformers back to back, and ratios are taken within a round.
     ours.use_row_parallel(args.threads)
-    ours_decode(config, ours, prompt, 4)                                   # warm-up
-    rate, our_tokens, how = ours_decode(config, ours, prompt, args.new_tokens)
-    rows.append(("Atelier", "decode B=1", rate, weight_bytes * rate / 1e9))
-    ours.use_row_parallel(None)
-    rate_plain, _, _ = ours_decode(config, ours, prompt, args.new_tokens)
-    rows.append(("Atelier, no row-parallel GEMV", "decode B=1", rate_plain, weight_bytes * rate_plain / 1e9))
-    rows.append(("Atelier", f"prefill {args.prefill}", prefill_rate(ours_prefill, args.prefill), None))
-    ours.use_row_parallel(args.threads)
-    batch_rate, _, _ = ours_decode(config, ours, batch_prompts, args.batch_tokens)
-    rows.append(("Atelier", f"decode B={args.batch} (total)", batch_rate, None))
-
-    same = None
+    ours_decode(config, ours, prompt, 4)                                  # warm-ups
     if hf is not None:
         hf_decode(hf, prompt, 4)
-        rate, hf_tokens = hf_decode(hf, prompt, args.new_tokens)
-        same = hf_tokens == our_tokens
-        rows.append(("transformers", "decode B=1", rate, weight_bytes * rate / 1e9))
-        rows.append(("transformers", f"prefill {args.prefill}", prefill_rate(hf_prefill, args.prefill), None))
-        rate, _ = hf_decode(hf, batch_prompts, args.batch_tokens)
-        rows.append(("transformers", f"decode B={args.batch} (total)", rate, None))
+    r: dict[str, list[float]] = {}
+    same = None
+    how = ""
+    for i in range(args.rounds):
+        r.setdefault("bw", []).append(memory_bandwidth(args.bandwidth_gib))
+        rate, our_tokens, how = ours_decode(config, ours, prompt, args.new_tokens)
+        r.setdefault("ours1", []).append(rate)
+        r.setdefault("share", []).append(weight_bytes * rate / 1e9 / r["bw"][-1])
+        if hf is not None:
+            rate, hf_tokens = hf_decode(hf, prompt, args.new_tokens)
+            r.setdefault("hf1", []).append(rate)
+            r.setdefault("ratio1", []).append(r["ours1"][-1] / rate)
+            same = hf_tokens == our_tokens if same is None else same and hf_tokens == our_tokens
+        print(f"  round {i + 1}: read BW {r['bw'][-1]:.1f} GB/s, Atelier {r['ours1'][-1]:.2f} tok/s"
+              + (f", transformers {r['hf1'][-1]:.2f} tok/s" if hf is not None else ""), flush=True)
+    ours.use_row_parallel(None)
+    r["plain1"] = [ours_decode(config, ours, prompt, args.new_tokens)[0]]
+    for i in range(args.batch_rounds):
+        r.setdefault("ours_pf", []).append(prefill_rate(ours_prefill, args.prefill))
+        if hf is not None:
+            r.setdefault("hf_pf", []).append(prefill_rate(hf_prefill, args.prefill))
+            r.setdefault("ratio_pf", []).append(r["ours_pf"][-1] / r["hf_pf"][-1])
+    ours.use_row_parallel(args.threads)
+    for i in range(args.batch_rounds):
+        r.setdefault("ours8", []).append(ours_decode(config, ours, batch_prompts, args.batch_tokens)[0])
+        if hf is not None:
+            r.setdefault("hf8", []).append(hf_decode(hf, batch_prompts, args.batch_tokens)[0])
+            r.setdefault("ratio8", []).append(r["ours8"][-1] / r["hf8"][-1])
+    m = {k: statistics.median(v) for k, v in r.items()}
 
     print(f"\nAtelier measured through {how}; greedy tokens identical to transformers: "
-          f"{'n/a' if same is None else 'yes' if same else 'NO'}\n")
-    print(f"| {'implementation':32} | {'run':22} | {'tokens/s':>9} | {'weights GB/s':>12} | {'% of read BW':>12} |")
-    print(f"|{'-' * 34}|{'-' * 24}|{'-' * 11}|{'-' * 14}|{'-' * 14}|")
-    for impl, run, rate, gbs in rows:
-        bw = f"{gbs:12.1f}" if gbs else " " * 12
-        share = f"{100 * gbs / read_bw:11.0f}%" if gbs else " " * 12
-        print(f"| {impl:32} | {run:22} | {rate:9.2f} | {bw} | {share} |")
-    by = {(i, r): rate for i, r, rate, _ in rows}
+          f"{'n/a' if same is None else 'yes' if same else 'NO'}")
+    print(f"memory read bandwidth (sum over {args.bandwidth_gib:g} GiB): median {m['bw']:.1f} GB/s, "
+          f"rounds {', '.join(f'{x:.1f}' for x in r['bw'])}\n")
+    rows = [("Atelier", "decode B=1", m["ours1"], True),
+            ("Atelier, no row-parallel GEMV", "decode B=1 (1 run)", m["plain1"], True),
+            ("Atelier", f"prefill {args.prefill}", m["ours_pf"], False),
+            ("Atelier", f"decode B={args.batch} (total)", m["ours8"], False)]
     if hf is not None:
-        print()
-        for run in ("decode B=1", f"prefill {args.prefill}", f"decode B={args.batch} (total)"):
-            print(f"Atelier / transformers, {run}: {by[('Atelier', run)] / by[('transformers', run)]:.2f}x")
-    share = weight_bytes * by[("Atelier", "decode B=1")] / 1e9 / read_bw
-    print(f"Atelier batch-1 decode reads weights at {100 * share:.0f}% of the measured read bandwidth "
-          f"({read_bw:.1f} GB/s); ceiling {read_bw * 1e9 / weight_bytes:.2f} tokens/s")
+        rows += [("transformers", "decode B=1", m["hf1"], True),
+                 ("transformers", f"prefill {args.prefill}", m["hf_pf"], False),
+                 ("transformers", f"decode B={args.batch} (total)", m["hf8"], False)]
+    print(f"| {'implementation':30} | {'run':22} | {'tokens/s':>9} | {'weights GB/s':>12} | {'% of read BW':>12} |")
+    print(f"|{'-' * 32}|{'-' * 24}|{'-' * 11}|{'-' * 14}|{'-' * 14}|")
+    for impl, run, rate, streams in rows:
+        gbs = weight_bytes * rate / 1e9
+        bw = f"{gbs:12.1f}" if streams else " " * 12
+        share = f"{100 * gbs / m['bw']:11.0f}%" if streams else " " * 12
+        print(f"| {impl:30} | {run:22} | {rate:9.2f} | {bw} | {share} |")
+    print()
+    if hf is not None:
+        for key, run in (("ratio1", "decode B=1"), ("ratio_pf", f"prefill {args.prefill}"),
+                         ("ratio8", f"decode B={args.batch}")):
+            print(f"Atelier / transformers, {run}: {m[key]:.2f}x (median of per-round ratios: "
+                  f"{', '.join(f'{x:.2f}' for x in r[key])})")
+    print(f"Atelier batch-1 decode reads weights at {100 * m['share']:.0f}% of the read bandwidth measured in "
+          f"the same round (per round: {', '.join(f'{100 * x:.0f}%' for x in r['share'])})")
 
 
 if __name__ == "__main__":
