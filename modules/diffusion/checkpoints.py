@@ -263,13 +263,17 @@ def _walk(root: Path, is_model_dir, file_exts: tuple[str, ...]) -> list[Path]:
     found: list[Path] = []
     if not root.is_dir():
         return found
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()  # real paths walked: symlinked folders are followed, but never in a loop
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
+        seen.add(os.path.realpath(here))
         stems = {os.path.splitext(f)[0] for f in filenames if f.lower().endswith(file_exts)}
         keep = []
         for d in sorted(dirnames):
             sub = here / d
             if d.startswith(".") or d in stems or (here == root and d in SHARED_TOKENIZER_DIRS):
+                continue
+            if os.path.realpath(sub) in seen:
                 continue
             if is_model_dir(sub):
                 found.append(sub)

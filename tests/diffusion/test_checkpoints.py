@@ -95,9 +95,12 @@ def test_nested_folders_and_shared_tokenizer_dirs(sd_dir, tmp_path):
     (sd_dir / "sub").mkdir()
     shutil.copy(sd_dir / "tiny-sd15.safetensors", sd_dir / "sub" / "copy.safetensors")
     shutil.copytree(sd_dir / "tiny-sd15" / "tokenizer", sd_dir / "tokenizer")
+    (sd_dir / "linked").symlink_to(sd_dir / "sub", target_is_directory=True)
+    (sd_dir / "sub" / "loop").symlink_to(sd_dir, target_is_directory=True)  # must not walk forever
     names = [i.name for i in ck.list_checkpoints(sd_dir, tmp_path / "cache")]
-    assert "sub/copy.safetensors" in names
+    assert "sub/copy.safetensors" in names and "linked/copy.safetensors" in names
     assert "tokenizer" not in names
+    assert not any(n.startswith("sub/loop") for n in names)
 
 
 @pytest.mark.parametrize("keys,expected", [
