@@ -181,17 +181,20 @@ class DiffusionService:
     def validate(self, p: GenerationParams, *, img2img: bool = False) -> None:
         from modules.diffusion import samplers
         problems = []
+        names_ok = True
         try:
             p.sampler_name, p.scheduler = samplers.resolve_sampler(p.sampler_name, p.scheduler)
         except ValueError as exc:
             problems.append(str(exc))
+            names_ok = False
         try:
             over = self.overrides(p)
             self.find(over.get("checkpoint") or self.ctx.settings.get("sd.sd_model_checkpoint") or None)
         except ValueError as exc:
             problems.append(str(exc))
         try:
-            p.validate(samplers=list(samplers.SAMPLERS), schedules=list(samplers.SCHEDULE_TYPES),
+            p.validate(samplers=list(samplers.SAMPLERS) if names_ok else None,
+                       schedules=list(samplers.SCHEDULE_TYPES) if names_ok else None,
                        memory_budget=self.ctx.models.budget_free() if hasattr(self.ctx.models, "budget_free")
                        else None, img2img=img2img)
         except ValueError as exc:
