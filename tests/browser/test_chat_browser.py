@@ -113,6 +113,24 @@ def test_stop_keeps_the_partial_reply(page, server):
     assert chat["messages"][-1]["meta"]["tokens"] < 800
 
 
+def test_stop_right_after_send_with_the_model_unloaded(page):
+    """Stop pressed as soon as the message shows, while the reply is loading the model or just starting."""
+    page.locator("#chat_unload_model").click()
+    page.wait_for_function("document.querySelector('#chat_model_status').innerText.includes('Unloaded')",
+                           timeout=30000)
+    users, bots = page.locator("#chat_chatbot .message.user").count(), page.locator(BOTS).count()
+    send(page, "Stop me early")  # this request loads the model first
+    page.wait_for_function(f"document.querySelectorAll('#chat_chatbot .message.user').length === {users + 1}",
+                           timeout=30000)
+    page.locator("#chat_stop").click()
+    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === {bots + 1} && "
+                           f"[...document.querySelectorAll('{BOTS}')].pop().innerText.includes('stopped')",
+                           timeout=60000)
+    page.locator("#chat_remove_last").click()
+    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === {bots}", timeout=30000)
+    page.locator("#chat_input textarea").fill("")
+
+
 def test_regenerate_replaces_the_last_reply(page, server):
     set_max_new_tokens(page, 30)
     page.locator("#chat_ignore_eos input").uncheck()
@@ -164,8 +182,11 @@ def test_saved_chat_reload_rename_delete(page, server):
     assert json.loads(chat_file.read_text(encoding="utf-8"))["title"] == "Robot story"
     shown = last_reply(page)
     page.locator("#chat_continue").click()
-    page.wait_for_function(f"(t => t !== {json.dumps(shown)} && t.includes('tokens/s'))"
-                           f"([...document.querySelectorAll('{BOTS}')].pop().innerText)", timeout=60000)
+    deadline = time.monotonic() + 90
+    while not (last_reply(page) != shown and "tokens/s" in last_reply(page)):
+        notice = page.locator("#chat_notice").inner_text()
+        assert "⚠️" not in notice and time.monotonic() < deadline, f"continue failed: {notice!r} {shown!r}"
+        time.sleep(0.05)
     before = saved["messages"][-1]["content"]
     assert last_reply(page).startswith(before[:20])  # the reply was extended, not replaced
     page.locator("#chat_delete").click()

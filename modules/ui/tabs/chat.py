@@ -56,7 +56,7 @@ def build(ctx: Any) -> None:
 
     history = gr.State([])
     chat_id = gr.State(None)
-    running = gr.State({})  # {"run": ChatRun} while a reply is generated
+    running = gr.State({})  # {"run": ChatRun while a reply is generated, "stop": Stop pressed}
 
     with gr.Row():
         model = gr.Dropdown(model_choices(), value=initial_model(), label="Model (models/LLM)",
@@ -146,6 +146,11 @@ def build(ctx: Any) -> None:
             return cid, gr.update()
         return cid, gr.update(choices=chat_choices(), value=cid)
 
+    def started(slot, run):
+        slot["run"] = run
+        if slot.get("stop"):  # Stop was pressed while the request was being prepared
+            run.interrupt()
+
     def reply(hist, cid, slot, model_name, system, mode, *param_values):
         """Shared generator for Send / Regenerate / Continue: yields (chatbot, history, notice, id, saved)."""
         try:
@@ -153,7 +158,7 @@ def build(ctx: Any) -> None:
             stream = service.stream_reply(hist, params, model=model_name or None, system_prompt=system or None,
                                           chat_id=cid, continue_last=mode == "continue",
                                           fire_user=mode == "send",
-                                          on_start=lambda run: slot.__setitem__("run", run))
+                                          on_start=lambda run: started(slot, run))
             for update in stream:
                 if update.result is None:
                     yield display(update.messages), update.messages, update.notice, cid, gr.update()
@@ -194,18 +199,29 @@ def build(ctx: Any) -> None:
             return
         yield from reply(hist, cid, slot, model_name, system, "continue", *param_values)
 
-    # the box is emptied at once (so the user can type on); the text travels on in a state
+    # Stop may be pressed before the reply has started (the model may still be loading): it then sets
+    # "stop", which the reply honours as soon as it starts. Each new request first clears the flag.
+    def arm(slot):
+        slot["stop"] = False
+
+    def arm_and_take(text, slot):
+        arm(slot)
+        return "", text  # the box is emptied at once (so the user can type on); the text goes on in a state
+
     pending = gr.State("")
     send_inputs = [pending, history, *common, *param_inputs]
     for trigger in (send.click, message.submit):
-        trigger(lambda text: ("", text), message, [message, pending], queue=False).then(
+        trigger(arm_and_take, [message, running], [message, pending], queue=False).then(
             on_send, send_inputs, outputs, show_progress="hidden", concurrency_limit=REPLY_CONCURRENCY)
-    regenerate.click(on_regenerate, [history, *common, *param_inputs], outputs, show_progress="hidden",
-                     concurrency_limit=REPLY_CONCURRENCY)
-    cont.click(on_continue, [history, *common, *param_inputs], outputs, show_progress="hidden",
-               concurrency_limit=REPLY_CONCURRENCY)
+    regenerate.click(arm, running, None, queue=False).then(
+        on_regenerate, [history, *common, *param_inputs], outputs, show_progress="hidden",
+        concurrency_limit=REPLY_CONCURRENCY)
+    cont.click(arm, running, None, queue=False).then(
+        on_continue, [history, *common, *param_inputs], outputs, show_progress="hidden",
+        concurrency_limit=REPLY_CONCURRENCY)
 
     def on_stop(slot):
+        slot["stop"] = True
         run = slot.get("run")
         if run is not None:
             run.interrupt()
