@@ -3,7 +3,7 @@
 Both sides use the same pipeline object, the same Euler scheduler config, size, steps, CFG scale,
 prompt and seed (``torch.Generator("cpu").manual_seed(seed)``), and both decode to PIL images.
 Atelier's side is ``modules.diffusion.generation.process_images`` (prompt parsing and schedule,
-our denoising loop, infotext; no file saving, previews off). The two sides alternate, after one
+our denoising loop, infotext; no file saving, previews off). The two sides alternate, after a one-step
 warm-up call each, and the best and median of the timed calls are reported.
 
 Models:
@@ -115,27 +115,29 @@ def bench(name: str, pipe, width: int, height: int, steps: int, runs: int, seed:
                               scheduler="Automatic", cfg_scale=7.0, width=width, height=height, seed=seed,
                               save_images=False)
 
-    def atelier():
-        return process_images(Run(sd=sd, tools=tools, preview_every=0, embeddings_dir=empty), params).images[0]
+    def atelier(n=steps):
+        run = Run(sd=sd, tools=tools, preview_every=0, embeddings_dir=empty)
+        return process_images(run, params.copy(steps=n)).images[0]
 
-    def diffusers_call():
+    def diffusers_call(n=steps):
         pipe.scheduler = EulerDiscreteScheduler.from_config(euler_config)
-        return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0,
+        return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n, guidance_scale=7.0,
                     width=width, height=height, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
     sides = {"atelier": atelier, "diffusers": diffusers_call}
     times: dict[str, list[float]] = {k: [] for k in sides}
     peaks: dict[str, float] = {k: 0.0 for k in sides}
     outputs = {}
-    for side, fn in sides.items():  # warm-up (lazy imports, allocator) - not timed
-        outputs[side] = fn()
-    for _ in range(runs):
+    for side, fn in sides.items():  # warm-up with one step (lazy imports, allocator) - not timed
+        fn(1)
+    for run_no in range(runs):
         for side, fn in sides.items():
             with PeakRSS() as mem:
                 start = time.perf_counter()
-                fn()
+                outputs[side] = fn()
                 times[side].append(time.perf_counter() - start)
             peaks[side] = max(peaks[side], mem.delta_mb)
+            print(f"  {name}: run {run_no + 1}/{runs} {side}: {times[side][-1]:.2f} s", flush=True)
     import numpy as np
     diff = np.abs(np.asarray(outputs["atelier"], dtype=np.int16) - np.asarray(outputs["diffusers"], dtype=np.int16))
     return {"name": name, "size": f"{width}x{height}", "steps": steps, "times": times, "peaks": peaks,
