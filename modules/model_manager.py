@@ -230,7 +230,7 @@ class ModelManager:
                 raise ModelInUse(f"model {key!r} is in use by a running job; interrupt it first")
             self._drop(entry, reason="unloaded")
         release_memory(self.device)
-        self._check_leaks()
+        self._report_leaks()
         return True
 
     def unload_all(self, kind: str | None = None) -> None:
@@ -239,7 +239,7 @@ class ModelManager:
                 if entry.leases == 0 and (kind is None or entry.kind == kind):
                     self._drop(entry, reason="unloaded")
         release_memory(self.device)
-        self._check_leaks()
+        self._report_leaks()
 
     def memory_report(self) -> dict:
         with self._lock:
@@ -281,7 +281,7 @@ class ModelManager:
             evicted = True
             release_memory(self.device)
         if evicted:
-            self._check_leaks()
+            self._report_leaks()
         if needed and self.budget_free() < needed:
             raise OutOfMemoryBudget(
                 f"not enough memory: {needed / MB:.0f} MB needed, {max(0, self.budget_free()) / MB:.0f} MB free "
@@ -297,8 +297,8 @@ class ModelManager:
         entry.obj = None
         self._log(f"{reason} {entry.kind} {entry.key} ({entry.size / MB:.1f} MB)")
 
-    def _check_leaks(self) -> None:
-        gc.collect()
+    def _report_leaks(self) -> None:
+        """Call right after ``release_memory`` (which has just run the garbage collector)."""
         for key, ref in self._leak_watch:
             obj = ref()
             if obj is not None and key not in self._entries:

@@ -19,7 +19,9 @@ def page(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1280, "height": 900})
-        pg.goto(server[0].url, wait_until="networkidle")
+        pg.set_default_timeout(60_000)  # generous: CI machines have 2 busy cores
+        pg.goto(server[0].url, wait_until="load", timeout=120_000)
+        pg.get_by_role("tab", name="Settings", exact=True).wait_for(timeout=120_000)
         yield pg
         browser.close()
 
