@@ -155,6 +155,9 @@ def build(ctx: Any) -> None:
         """Shared generator for Send / Regenerate / Continue: yields (chatbot, history, notice, id, saved)."""
         try:
             params = params_from(*param_values)
+            if not cid and mode == "send":  # a new chat is saved with its first message, so the reply
+                cid, saved_update = save(hist, cid, system, model_name)  # and callbacks know its id
+                yield display(hist), hist, "", cid, saved_update
             stream = service.stream_reply(hist, params, model=model_name or None, system_prompt=system or None,
                                           chat_id=cid, continue_last=mode == "continue",
                                           fire_user=mode == "send",
