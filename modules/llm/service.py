@@ -294,10 +294,14 @@ class LLMService:
         base = [dict(m) for m in messages]
         prefix = base.pop().get("content", "") if continue_last else ""
         text = ""
-        for delta in run.handle.events():
-            if delta.text:
-                text += delta.text
-                yield ReplyUpdate(base + [{"role": "assistant", "content": prefix + text}], run.notice)
+        try:
+            for delta in run.handle.events():
+                if delta.text:
+                    text += delta.text
+                    yield ReplyUpdate(base + [{"role": "assistant", "content": prefix + text}], run.notice)
+        finally:
+            if not run.done:  # the consumer went away (browser tab closed): stop generating for nobody
+                run.interrupt()
         result = run.result()
         meta = {"tokens": result.completion_tokens, "prompt_tokens": result.prompt_tokens,
                 "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_second, 2),

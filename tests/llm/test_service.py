@@ -163,3 +163,13 @@ def test_plain_completion(service):
     result = handle.result(60)
     assert name == MODEL and result.completion_tokens == 5
     assert result.prompt_tokens == service.count_tokens("The quick brown fox") + 1  # + BOS
+
+
+def test_abandoned_stream_interrupts_the_reply(service):
+    runs = []
+    stream = service.stream_reply([{"role": "user", "content": "Hi"}], greedy(200, ignore_eos=True),
+                                  on_start=runs.append)
+    next(stream)
+    stream.close()  # what Gradio does when the browser tab goes away
+    result = runs[0].result(60)
+    assert result.finish_reason == "interrupted" and result.completion_tokens < 200
