@@ -288,13 +288,17 @@ def _finish(result: GenerationResult) -> str:
 
 async def _wait(request: Request, handle: Any, get_result: Callable[[], GenerationResult]):
     """Wait for a non-streamed result, interrupting the job if the client disconnects meanwhile."""
-    while not handle.done:
-        if await request.is_disconnected():
-            handle.interrupt()
+    waiter = asyncio.ensure_future(run_in_threadpool(get_result))
+    interrupted = False
+    while True:
+        done, _pending = await asyncio.wait({waiter}, timeout=0.25)
+        if done:
             break
-        await asyncio.sleep(0.05)
+        if not interrupted and await request.is_disconnected():
+            handle.interrupt()  # nobody will read the reply; the job ends at its next token
+            interrupted = True
     try:
-        return await run_in_threadpool(get_result)
+        return waiter.result()
     except Exception as exc:  # noqa: BLE001
         return _translate(exc)
 

@@ -16,6 +16,9 @@ def server(tmp_path_factory):
     from modules.fixtures import llm as fixture
     data = tmp_path_factory.mktemp("openai")
     fixture.write(data)
+    fixture.write_model(data / "models" / "LLM" / "wide-llama",  # ~50 tokens/s on a CPU: time to hang up
+                        dict(fixture.FIXTURE_MODELS[MODEL], hidden_size=512, intermediate_size=1408,
+                             num_hidden_layers=8, num_attention_heads=8, max_position_embeddings=1024))
     broken = data / "models" / "LLM" / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}', encoding="utf-8")
@@ -39,7 +42,7 @@ def chat(client, **kw):
 
 def test_models_list(client):
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, "wide-llama"]
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
@@ -176,3 +179,19 @@ def test_content_parts_developer_role_and_single_stop_string(server):
     image = {**body, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
     response = httpx.post(server.url + "/v1/chat/completions", json=image, timeout=60)
     assert response.status_code == 400 and "text content" in response.json()["error"]["message"]
+
+
+def test_client_disconnect_stops_a_non_streamed_request(server, client):
+    chat(client, model="wide-llama", max_tokens=2)  # loaded before the clock starts
+    before = server.log().count("finish: interrupted")
+    body = {"model": "wide-llama", "messages": [{"role": "user", "content": "Tell me a long story"}],
+            "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.0)
+    deadline = time.monotonic() + 20
+    while server.log().count("finish: interrupted") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = [x for x in server.log().splitlines() if "finish: interrupted" in x]
+    assert len(lines) == before + 1, "the abandoned request was not interrupted"
+    assert lines[-1].split(": ")[1].startswith("chat")
+    assert int(lines[-1].split(" new tokens")[0].rsplit(" ", 1)[1]) < 900
