@@ -19,6 +19,8 @@ instead of materialising H copies (8x less KV memory and bandwidth for TinyLlama
 from __future__ import annotations
 
 import contextlib
+import itertools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -156,53 +158,89 @@ class RowParallel:
 
     Decoding streams every weight once per token. MKL's fp32 GEMV does not spread over two cores
     (measured ~17 GB/s with 1 or 2 threads on the 2-core dev machine, where a 2-thread read reaches
-    ~31 GB/s), so here each thread runs one-thread products on its own contiguous row blocks (views,
-    no copies) and the outputs are concatenated (~26 GB/s). Linears that read the same input (q/k/v,
-    gate/up) are handed out together, so a layer costs four thread hand-offs. During such a forward
+    ~31 GB/s), so here the weights are cut into contiguous row blocks (views, no copies) that the
+    calling thread and ``threads - 1`` helpers take one at a time, each running a one-thread product
+    (~26 GB/s). Blocks are claimed dynamically, so a helper the OS is slow to schedule on a busy
+    machine costs nothing: the caller takes the remaining blocks itself. Linears that read the same
+    input (q/k/v, gate/up) are cut together, so a layer costs four hand-offs. During such a forward
     pass torch runs with one intra-op thread (:meth:`Llama.forward` sets it and restores it after), so
-    anything else running torch in this process meanwhile runs single-threaded; larger inputs
-    (prefill) use PyTorch's own threading unchanged.
+    other torch work in this process meanwhile runs single-threaded; larger inputs (prefill) use
+    PyTorch's own threading unchanged.
     """
 
-    def __init__(self, threads: int, max_tokens: int = 16, min_rows: int = 1024):
+    def __init__(self, threads: int, max_tokens: int = 16, min_rows: int = 1024, blocks_per_thread: int = 2):
         self.threads, self.max_tokens, self.min_rows = threads, max_tokens, min_rows
+        self.blocks = threads * blocks_per_thread
         self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="llm-gemv")
 
     def applies(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.numel() // x.shape[-1] <= self.max_tokens
 
-    def linears(self, x: torch.Tensor, modules: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
-        """``[m(x) for m in modules]``, computed by ``threads`` threads, each on an equal share of rows."""
-        rows = [m.weight.shape[0] for m in modules]
-        total = sum(rows)
-        if total < self.min_rows or not self.applies(x):
-            return [m(x) for m in modules]
-        # Thread t takes rows [t*total/n, (t+1)*total/n) of the modules' stacked weights.
-        shares: list[list[tuple[int, torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(self.threads)]
-        offset = 0
-        for index, (module, n) in enumerate(zip(modules, rows)):
-            for t in range(self.threads):
-                lo = max(offset, t * total // self.threads) - offset
-                hi = min(offset + n, (t + 1) * total // self.threads) - offset
+    def _cut(self, modules: tuple[nn.Linear, ...], total: int) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """Row blocks of the modules' stacked weights, about total/blocks rows each: (module, rows, bias)."""
+        pieces, offset = [], 0
+        for index, module in enumerate(modules):
+            n = module.weight.shape[0]
+            for b in range(self.blocks):
+                lo = max(offset, b * total // self.blocks) - offset
+                hi = min(offset + n, (b + 1) * total // self.blocks) - offset
                 if hi > lo:
                     bias = module.bias[lo:hi] if module.bias is not None else None
-                    shares[t].append((index, module.weight[lo:hi], bias))
+                    pieces.append((index, module.weight[lo:hi], bias))
             offset += n
-        inference = torch.is_inference_mode_enabled()
-        futures = [self._pool.submit(_linears_in_thread, inference, x, share) for share in shares[1:]]
-        pieces: list[list[torch.Tensor]] = [[] for _ in modules]
-        for index, y in _linears_in_thread(inference, x, shares[0]) + [p for f in futures for p in f.result()]:
-            pieces[index].append(y)
-        return [p[0] if len(p) == 1 else torch.cat(p, dim=-1) for p in pieces]
+        return pieces
+
+    def linears(self, x: torch.Tensor, modules: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
+        """``[m(x) for m in modules]``, with row blocks computed by whichever thread is free."""
+        total = sum(m.weight.shape[0] for m in modules)
+        if total < self.min_rows or not self.applies(x):
+            return [m(x) for m in modules]
+        work = _Blocks(self._cut(modules, total), x, torch.is_inference_mode_enabled())
+        for _ in range(self.threads - 1):
+            self._pool.submit(work.run, True)
+        mine = work.run(False)
+        for _ in range(len(work.pieces) - mine):          # wait only for blocks a helper took
+            work.finished.acquire()
+        if work.error is not None:
+            raise work.error
+        outputs: list[list[torch.Tensor]] = [[] for _ in modules]
+        for (index, _, _), y in zip(work.pieces, work.results):
+            outputs[index].append(y)
+        return [o[0] if len(o) == 1 else torch.cat(o, dim=-1) for o in outputs]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
 
-def _linears_in_thread(inference: bool, x: torch.Tensor, share) -> list[tuple[int, torch.Tensor]]:
-    # Grad and inference modes are thread-local: take the caller's.
-    with torch.inference_mode() if inference else torch.no_grad():
-        return [(index, F.linear(x, weight, bias)) for index, weight, bias in share]
+class _Blocks:
+    """One call's row blocks, claimed one by one by the caller and the helper threads."""
+
+    def __init__(self, pieces, x: torch.Tensor, inference: bool):
+        self.pieces, self.x, self.inference = pieces, x, inference
+        self.results: list[torch.Tensor | None] = [None] * len(pieces)
+        self._next = itertools.count()                     # next() on a count is atomic under the GIL
+        self.finished = threading.Semaphore(0)             # released once per block a helper finishes
+        self.error: BaseException | None = None
+
+    def run(self, helper: bool) -> int:
+        """Compute blocks until none is left; return how many this thread did."""
+        done = 0
+        # Grad and inference modes are thread-local: use the caller's.
+        with torch.inference_mode() if self.inference else torch.no_grad():
+            for i in iter(self._next.__next__, None):
+                if i >= len(self.pieces):
+                    break
+                _, weight, bias = self.pieces[i]
+                if not helper:
+                    self.results[i] = F.linear(self.x, weight, bias)
+                else:
+                    try:
+                        self.results[i] = F.linear(self.x, weight, bias)
+                    except BaseException as exc:           # handed to the caller, which re-raises it
+                        self.error = exc
+                    self.finished.release()
+                done += 1
+        return done
 
 
 def project(x: torch.Tensor, modules: tuple[nn.Linear, ...], row_parallel: RowParallel | None) -> list[torch.Tensor]:
