@@ -23,7 +23,7 @@ def server(tmp_path_factory):
     fixture.write_model(data / "models" / "LLM" / "slow-llama",
                         dict(fixture.FIXTURE_MODELS["tiny-llama-gqa"], hidden_size=512, intermediate_size=1408,
                              num_hidden_layers=8, num_attention_heads=8, max_position_embeddings=1024))
-    srv = start_server(data)
+    srv = start_server(data, "--api")
     yield srv, data
     srv.stop()
 
@@ -224,3 +224,16 @@ def test_two_browser_sessions_are_batched_together(page, server):
     other.close()
     # both replies were decoded in one batch (the second joined the first while it was generating)
     assert server[0].log().count("batch of 2") > before
+
+
+def test_page_load_takes_defaults_from_settings(page, server):
+    import httpx
+    response = httpx.post(server[0].url + "/sdapi/v1/options", timeout=30,
+                          json={"llm.system_prompt": "You are a pirate.", "llm.temperature": 0.25})
+    assert response.status_code == 200, response.text
+    page.reload(wait_until="load")
+    page.get_by_role("tab", name="Chat", exact=True).click()
+    page.wait_for_function("document.querySelector('#chat_system_prompt textarea').value === 'You are a pirate.'",
+                           timeout=30000)
+    page.get_by_text("Parameters").click()
+    assert page.locator("#chat_temperature input[type=number]").input_value() == "0.25"

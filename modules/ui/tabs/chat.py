@@ -110,12 +110,21 @@ def build(ctx: Any) -> None:
                 new_title = gr.Textbox(label="Rename to", elem_id="chat_title")
                 rename = gr.Button("Rename", elem_id="chat_rename")
 
-    def on_page_load():
-        """The component values above were computed when the UI was built: refresh them per page load."""
-        return (gr.update(choices=model_choices(), value=initial_model()),
-                gr.update(choices=chat_choices(), value=None))
+    # defaults that live in Settings (llm.*), in the order of ``from_settings`` below
+    defaults = [(system_prompt, "llm.system_prompt"), (max_new, "llm.max_new_tokens"),
+                (temperature, "llm.temperature"), (top_p, "llm.top_p"), (top_k, "llm.top_k"), (min_p, "llm.min_p"),
+                (repetition, "llm.repetition_penalty"), (presence, "llm.presence_penalty"),
+                (frequency, "llm.frequency_penalty")]
 
-    gr.on(triggers=None, fn=on_page_load, inputs=None, outputs=[model, saved], queue=False)
+    def on_page_load():
+        """The values above were computed when the UI was built: refresh them (model and chat lists, defaults
+        changed in Settings) for every page load."""
+        from_settings = [settings.get(key) for _component, key in defaults]
+        return (gr.update(choices=model_choices(), value=initial_model()),
+                gr.update(choices=chat_choices(), value=None), *from_settings)
+
+    gr.on(triggers=None, fn=on_page_load, inputs=None,
+          outputs=[model, saved, *(component for component, _key in defaults)], queue=False)
 
     param_inputs = [max_new, temperature, top_p, top_k, min_p, repetition, presence, frequency, seed, stops,
                     ignore_eos]
