@@ -274,13 +274,12 @@ class _Batch:
     All rows fill the same slots, right-aligned: a row's valid slots end at ``cache.length`` and the
     slots before its first token are masked out. Rows leave with ``select_rows``; rows join by prefilling
     them on their own and copying both caches, right-aligned, into a fresh cache (dropping slot columns
-    that no remaining row uses), so the batch never needs more than ``slot_limit`` slots.
+    that no remaining row uses); :func:`_admit` keeps the slot count within the caller's budget.
     """
 
-    def __init__(self, llm: Any, rows: list[_Row], slot_limit: int):
+    def __init__(self, llm: Any, rows: list[_Row]):
         self.model = llm.model
         self.device = self.model.lm_head.weight.device
-        self.slot_limit = slot_limit
         width = max(r.prompt_len for r in rows)
         self.cache = _new_cache(self.model, len(rows), width + max(r.max_new for r in rows))
         self.logits, self.key_mask = _prefill(self.model, rows, self.cache, self.device)
@@ -377,7 +376,7 @@ def generate(llm: Any, requests: Sequence[GenerationRequest], sinks: Sequence[Si
     # Joining rows are right-aligned with the batch, so slots can exceed any row's positions; capping them
     # bounds KV memory (a newcomer that would need more waits for the next batch).
     slot_limit = ctx_len + ctx_len // 2
-    batch = _Batch(llm, rows, slot_limit)
+    batch = _Batch(llm, rows)
     for row in rows:
         row.prefilled_at = time.perf_counter()
 
@@ -406,7 +405,7 @@ def generate(llm: Any, requests: Sequence[GenerationRequest], sinks: Sequence[Si
                 if batch.rows:
                     batch.join(joining)
                 else:  # everyone else is done: the newcomers make a fresh batch
-                    batch = _Batch(llm, joining, slot_limit)
+                    batch = _Batch(llm, joining)
                 for row in joining:
                     row.prefilled_at = time.perf_counter()
         if not batch.rows:
