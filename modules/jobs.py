@@ -146,6 +146,12 @@ class Job:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        """End the job with *result* or *error*. The queue calls this for the jobs it runs; an engine that
+        claimed jobs with ``JobQueue.take_waiting`` (or finishes batch members early) calls it itself."""
+        if not self._done.is_set():
+            self._finish(result, error)
+
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self._result, self.error = result, error
         self.state = ("interrupted" if isinstance(error, JobInterrupted) else "failed") if error else "done"
@@ -205,8 +211,8 @@ class JobQueue:
     # -- control ----------------------------------------------------------------------
     @property
     def current(self) -> Job | None:
-        running = self._running
-        return running[0] if running else None
+        """The oldest running job that has not finished (batch members can finish early)."""
+        return next((j for j in list(self._running) if not j.done), None)
 
     def running_jobs(self) -> list[Job]:
         return list(self._running)

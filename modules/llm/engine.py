@@ -511,7 +511,7 @@ class LLMEngine:
         def on_done(job: Job, result: GenerationResult) -> None:
             running[0] -= 1
             if running[0] > 0:
-                job._finish(result=result)
+                job.finish(result=result)
             else:
                 deferred.append((job, result))
 
@@ -519,7 +519,7 @@ class LLMEngine:
             running[0] += len(taken)
             while deferred:  # more work arrived: no reason to hold these back
                 job, result = deferred.pop(0)
-                job._finish(result=result)
+                job.finish(result=result)
 
         try:
             llm = lease.model
@@ -531,7 +531,7 @@ class LLMEngine:
                     check_request(job.payload, ctx_len)
                     first.append(job)
                 except ValueError as exc:
-                    job._finish(error=exc)  # a bad request fails alone; the others run
+                    job.finish(error=exc)  # a bad request fails alone; the others run
             running[0] = len(first)
             while first:
                 generate(llm, [job.payload for job in first], first, arrivals=arrivals, max_batch=self.max_batch,
@@ -542,12 +542,12 @@ class LLMEngine:
         except BaseException as exc:  # the queue fails the jobs it handed over; the ones pulled in fail here
             for job in arrivals.taken if arrivals is not None else []:
                 if not job.done:
-                    job._finish(error=exc)
+                    job.finish(error=exc)
             raise
         finally:
             lease.release()
             for job, result in deferred:
-                job._finish(result=result)
+                job.finish(result=result)
 
 
 class _QueueArrivals:
@@ -572,7 +572,7 @@ class _QueueArrivals:
                 check_request(head.payload, self.ctx_len)
             except ValueError as exc:
                 for job in self.jobs.take_waiting(self.batch_key, 1):
-                    job._finish(error=exc)
+                    job.finish(error=exc)
                 continue
             if not fits(head.payload):
                 break
