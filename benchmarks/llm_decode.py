@@ -222,10 +222,13 @@ def main() -> None:
             r.setdefault("hf1", []).append(rate)
             r.setdefault("ratio1", []).append(r["ours1"][-1] / rate)
             same = hf_tokens == our_tokens if same is None else same and hf_tokens == our_tokens
+        ours.use_row_parallel(None)
+        r.setdefault("plain1", []).append(ours_decode(config, ours, prompt, args.new_tokens)[0])
+        ours.use_row_parallel(args.threads)
         print(f"  round {i + 1}: read BW {r['bw'][-1]:.1f} GB/s, Atelier {r['ours1'][-1]:.2f} tok/s"
-              + (f", transformers {r['hf1'][-1]:.2f} tok/s" if hf is not None else ""), flush=True)
+              + (f", transformers {r['hf1'][-1]:.2f} tok/s" if hf is not None else "")
+              + f", Atelier without row-parallel GEMV {r['plain1'][-1]:.2f} tok/s", flush=True)
     ours.use_row_parallel(None)
-    r["plain1"] = [ours_decode(config, ours, prompt, args.new_tokens)[0]]
     for i in range(args.batch_rounds):
         r.setdefault("ours_pf", []).append(prefill_rate(ours_prefill, args.prefill))
         if hf is not None:
@@ -244,19 +247,19 @@ def main() -> None:
     print(f"memory read bandwidth (sum over {args.bandwidth_gib:g} GiB): median {m['bw']:.1f} GB/s, "
           f"rounds {', '.join(f'{x:.1f}' for x in r['bw'])}\n")
     rows = [("Atelier", "decode B=1", m["ours1"], True),
-            ("Atelier, no row-parallel GEMV", "decode B=1 (1 run)", m["plain1"], True),
+            ("Atelier, no row-parallel GEMV", "decode B=1", m["plain1"], True),
             ("Atelier", f"prefill {args.prefill}", m["ours_pf"], False),
             ("Atelier", f"decode B={args.batch} (total)", m["ours8"], False)]
     if hf is not None:
         rows += [("transformers", "decode B=1", m["hf1"], True),
                  ("transformers", f"prefill {args.prefill}", m["hf_pf"], False),
                  ("transformers", f"decode B={args.batch} (total)", m["hf8"], False)]
-    print(f"| {'implementation':30} | {'run':22} | {'tokens/s':>9} | {'weights GB/s':>12} | {'% of read BW':>12} |")
-    print(f"|{'-' * 32}|{'-' * 24}|{'-' * 11}|{'-' * 14}|{'-' * 14}|")
+    print(f"| {'implementation':30} | {'run':22} | {'tokens/s':>9} | {'weights GB/s':>12} | {'% of median BW':>14} |")
+    print(f"|{'-' * 32}|{'-' * 24}|{'-' * 11}|{'-' * 14}|{'-' * 16}|")
     for impl, run, rate, streams in rows:
         gbs = weight_bytes * rate / 1e9
         bw = f"{gbs:12.1f}" if streams else " " * 12
-        share = f"{100 * gbs / m['bw']:11.0f}%" if streams else " " * 12
+        share = f"{100 * gbs / m['bw']:13.0f}%" if streams else " " * 14
         print(f"| {impl:30} | {run:22} | {rate:9.2f} | {bw} | {share} |")
     print()
     if hf is not None:
