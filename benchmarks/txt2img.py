@@ -3,8 +3,8 @@
 Both sides use the same pipeline object, the same Euler scheduler config, size, steps, CFG scale,
 prompt and seed (``torch.Generator("cpu").manual_seed(seed)``), and both decode to PIL images.
 Atelier's side is ``modules.diffusion.generation.process_images`` (prompt parsing and schedule,
-our denoising loop, infotext; no file saving, previews off). The two sides alternate, after a one-step
-warm-up call each, and the best and median of the timed calls are reported.
+our denoising loop, infotext; no file saving, previews off). The two sides alternate (ABBA order), after a
+one-step warm-up call each, and the best and median of the timed calls are reported.
 
 Models:
 * ``sd15-random``: the real SD 1.5 UNet/VAE/CLIP configs from ``configs/diffusion/sd1`` with random
@@ -133,7 +133,8 @@ def bench(name: str, pipe, width: int, height: int, steps: int, runs: int, seed:
     for side, fn in sides.items():  # warm-up with one step (lazy imports, allocator) - not timed
         fn(1)
     for run_no in range(runs):
-        for side, fn in sides.items():
+        order = list(sides.items()) if run_no % 2 == 0 else list(sides.items())[::-1]  # ABBA: no order bias
+        for side, fn in order:
             with PeakRSS() as mem:
                 start, start_cpu = time.perf_counter(), time.process_time()
                 outputs[side] = fn()
