@@ -1,6 +1,7 @@
 """Start the real server (``python launch.py``) in a subprocess for API and browser tests."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -69,6 +70,23 @@ def start_server(data_dir: str | os.PathLike, *extra_args: str, timeout: float =
         time.sleep(0.25)
     server.stop()
     raise RuntimeError(f"server did not answer within {timeout}s:\n{server.log()}")
+
+
+@contextlib.contextmanager
+def open_page(url: str, *, width: int = 1400, height: int = 1000, timeout_ms: int = 60_000):
+    """Debian's Chromium, headless, driven by Playwright (never ``playwright install``), on *url* once the
+    page has loaded. Timeouts are generous: CI machines have two busy cores."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(timeout_ms)
+            page.goto(url, wait_until="load", timeout=2 * timeout_ms)
+            page.wait_for_selector("#tabs", timeout=2 * timeout_ms)
+            yield page
+        finally:
+            browser.close()
 
 
 def chromium_path() -> str:

@@ -1,9 +1,8 @@
 """Headless Chromium (Debian's, driven by Playwright) against the real server: every tab opens."""
 import httpx
 import pytest
-from playwright.sync_api import sync_playwright
 
-from server_utils import CHROMIUM_ARGS, chromium_path, start_server
+from server_utils import open_page, start_server
 
 
 @pytest.fixture(scope="module")
@@ -16,14 +15,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1280, "height": 900})
-        pg.set_default_timeout(60_000)  # generous: CI machines have 2 busy cores
-        pg.goto(server[0].url, wait_until="load", timeout=120_000)
-        pg.get_by_role("tab", name="Settings", exact=True).wait_for(timeout=120_000)
+    with open_page(server[0].url) as pg:
         yield pg
-        browser.close()
 
 
 def test_every_tab_opens(page, server, tmp_path_factory):

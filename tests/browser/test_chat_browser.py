@@ -8,9 +8,8 @@ import json
 import time
 
 import pytest
-from playwright.sync_api import sync_playwright
 
-from server_utils import CHROMIUM_ARGS, chromium_path, start_server
+from server_utils import open_page, start_server
 
 BOTS = "#chat_chatbot .message.bot"
 
@@ -30,14 +29,10 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.goto(server[0].url, wait_until="load")
+    with open_page(server[0].url) as pg:
         pg.get_by_role("tab", name="Chat", exact=True).click()
         pg.locator("#chat_send").wait_for(timeout=60000)
         yield pg
-        browser.close()
 
 
 def last_reply(page) -> str:

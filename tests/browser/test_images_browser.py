@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from server_utils import CHROMIUM_ARGS, chromium_path, start_server
+from server_utils import open_page, start_server
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +25,8 @@ def server(fixture_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(60_000)
-        pg.goto(server[0].url, wait_until="load")
-        pg.wait_for_selector("#tabs")
+    with open_page(server[0].url) as pg:
         yield pg
-        browser.close()
 
 
 def set_number(page, elem_id: str, value) -> None:
