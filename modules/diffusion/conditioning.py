@@ -30,6 +30,7 @@ import logging
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -159,10 +160,12 @@ def encode_prompt_a1111(sd, prompt: str, *, clip_skip: int = 1, emphasis: str = 
     return Encoded(embeds, pooled, count)
 
 
-def _pad_chunks(enc: Encoded, to: int, empty: Encoded) -> torch.Tensor:
+def _pad_chunks(enc: Encoded, to: int, empty: Callable[[], Encoded]) -> torch.Tensor:
+    """Pad *enc* to *to* chunks with the empty prompt's encoding; *empty* is only called (a CLIP pass)
+    when padding is needed."""
     if enc.chunks >= to:
         return enc.embeds
-    filler = empty.embeds.repeat(1, to - enc.chunks, 1)
+    filler = empty().embeds.repeat(1, to - enc.chunks, 1)
     return torch.cat([enc.embeds, filler], dim=1)
 
 
@@ -247,12 +250,12 @@ def encode_schedule(sd, prompt: str, negative_prompt: str, steps: int, batch_siz
             return made[key]
         p, n = enc(pos_text), enc(neg_text)
         count = max(p.chunks, n.chunks)
-        pos = _pad_chunks(p, count, enc(""))
+        pos = _pad_chunks(p, count, lambda: enc(""))
         if zero_negative:
             neg = torch.zeros_like(pos)
             neg_pooled = torch.zeros_like(p.pooled) if p.pooled is not None else None
         else:
-            neg = _pad_chunks(n, count, enc(""))
+            neg = _pad_chunks(n, count, lambda: enc(""))
             neg_pooled = n.pooled
         out = {"prompt_embeds": pos.repeat(batch_size, 1, 1), "negative_prompt_embeds": neg.repeat(batch_size, 1, 1)}
         if p.pooled is not None:
