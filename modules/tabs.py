@@ -19,6 +19,15 @@ class TabSpec:
     owner: str = "atelier"
 
 
+def lazy_build(module: str) -> Callable[[Any], None]:
+    """A ``build`` that imports *module* (a UI module with ``build(ctx)``) only when the UI is assembled,
+    so registering a tab never imports Gradio."""
+    def build(ctx: Any) -> None:
+        import importlib
+        importlib.import_module(module).build(ctx)
+    return build
+
+
 class TabRegistry:
     def __init__(self) -> None:
         self._tabs: dict[str, TabSpec] = {}

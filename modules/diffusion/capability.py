@@ -4,7 +4,7 @@ diffusers or loads a model; that happens on the first generation."""
 from __future__ import annotations
 
 from modules.settings import SettingSpec, SettingsSection
-from modules.tabs import TabSpec
+from modules.tabs import TabSpec, lazy_build
 
 
 def settings_section() -> SettingsSection:
@@ -16,12 +16,6 @@ def settings_section() -> SettingsSection:
     ])
 
 
-def _lazy(module: str):
-    def build(ctx) -> None:
-        import importlib
-        importlib.import_module(module).build(ctx)
-    return build
-
 
 def register(ctx) -> None:
     from modules.api.registry import VirtualOption
@@ -30,9 +24,9 @@ def register(ctx) -> None:
     ctx.settings.add_section(settings_section())
     service = DiffusionService(ctx)
     ctx.services["diffusion"] = service
-    ctx.tabs.add(TabSpec("txt2img", "txt2img", _lazy("modules.ui.tabs.txt2img"), order=20))
-    ctx.tabs.add(TabSpec("img2img", "img2img", _lazy("modules.ui.tabs.img2img"), order=30))
-    ctx.tabs.add(TabSpec("pnginfo", "PNG Info", _lazy("modules.ui.tabs.pnginfo"), order=40))
+    ctx.tabs.add(TabSpec("txt2img", "txt2img", lazy_build("modules.ui.tabs.txt2img"), order=20))
+    ctx.tabs.add(TabSpec("img2img", "img2img", lazy_build("modules.ui.tabs.img2img"), order=30))
+    ctx.tabs.add(TabSpec("pnginfo", "PNG Info", lazy_build("modules.ui.tabs.pnginfo"), order=40))
     ctx.api.add_option("sd_model_checkpoint", VirtualOption(service.current_title, service.select_checkpoint))
     ctx.api.add_option("sd_vae", VirtualOption(lambda: ctx.settings.get("sd.sd_vae"), service.select_vae))
     ctx.api.add_option("CLIP_stop_at_last_layers", VirtualOption(lambda: ctx.settings.get("sd.clip_skip"),

@@ -45,6 +45,10 @@ class Callbacks:
         with self._lock:
             self._handlers[name].append((owner, fn))
 
+    def handlers(self, name: str) -> list[tuple[str, Callable[..., Any]]]:
+        """(owner, function) pairs registered for *name*, for callers that handle return values themselves."""
+        return list(self._handlers[name])
+
     def fire(self, name: str, **kwargs: Any) -> list[Any]:
         """Call every handler of *name* with *kwargs*; return the results of those that succeeded."""
         if name not in CALLBACKS:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from modules.settings import SettingSpec, SettingsSection
-from modules.tabs import TabSpec
+from modules.tabs import TabSpec, lazy_build
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -28,16 +28,11 @@ def settings_section() -> SettingsSection:
     ])
 
 
-def _build_chat_tab(ctx: Any) -> None:
-    from modules.ui.tabs.chat import build
-    build(ctx)
-
-
 def register(ctx: Any) -> None:
     from modules.api.openai_api import build_router
     from modules.llm.service import LLMService
 
     ctx.settings.add_section(settings_section())
     ctx.services["llm"] = LLMService(ctx)
-    ctx.tabs.add(TabSpec("chat", "Chat", _build_chat_tab, order=10))
+    ctx.tabs.add(TabSpec("chat", "Chat", lazy_build("modules.ui.tabs.chat"), order=10))
     ctx.api.include(build_router(ctx))

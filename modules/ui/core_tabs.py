@@ -8,27 +8,21 @@ import logging
 from typing import Any
 
 from modules.settings import SettingsSection
-from modules.tabs import TabSpec
+from modules.tabs import TabSpec, lazy_build
 
 log = logging.getLogger(__name__)
 
 
-def _lazy(module: str):
-    def build(ctx: Any) -> None:
-        import importlib
-        importlib.import_module(module).build(ctx)
-    return build
-
 
 def register_core_tabs(ctx) -> None:
-    ctx.tabs.add(TabSpec("settings", "Settings", _lazy("modules.ui.tabs.settings"), order=900))
-    ctx.tabs.add(TabSpec("extensions", "Extensions", _lazy("modules.ui.tabs.extensions"), order=910))
-    ctx.tabs.add(TabSpec("troubleshooting", "Troubleshooting", _lazy("modules.ui.tabs.troubleshooting"), order=920))
+    ctx.tabs.add(TabSpec("settings", "Settings", lazy_build("modules.ui.tabs.settings"), order=900))
+    ctx.tabs.add(TabSpec("extensions", "Extensions", lazy_build("modules.ui.tabs.extensions"), order=910))
+    ctx.tabs.add(TabSpec("troubleshooting", "Troubleshooting", lazy_build("modules.ui.tabs.troubleshooting"), order=920))
 
 
 def register_extension_ui(ctx) -> None:
     """Fire ``on_ui_settings`` and ``on_ui_tabs`` and add what the handlers return."""
-    for owner, fn in list(ctx.callbacks._handlers["on_ui_settings"]):
+    for owner, fn in ctx.callbacks.handlers("on_ui_settings"):
         try:
             for section in fn(ctx=ctx) or []:
                 if not isinstance(section, SettingsSection):
@@ -39,7 +33,7 @@ def register_extension_ui(ctx) -> None:
             _mark_extension_error(ctx, owner, f"on_ui_settings raised {type(exc).__name__}: {exc}")
             if ctx.callbacks.raise_errors:
                 raise
-    for owner, fn in list(ctx.callbacks._handlers["on_ui_tabs"]):
+    for owner, fn in ctx.callbacks.handlers("on_ui_tabs"):
         try:
             for item in fn(ctx=ctx) or []:
                 ctx.tabs.add(_as_tab(item, owner))
