@@ -3,8 +3,10 @@ img2img inpaints a mask painted with the brush, and PNG Info round-trips the par
 from __future__ import annotations
 
 import datetime as dt
+import io
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -48,6 +50,30 @@ def wait_for_infotext(page, tab: str, needle: str) -> str:
     return infotext.input_value()
 
 
+def upload_to_editor(page, path, attempts: int = 3, wait_s: float = 15) -> None:
+    """Upload *path* into the img2img editor and wait until its canvas shows the (noisy) image.
+
+    Gradio's ImageEditor draws an upload some time after its canvas appears, and on a busy machine it
+    now and then drops the upload altogether (the canvas stays blank; painting then paints on nothing).
+    A user would reload the page and upload again; so does this helper, at most *attempts* times."""
+    editor = page.locator("#img2img_editor")
+    for attempt in range(attempts):
+        if attempt:
+            page.reload(wait_until="load")
+            page.wait_for_selector("#tabs")
+            page.get_by_role("tab", name="img2img", exact=True).click()
+        editor.locator("input[type=file]").set_input_files(str(path))
+        canvas = editor.locator("canvas").first
+        expect(canvas).to_be_visible()
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            shot = Image.open(io.BytesIO(canvas.screenshot())).convert("L")
+            if np.asarray(shot, dtype=np.float32).std() > 20:
+                return
+            page.wait_for_timeout(250)
+    raise AssertionError(f"the uploaded image never appeared in the img2img editor ({attempts} uploads)")
+
+
 def test_txt2img_inpaint_and_png_info_round_trip(page, server, tmp_path):
     srv, data = server
     # -- txt2img --------------------------------------------------------------------------------
@@ -71,13 +97,17 @@ def test_txt2img_inpaint_and_png_info_round_trip(page, server, tmp_path):
     init_path = tmp_path / "init.png"
     init.save(init_path)
     page.get_by_role("tab", name="img2img", exact=True).click()
-    page.locator("#img2img_editor input[type=file]").set_input_files(str(init_path))
+    upload_to_editor(page, init_path)  # may reload the page: fill the form afterwards
     canvas = page.locator("#img2img_editor canvas").first
-    expect(canvas).to_be_visible()
-    page.wait_for_timeout(500)
+    # Select the brush and wait until it is really active (its "Brush Size" control appears): on a busy
+    # machine a stroke that starts earlier drags the image instead of painting. Undo turns on once the
+    # stroke has registered.
+    editor = page.locator("#img2img_editor")
+    editor.get_by_role("button", name="Brush").first.click(timeout=5_000)
+    expect(editor.locator("button[aria-label='Brush Size']")).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(300)
     box = canvas.bounding_box()
     # the image fills the middle of the canvas; stroke down its left quarter
-    page.locator("#img2img_editor").get_by_role("button", name="Brush").first.click(timeout=5_000)
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     side = min(box["width"], box["height"]) * 0.8
     x = cx - side * 0.3
@@ -86,6 +116,7 @@ def test_txt2img_inpaint_and_png_info_round_trip(page, server, tmp_path):
     for i in range(1, 21):
         page.mouse.move(x, cy - side * 0.4 + side * 0.8 * i / 20)
     page.mouse.up()
+    expect(editor.locator("button[aria-label='Undo']")).to_be_enabled(timeout=30_000)
     fill_common(page, "img2img", "a red house", 77)
     page.locator("#img2img_mask_blur input[type=number]").fill("0")
     page.locator("#img2img_mask_blur input[type=number]").press("Enter")
