@@ -126,7 +126,7 @@ def main(argv: list[str]) -> None:
         ctx.close()
         return
     import webui
-    webui.main(argv)
+    webui.main(opts=opts)
 
 
 if __name__ == "__main__":

@@ -46,16 +46,20 @@ def prepare(opts, *, raise_callback_errors: bool = False):
     return ctx
 
 
-def main(argv=None) -> None:
-    from modules.cli import parse_args, preparse
-    from modules.extensions.loader import discover
-    from modules.paths import Paths
+def main(argv=None, opts=None) -> None:
+    """Serve the app. ``launch.py`` passes the *opts* it already parsed (extension flags included), so
+    extensions' ``preload.py`` files run once; run directly, ``webui.py`` parses *argv* itself."""
+    if opts is None:
+        from modules.cli import parse_args, preparse
+        from modules.extensions.loader import discover
+        from modules.paths import Paths
 
-    pre = preparse(argv)
-    pre_paths = Paths.from_options(pre.data_dir)
-    ext_dirs = [] if pre.disable_all_extensions else [
-        e.path for e in discover([(pre_paths.repo_extensions_dir, "builtin"), (pre_paths.user_extensions_dir, "user")])]
-    opts = parse_args(argv, extension_dirs=ext_dirs)
+        pre = preparse(argv)
+        pre_paths = Paths.from_options(pre.data_dir)
+        ext_dirs = [] if pre.disable_all_extensions else [
+            e.path for e in discover([(pre_paths.repo_extensions_dir, "builtin"),
+                                      (pre_paths.user_extensions_dir, "user")])]
+        opts = parse_args(argv, extension_dirs=ext_dirs)
     from modules.server import bind_host, check_port, create_app, serve
     check_port(bind_host(opts), opts.port)  # fail fast, before any loading
     ctx = prepare(opts)
