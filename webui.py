@@ -60,7 +60,8 @@ def main(argv=None, opts=None) -> None:
             e.path for e in discover([(pre_paths.repo_extensions_dir, "builtin"),
                                       (pre_paths.user_extensions_dir, "user")])]
         opts = parse_args(argv, extension_dirs=ext_dirs)
-    from modules.server import bind_host, check_port, create_app, serve
+    from modules.exposure import bind_host
+    from modules.server import check_port, create_app, serve
     check_port(bind_host(opts), opts.port)  # fail fast, before any loading
     ctx = prepare(opts)
     app = create_app(ctx)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modules.api.registry import ApiRegistry
 from modules.devices import Devices, choose_devices
@@ -20,6 +20,12 @@ from modules.model_manager import MB, ModelManager
 from modules.paths import Paths
 from modules.settings import Settings
 from modules.tabs import TabRegistry
+
+if TYPE_CHECKING:  # the capability services import heavy modules lazily; the context only names them
+    from modules.diffusion.service import DiffusionService
+    from modules.extensions.loader import ExtensionSet
+    from modules.llm.service import LLMService
+    from modules.ui.state import UiState
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +42,14 @@ class AppContext:
     tabs: TabRegistry = field(default_factory=TabRegistry)
     api: ApiRegistry = field(default_factory=ApiRegistry)
     scripts: ScriptRunner = field(default_factory=ScriptRunner)
-    extensions: Any = None  # modules.extensions.loader.ExtensionSet, set by the loader
-    #: capability services by name ("llm", "diffusion"), set in their register()
-    services: dict[str, Any] = field(default_factory=dict)
+    extensions: ExtensionSet | None = None  # set by the extension loader
+    #: the LLM capability (Chat, /v1), set by modules.llm.capability.register; None when not registered
+    llm: LLMService | None = None
+    #: image generation (txt2img, img2img, /sdapi/v1), set by modules.diffusion.capability.register
+    diffusion: DiffusionService | None = None
+    #: what the web UI shares between its tabs (the generation forms), set by modules.ui.app.build_ui;
+    #: None with --nowebui. Services never hold UI objects.
+    ui: UiState | None = None
 
     @property
     def exposed(self) -> bool:

@@ -23,7 +23,7 @@ def register(ctx) -> None:
 
     ctx.settings.add_section(settings_section())
     service = DiffusionService(ctx)
-    ctx.services["diffusion"] = service
+    ctx.diffusion = service
     ctx.tabs.add(TabSpec("txt2img", "txt2img", lazy_build("modules.ui.tabs.txt2img"), order=20))
     ctx.tabs.add(TabSpec("img2img", "img2img", lazy_build("modules.ui.tabs.img2img"), order=30))
     ctx.tabs.add(TabSpec("pnginfo", "PNG Info", lazy_build("modules.ui.tabs.pnginfo"), order=40))
@@ -31,5 +31,5 @@ def register(ctx) -> None:
     ctx.api.add_option("sd_vae", VirtualOption(lambda: ctx.settings.get("sd.sd_vae"), service.select_vae))
     ctx.api.add_option("CLIP_stop_at_last_layers", VirtualOption(lambda: ctx.settings.get("sd.clip_skip"),
                                                                  lambda v: ctx.settings.set("sd.clip_skip", v)))
-    from modules.api.sdapi_images import build_router
+    from modules.diffusion.sdapi import build_router
     ctx.api.include(build_router(ctx))  # mounted by the server only with --api

@@ -73,7 +73,7 @@ class GenerationParams:
         """Generate with these parameters (what A1111 scripts do with ``process_images(p)``)."""
         if self.runner is None:
             raise RuntimeError("these GenerationParams are not attached to a running job; submit them through "
-                               "ctx.services['diffusion'] instead")
+                               "ctx.diffusion instead")
         return self.runner(self)
 
     @property

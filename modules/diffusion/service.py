@@ -1,4 +1,4 @@
-"""The diffusion service (``ctx.services["diffusion"]``): checkpoints, the current model, and jobs.
+"""The diffusion service (``ctx.diffusion``): checkpoints, the current model, and jobs.
 
 Both the UI and the API go through here, so they share one model in memory and
 one queue: every generation is a job on ``ctx.jobs`` (one worker per device),
@@ -29,8 +29,6 @@ class DiffusionService:
         self._checkpoints: list | None = None
         self._vaes: list | None = None
         self._tools = None
-        #: the txt2img / img2img forms, by tab, so PNG Info can fill them (set while the UI is built)
-        self.ui_forms: dict[str, Any] = {}
         self._jobs: set = set()  # this service's queued and running jobs (for Interrupt / Skip)
 
     # -- listings -------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The LLM capability's service: models, prompts and generation, shared by the Chat tab and the API.
 
-``ctx.services["llm"]`` is one :class:`LLMService`. It
+``ctx.llm`` is one :class:`LLMService`. It
 
 * lists the model folders in ``models/LLM`` and loads / unloads them through the shared model manager
   (key ``llm:<name>``); generation holds a lease for the whole batch, so a model in use is never evicted;

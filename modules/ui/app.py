@@ -5,12 +5,14 @@ import logging
 
 import gradio as gr
 
+from modules.exposure import exposure_warning
+from modules.ui.state import UiState
+
 log = logging.getLogger(__name__)
 
 
 def build_ui(ctx) -> gr.Blocks:
-    from modules.server import exposure_warning
-
+    ctx.ui = UiState()
     with gr.Blocks(title="Atelier", analytics_enabled=False) as blocks:
         warning = exposure_warning(ctx)
         if warning:

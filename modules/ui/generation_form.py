@@ -2,7 +2,7 @@
 Interrupt / Skip buttons, gallery, live preview, progress and infotext.
 
 Thin by design: it builds components and turns their values into a ``GenerationParams``; the work
-is ``ctx.services["diffusion"].submit``. Every component gets an ``elem_id`` prefixed with the tab
+is ``ctx.diffusion.submit``. Every component gets an ``elem_id`` prefixed with the tab
 name (``txt2img_prompt``...), as in A1111, so browser tests and user CSS can find it.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ class GenerationForm:
 
 
 def checkpoint_row(ctx, tab: str, form: GenerationForm) -> None:
-    service = ctx.services["diffusion"]
+    service = ctx.diffusion
 
     def choices() -> list[str]:
         return [c.title for c in service.usable_checkpoints()]
@@ -167,7 +167,7 @@ def results_area(tab: str, form: GenerationForm) -> None:
 
 def wire(ctx, form: GenerationForm, make_params: Callable[[dict], GenerationParams], *, img2img: bool) -> None:
     """Connect Generate / Interrupt / Skip and the gallery to the service."""
-    service = ctx.services["diffusion"]
+    service = ctx.diffusion
     outputs = [form.gallery, form.preview, form.status, form.infotext, form.infotexts_state]
 
     def run(data, progress=gr.Progress()):

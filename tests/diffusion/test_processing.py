@@ -300,7 +300,7 @@ def test_service_generates_saves_and_fires_callbacks(fixture_data_dir, tmp_path,
     ctx = make_ctx(data_dir=data)
     saved = []
     ctx.callbacks.add("on_image_saved", lambda image, path, infotext, ctx: saved.append((path, infotext)))
-    service = ctx.services["diffusion"]
+    service = ctx.diffusion
     service.select_checkpoint("tiny-sd15.safetensors")
     result = service.generate(params(steps=2, seed=9, save_images=True))
     day = dt.date.today().strftime("%Y-%m-%d")

@@ -29,7 +29,7 @@ def ctx(make_ctx, data_dir):
 
 @pytest.fixture
 def service(ctx):
-    return ctx.services["llm"]
+    return ctx.llm
 
 
 def greedy(n=8, **kw):

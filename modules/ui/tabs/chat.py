@@ -1,4 +1,4 @@
-"""The Chat tab: a thin Gradio layer over ``ctx.services["llm"]`` (modules/llm/service.py).
+"""The Chat tab: a thin Gradio layer over ``ctx.llm`` (modules/llm/service.py).
 
 The conversation lives in a ``gr.State`` as plain ``{"role", "content", "meta"}`` dicts; the Chatbot only
 displays it (with a token-count line under each reply). A per-session dict state holds the running
@@ -38,7 +38,7 @@ def display(history: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def build(ctx: Any) -> None:
-    service = ctx.services["llm"]
+    service = ctx.llm
     settings = ctx.settings
 
     def model_choices() -> list[str]:

@@ -89,4 +89,4 @@ def build(ctx) -> None:
     form.inputs = lambda: original_inputs() | extra
     gf.wire(ctx, form, make_params, img2img=True)
     form.editor = editor
-    ctx.services["diffusion"].ui_forms[TAB] = form
+    ctx.ui.forms[TAB] = form

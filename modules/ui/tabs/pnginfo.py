@@ -57,7 +57,7 @@ def _checkpoint_choice(form, name, short_hash):
 
 
 def build(ctx) -> None:
-    forms = ctx.services["diffusion"].ui_forms
+    forms = ctx.ui.forms
     with gr.Row():
         with gr.Column():
             image = gr.Image(label="Source", type="pil", elem_id="pnginfo_image", sources=("upload", "clipboard"),

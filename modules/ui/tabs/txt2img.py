@@ -32,4 +32,4 @@ def build(ctx) -> None:
         with gr.Column(scale=2):
             gf.results_area(TAB, form)
     gf.wire(ctx, form, form.to_params, img2img=False)
-    ctx.services["diffusion"].ui_forms[TAB] = form
+    ctx.ui.forms[TAB] = form

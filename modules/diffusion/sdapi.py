@@ -135,7 +135,7 @@ def build_router(ctx) -> APIRouter:
     router = APIRouter(tags=["sdapi"])
 
     def service():
-        return ctx.services["diffusion"]
+        return ctx.diffusion
 
     def generate(req: dict[str, Any], img2img: bool) -> Any:
         try:

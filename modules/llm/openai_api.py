@@ -174,7 +174,7 @@ def build_router(ctx: Any) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"])
 
     def service():
-        return ctx.services["llm"]
+        return ctx.llm
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "atelier"}
