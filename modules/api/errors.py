@@ -84,20 +84,17 @@ def add_api_fallbacks(app: FastAPI, dependencies: list | None = None) -> None:
     """Answer a wrong method on an API path with 405 (and ``Allow``), an unknown API path with 404, in the API's
     error shape. Call after every API route is included and before the web UI is mounted at ``/``: the mount
     matches every path, so without this a POST to a GET route would reach Gradio instead of being a 405."""
-    from starlette.routing import Match
+    from starlette.routing import Match, Mount
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
     async def fallback(request: Request):
-        allowed: set[str] = set()
-        for route in app.router.routes:
-            if getattr(route, "endpoint", None) is fallback or not hasattr(route, "methods"):
-                continue
-            match, _ = route.matches({**request.scope, "method": "__none__"})
-            if match != Match.NONE and route.methods:
-                allowed |= set(route.methods)
+        routes = [r for r in app.router.routes  # not the UI's mount: it matches every path
+                  if getattr(r, "endpoint", None) is not fallback and not isinstance(r, Mount)]
+        allowed = sorted(m for m in methods if any(
+            r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes))
         if allowed:
-            allow = ", ".join(sorted(allowed))
+            allow = ", ".join(allowed)
             raise StarletteHTTPException(405, f"use {allow}", headers={"Allow": allow})
         raise StarletteHTTPException(404, "no such API route; /docs lists them")
 
