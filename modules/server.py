@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
 
 from modules.api.core_routes import build_core_router
+from modules.api.errors import add_api_fallbacks, install_error_handlers
 from modules.cli import auth_list
 from modules.exposure import bind_host, exposure_warning
 
@@ -59,10 +59,8 @@ def create_app(ctx) -> FastAPI:
         for _owner, router in ctx.api.routers:
             app.include_router(router, dependencies=deps)
 
-    @app.exception_handler(Exception)
-    async def unhandled(request: Request, exc: Exception):  # the server keeps serving; the client gets JSON
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(status_code=500, content={"error": type(exc).__name__, "detail": str(exc)})
+    install_error_handlers(app)  # every error in the documented shape of its API family (modules/api/errors.py)
+    add_api_fallbacks(app, deps)  # 405 / 404 for API paths before the UI mount at "/" can claim them
 
     if not opts.nowebui:
         import gradio as gr

@@ -7,7 +7,10 @@ from typing import Any
 
 import psutil
 import torch
-from fastapi import APIRouter, Body, HTTPException
+from fastapi import APIRouter, Body
+
+from modules.api.errors import sdapi_error
+from modules.api.options import plan_options
 
 
 def _png_b64(image: Any) -> str | None:
@@ -37,19 +40,25 @@ def build_core_router(ctx) -> APIRouter:
         return options
 
     @router.post("/sdapi/v1/options", tags=["settings"])
-    def set_options(req: dict[str, Any] = Body(...)) -> dict[str, Any]:
-        plain = {k: v for k, v in req.items() if k not in ctx.api.options}
-        unknown = [k for k in plain if k not in ctx.settings.as_dict()]
-        if unknown:
-            raise HTTPException(400, f"unknown option(s): {', '.join(sorted(unknown))}. "
-                                     "GET /sdapi/v1/options lists the valid names.")
+    def set_options(req: dict[str, Any] = Body(...)) -> Any:
+        """Validate every key first, then apply all of them or none (A1111 applies the valid half)."""
+        plan = plan_options(ctx, req)
+        if plan.errors:
+            status = 422 if plan.type_errors else 400
+            names = ", ".join(sorted(plan.errors))
+            return sdapi_error(status, "Invalid options", f"option(s) not applied, nothing changed: "
+                               + "; ".join(f"{k}: {v}" for k, v in plan.errors.items())
+                               + f". GET /sdapi/v1/options lists the valid names and values ({names}).",
+                               errors=plan.errors)
+        before = {key: ctx.settings.get(key) for key in ctx.settings.as_dict()}
         try:
-            ctx.settings.update(plain)
-            for name, value in req.items():
-                if name in ctx.api.options:
-                    ctx.api.options[name].set(value)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from exc
+            ctx.settings.update(plan.settings)
+            for name, option, value in plan.options:
+                if not option.read_only:  # a read-only option was only accepted because it equals its value
+                    option.set(value)
+        except Exception as exc:  # noqa: BLE001 - applying failed (e.g. the checkpoint does not load): undo
+            ctx.settings.update({k: v for k, v in before.items() if ctx.settings.get(k) != v})
+            return _apply_failure(exc)
         ctx.settings.save()
         return get_options()
 
@@ -108,3 +117,13 @@ def build_core_router(ctx) -> APIRouter:
                  "source": e["source"]} for e in items]
 
     return router
+
+
+def _apply_failure(exc: Exception):
+    """A change that validated but could not be applied (the model file fails to load): nothing was kept."""
+    from modules.api.client_errors import classify
+    status, error, detail = classify(exc)
+    if status >= 500:
+        import logging
+        logging.getLogger(__name__).exception("applying options failed")
+    return sdapi_error(status, error, f"{detail} The previous options are kept.")

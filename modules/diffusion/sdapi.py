@@ -2,7 +2,9 @@
 
 Payloads use A1111's field names (see ``GenerationParams``). Responses match
 A1111: ``{images: [base64 PNG with the parameters chunk], parameters: <request>,
-info: <JSON string>}``. Bad input is a 4xx JSON ``{"error": ..., "detail": ...}``;
+info: <JSON string>}``. Bad input is a 4xx in A1111's error shape ``{"error", "detail", "body", "errors"}``
+(``errors`` maps each bad field to its problem; types are strict: ``steps: true`` or ``denoising_strength: "x"``
+are 422s naming the field);
 generation runs on the shared job queue, so API and UI requests are served in
 arrival order and an error in one request never takes the server down.
 """
@@ -12,6 +14,7 @@ import base64
 import binascii
 import io
 import logging
+import warnings
 from typing import Any
 
 from fastapi import APIRouter, Body
@@ -21,15 +24,67 @@ log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
-    """A client mistake: answered with *status* and a JSON message."""
+    """A client mistake: answered with *status* and a JSON message; *errors* maps fields to problems."""
 
-    def __init__(self, detail: str, status: int = 422, error: str = "Invalid request"):
+    def __init__(self, detail: str, status: int = 422, error: str = "Invalid request",
+                 errors: dict[str, str] | None = None):
         super().__init__(detail)
-        self.detail, self.status, self.error = detail, status, error
+        self.detail, self.status, self.error, self.errors = detail, status, error, errors or {}
 
 
-def error_response(status: int, error: str, detail: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": error, "detail": detail})
+def error_response(status: int, error: str, detail: str, errors: dict[str, str] | None = None) -> JSONResponse:
+    from modules.api.errors import sdapi_error
+    return sdapi_error(status, error, detail, errors=errors)
+
+
+#: JSON types a GenerationParams field accepts, by its annotation (strict: a bool is not an int)
+#: (objects and lists have their own checks in params_from_request: A1111 clients send ``script_args: []``)
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "str | None": (str,)}
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string",
+               "str | None": "a string"}
+#: int fields where A1111 also takes a boolean
+_BOOL_AS_INT = {"inpainting_mask_invert"}
+
+
+def check_field_types(data: dict[str, Any]) -> None:
+    """RequestError (422) naming every field whose JSON type is wrong, or whose text holds a lone surrogate."""
+    from dataclasses import fields
+
+    from modules.diffusion.processing import GenerationParams
+    errors = {}
+    for f in fields(GenerationParams):
+        if f.name not in data or data[f.name] is None or f.type not in _FIELD_TYPES:
+            continue
+        value = data[f.name]
+        if f.type == "int" and isinstance(value, float) and value.is_integer():
+            continue  # 20.0 is 20 (JavaScript clients send integral floats)
+        ok = isinstance(value, _FIELD_TYPES[f.type]) and not (
+            isinstance(value, bool) and f.type in ("int", "float") and f.name not in _BOOL_AS_INT)
+        if not ok:
+            errors[f.name] = f"expected {_TYPE_WORDS[f.type]}, got {json_type(value)} {value!r:.60}"
+        elif isinstance(value, str) and has_lone_surrogate(value):
+            errors[f.name] = "the text holds a lone UTF-16 surrogate (e.g. \\ud800); send valid Unicode"
+    if errors:
+        raise RequestError("; ".join(f"{k}: {v}" for k, v in errors.items()), errors=errors)
+
+
+def json_type(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+def has_lone_surrogate(text: str) -> bool:
+    return any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
+def check_prompt_size(data: dict[str, Any], limit: int) -> None:
+    """413 naming the field when a prompt is longer than the ``api.max_prompt_chars`` setting."""
+    for key in ("prompt", "negative_prompt"):
+        value = data.get(key)
+        if isinstance(value, str) and len(value) > limit:
+            raise RequestError(f"{key}: {len(value)} characters is more than the limit of {limit} "
+                               "(setting api.max_prompt_chars)", status=413, error="Prompt too long",
+                               errors={key: f"longer than {limit} characters"})
 
 
 def decode_image(data: Any, field: str):
@@ -46,12 +101,38 @@ def decode_image(data: Any, field: str):
         raise RequestError(f"{field}: not valid base64 ({exc}); send the image file's bytes base64-encoded, "
                            "optionally as a data:image/png;base64,... URI") from None
     try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x its pixel limit: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestError(f"{field}: the image is too large to decode safely ({exc}); send at most "
+                           f"{Image.MAX_IMAGE_PIXELS} pixels", status=413, error="Image too large",
+                           errors={field: "image too large"}) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise RequestError(f"{field}: the base64 data is not a readable image ({type(exc).__name__}: {exc}); "
                            "send a PNG, JPEG or WebP file") from None
     return image
+
+
+def check_override_settings(ctx, overrides: Any) -> None:
+    """422 naming ``override_settings.<option>`` for a value the option (or setting) itself would refuse, with the
+    same validation as ``POST /sdapi/v1/options``; nothing is applied here."""
+    if not isinstance(overrides, dict):
+        return  # params_from_request says what is wrong with it
+    from modules.settings import SettingTypeError
+    errors = {}
+    for key, value in overrides.items():
+        found = ctx.api.option_for(key)
+        try:
+            if found is not None and not found[1].read_only:
+                found[1].check(value)
+            elif key in ctx.settings.as_dict():
+                ctx.settings.spec(key).validate(value)
+        except (SettingTypeError, ValueError) as exc:
+            errors[f"override_settings.{key}"] = str(exc)
+    if errors:
+        raise RequestError("; ".join(f"{k}: {v}" for k, v in errors.items()), errors=errors)
 
 
 def encode_png(image, infotext: str | None = None) -> str:
@@ -70,6 +151,7 @@ def params_from_request(req: dict[str, Any], *, img2img: bool):
     from modules.diffusion.processing import GenerationParams
     if not isinstance(req, dict):
         raise RequestError("the request body must be a JSON object")
+    check_field_types(req)
     data = dict(req)
     if data.get("infotext"):
         base = params_from_infotext(parse_generation_parameters(str(data["infotext"])))
@@ -117,6 +199,7 @@ def params_from_request(req: dict[str, Any], *, img2img: bool):
         value = data.get(key)
         if isinstance(value, float) and value.is_integer():
             data[key] = int(value)
+    check_field_types(data)  # again: the infotext may have filled fields
     try:
         return GenerationParams.from_dict(data)
     except TypeError as exc:
@@ -139,18 +222,21 @@ def build_router(ctx) -> APIRouter:
 
     def generate(req: dict[str, Any], img2img: bool) -> Any:
         try:
+            if isinstance(req, dict):
+                check_prompt_size(req, ctx.settings.get("api.max_prompt_chars"))
+                check_override_settings(ctx, req.get("override_settings"))
             p = params_from_request(req, img2img=img2img)
             processed = service().generate(p, img2img=img2img)
         except RequestError as exc:
-            return error_response(exc.status, exc.error, exc.detail)
-        except ValueError as exc:
-            return error_response(422, "Invalid generation parameters", str(exc))
+            return error_response(exc.status, exc.error, exc.detail, exc.errors)
         except Exception as exc:  # noqa: BLE001 - a failed job is reported; the server keeps serving
-            from modules.jobs import JobInterrupted
-            if isinstance(exc, JobInterrupted):
-                return error_response(409, "Interrupted", str(exc))
-            log.exception("generation failed")
-            return error_response(500, type(exc).__name__, str(exc))
+            from modules.api.client_errors import classify
+            status, error, detail = classify(exc)
+            if isinstance(exc, ValueError) and status == 422:
+                error = "Invalid generation parameters"
+            if status >= 500:
+                log.exception("generation failed")
+            return error_response(status, error, detail)
         send = req.get("send_images", True) if isinstance(req, dict) else True
         images = [encode_png(img, img.info.get("parameters")) for img in processed.images] if send else []
         return {"images": images, "parameters": _echo(req), "info": processed.js()}
@@ -171,7 +257,7 @@ def build_router(ctx) -> APIRouter:
                 raise RequestError("the request body must be {\"image\": base64}")
             image = decode_image(req.get("image"), "image")
         except RequestError as exc:
-            return error_response(exc.status, exc.error, exc.detail)
+            return error_response(exc.status, exc.error, exc.detail, exc.errors)
         text, items = read_info_from_image(image)
         params = parse_generation_parameters(text) if text else {}
         return {"info": text or "", "items": {**items, **({"parameters": text} if text else {})},

@@ -17,14 +17,16 @@ def settings_section() -> SettingsSection:
     return SettingsSection("llm", "Chat / LLM", [
         SettingSpec("llm.default_model", "", "Default LLM (folder name in models/LLM; empty = first found)", str),
         SettingSpec("llm.system_prompt", DEFAULT_SYSTEM_PROMPT, "Default system prompt", str),
-        SettingSpec("llm.max_new_tokens", 512, "Max new tokens per reply", int, minimum=1, maximum=32768),
-        SettingSpec("llm.temperature", 0.7, "Temperature (0 = greedy)", float, minimum=0, maximum=5),
-        SettingSpec("llm.top_k", 40, "Top-k (0 = off)", int, minimum=0, maximum=1000),
-        SettingSpec("llm.top_p", 0.95, "Top-p (1 = off)", float, minimum=0.01, maximum=1),
-        SettingSpec("llm.min_p", 0.05, "Min-p (0 = off)", float, minimum=0, maximum=1),
-        SettingSpec("llm.repetition_penalty", 1.1, "Repetition penalty (1 = off)", float, minimum=0.05, maximum=10),
-        SettingSpec("llm.presence_penalty", 0.0, "Presence penalty", float, minimum=-2, maximum=2),
-        SettingSpec("llm.frequency_penalty", 0.0, "Frequency penalty", float, minimum=-2, maximum=2),
+        # ranges are what SamplingParams.validate and the OpenAI API accept; the Chat sliders are built from them
+        SettingSpec("llm.max_new_tokens", 512, "Max new tokens per reply", int, minimum=1, maximum=32768, step=1),
+        SettingSpec("llm.temperature", 0.7, "Temperature (0 = greedy)", float, minimum=0, maximum=2, step=0.01),
+        SettingSpec("llm.top_k", 40, "Top-k (0 = off)", int, minimum=0, maximum=1000, step=1),
+        SettingSpec("llm.top_p", 0.95, "Top-p (1 = off)", float, minimum=0.01, maximum=1, step=0.01),
+        SettingSpec("llm.min_p", 0.05, "Min-p (0 = off)", float, minimum=0, maximum=1, step=0.01),
+        SettingSpec("llm.repetition_penalty", 1.1, "Repetition penalty (1 = off, below 1 favours repeats)", float,
+                    minimum=0.01, maximum=10, step=0.01),
+        SettingSpec("llm.presence_penalty", 0.0, "Presence penalty", float, minimum=-2, maximum=2, step=0.05),
+        SettingSpec("llm.frequency_penalty", 0.0, "Frequency penalty", float, minimum=-2, maximum=2, step=0.05),
     ])
 
 

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Literal, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from modules.llm.engine import GenerationResult, PromptTooLong
@@ -35,11 +35,25 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 # -- request bodies ----------------------------------------------------------------------------------------
 
+#: OpenAI's own limit on stop sequences
+MAX_STOP_SEQUENCES = 4
+
+
+def _valid_text(value: Any) -> Any:
+    """Reject a lone UTF-16 surrogate (JSON ``"\\ud800"``): it cannot be encoded, so it is the client's 422."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for text in texts:
+        if isinstance(text, str) and any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+            raise ValueError("the text holds a lone UTF-16 surrogate (e.g. \\ud800); send valid Unicode")
+    return value
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a boolean is not a number and a string is not one either ("steps": true is an error), as in OpenAI
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -48,7 +62,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extra field: generate max_tokens even past EOS (benchmarks)
     n: int | None = None
@@ -59,6 +73,16 @@ class _Sampling(BaseModel):
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
+    # not implemented yet: asking for them is a 400 (see _check_unsupported), never silently ignored
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    _check_stop = field_validator("stop")(classmethod(lambda cls, v: _valid_text(v)))
 
     def params(self, default_max: int | None) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -82,6 +106,8 @@ class _Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[dict[str, Any]], None] = None
 
+    _check_content = field_validator("content")(classmethod(lambda cls, v: _valid_text(v)))
+
     def text(self) -> str:
         """Content as text; OpenAI's list-of-parts form is accepted when every part is text."""
         if self.content is None:
@@ -93,6 +119,7 @@ class _Message(BaseModel):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ApiError(400, f"only text content parts are supported, got type {part.get('type')!r}",
                                param="messages")
+            _text_or_422(part["text"], "messages")
             parts.append(part["text"])
         return "".join(parts)
 
@@ -104,6 +131,15 @@ class ChatBody(_Sampling):
 class CompletionBody(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
+
+    _check_prompt = field_validator("prompt")(classmethod(lambda cls, v: _valid_text(v)))
+
+
+def _text_or_422(text: str, param: str) -> None:
+    try:
+        _valid_text(text)
+    except ValueError as exc:
+        raise ApiError(422, str(exc), param=param) from None
 
 
 # -- errors --------------------------------------------------------------------------------------------------
@@ -165,7 +201,8 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise ApiError(400, f"invalid request: {details}", param=param) from None
+        status = 422 if "surrogate" in details else 400  # valid JSON, but text that cannot be encoded
+        raise ApiError(status, f"invalid request: {details}", param=param) from None
 
 
 # -- the router -----------------------------------------------------------------------------------------------
@@ -175,6 +212,11 @@ def build_router(ctx: Any) -> APIRouter:
 
     def service():
         return ctx.llm
+
+    engine_hash = engine_source_hash()
+
+    def fingerprint(model: str) -> str:
+        return serving_fingerprint(model, ctx.devices.dtype, ctx.devices.device, engine_hash)
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "atelier"}
@@ -197,6 +239,7 @@ def build_router(ctx: Any) -> APIRouter:
         try:
             body: ChatBody = await _parse(request, ChatBody)
             _check_n(body)
+            _check_size(ctx, [m.text() for m in body.messages], "messages")
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in body.messages]
             params = _params(body, default_max=None)
@@ -218,7 +261,7 @@ def build_router(ctx: Any) -> APIRouter:
             "id": ident, "object": "chat.completion", "created": created, "model": run.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "logprobs": None, "finish_reason": _finish(result)}],
-            "usage": result.usage(), "system_fingerprint": f"seed-{result.seed}"})
+            "usage": result.usage(), "system_fingerprint": fingerprint(run.model)})
 
     @router.post("/completions")
     async def completions(request: Request):
@@ -226,6 +269,8 @@ def build_router(ctx: Any) -> APIRouter:
             body: CompletionBody = await _parse(request, CompletionBody)
             _check_n(body)
             prompt = _one_prompt(body.prompt)
+            if isinstance(prompt, str):
+                _check_size(ctx, [prompt], "prompt")
             params = _params(body, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
             handle, model = await run_in_threadpool(lambda: service().complete(prompt, params, model=body.model))
         except Exception as exc:  # noqa: BLE001
@@ -256,9 +301,48 @@ def _check_n(body: _Sampling) -> None:
     if body.n is not None and body.n != 1:
         raise ApiError(400, f"n={body.n} is not supported: Atelier returns one choice per request (n=1)",
                        param="n")
-    for name in ("logprobs", "top_logprobs", "logit_bias"):
-        if getattr(body, name):
-            raise ApiError(400, f"{name} is not supported by this server; leave it out", param=name)
+    for name in ("logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call",
+                 "suffix"):
+        value = getattr(body, name)
+        if value not in (None, False, [], {}, "") and not (name == "tool_choice" and value == "none"):
+            raise ApiError(400, f"{name} is not supported by this server yet; leave it out", param=name)
+    if body.best_of is not None and body.best_of != 1:
+        raise ApiError(400, f"best_of={body.best_of} is not supported: Atelier generates one candidate (best_of=1)",
+                       param="best_of")
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise ApiError(400, f"response_format {body.response_format.get('type')!r} is not supported yet; only "
+                            "{\"type\": \"text\"}", param="response_format")
+
+
+def _check_size(ctx: Any, texts: list[str], param: str) -> None:
+    """413 when the request's text is longer than the ``api.max_prompt_chars`` setting (a huge prompt would hold
+    the only worker for a long time before the context-length check could even run)."""
+    limit = ctx.settings.get("api.max_prompt_chars")
+    size = sum(len(t) for t in texts)
+    if size > limit:
+        raise ApiError(413, f"the request holds {size} characters of text, more than the limit of {limit} "
+                            "(setting api.max_prompt_chars)", param=param, code="prompt_too_long")
+
+
+def serving_fingerprint(model: str, dtype: Any, device: Any, engine_hash: str) -> str:
+    """OpenAI-style ``system_fingerprint``: stable for one serving configuration (model, dtype, device, engine
+    code), different when any of them changes. It never carries anything per-request such as the seed."""
+    import hashlib
+    digest = hashlib.sha256(f"{model}|{dtype}|{device}|{engine_hash}".encode()).hexdigest()
+    return f"fp_{digest[:12]}"
+
+
+def engine_source_hash() -> str:
+    """A hash of the LLM engine's code (model, engine, sampling), standing in for an engine version."""
+    import hashlib
+    from pathlib import Path
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("model.py", "engine.py", "sampling.py"):
+        path = here / name
+        if path.exists():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _params(body: _Sampling, default_max: int | None) -> SamplingParams:

@@ -7,10 +7,29 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from modules.settings import SettingsSection
+from modules.settings import SettingSpec, SettingsSection, number_range
 from modules.tabs import TabSpec, lazy_build
 
 log = logging.getLogger(__name__)
+
+
+def setting_component(spec: SettingSpec, value: Any) -> tuple[str, dict[str, Any]]:
+    """The Gradio component (its class name in ``gradio``) and keyword arguments for one setting, built from
+    its spec: a bounded number is a slider over exactly the spec's range and step, so the UI can neither
+    offer nor reject a value the API would judge differently."""
+    common = {"value": value, "label": spec.label, "info": spec.help or None}
+    if spec.type is bool:
+        return "Checkbox", common
+    if spec.type in (int, float):
+        limits = number_range(spec)
+        precision = 0 if spec.type is int else None
+        if spec.minimum is not None and spec.maximum is not None:
+            return "Slider", {**common, **limits, "precision": precision}
+        return "Number", {**common, **limits, "precision": precision}
+    if spec.choices:
+        choices = spec.choices() if callable(spec.choices) else list(spec.choices)
+        return "Dropdown", {**common, "choices": choices, "allow_custom_value": False}
+    return "Textbox", common
 
 
 

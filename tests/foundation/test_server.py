@@ -59,6 +59,17 @@ def test_options_round_trip_and_errors(secured):
     assert unknown.status_code == 400 and "no_such_option" in unknown.text
 
 
+def test_wrong_method_is_405_even_with_the_web_ui_mounted(secured):
+    """The UI is mounted at "/", which matches every path: a POST to a GET route must still be the API's 405."""
+    server, _ = secured
+    r = httpx.post(server.url + "/sdapi/v1/progress", auth=("u", "p"))
+    assert r.status_code == 405 and "GET" in r.headers["allow"]
+    assert r.json()["error"] and "GET" in r.json()["detail"]
+    r = httpx.get(server.url + "/v1/chat/completions", auth=("u", "p"))
+    assert r.status_code in (404, 405) and "error" in r.json()  # /v1 exists only with the LLM capability
+    assert httpx.post(server.url + "/sdapi/v1/progress").status_code == 401, "the fallback is behind the auth"
+
+
 def test_ui_requires_login(secured):
     server, _ = secured
     assert httpx.get(server.url + "/config").status_code == 401

@@ -27,12 +27,20 @@ def describe(image) -> tuple[str, str]:
     return text or "", rows
 
 
-def field_updates(form, infotext: str) -> list:
-    """One value (or gr.skip) per component of *form* from *infotext*, in ``form.components`` order."""
+def not_sent(settings) -> set[str]:
+    """Fields "Send to" leaves as they are: the seed and the size unless ``ui.send_seed`` / ``ui.send_size``
+    (A1111's ``send_seed`` / ``send_size`` options) are on."""
+    return (set() if settings.get("ui.send_seed") else {"seed", "subseed", "subseed_strength"}) | \
+        (set() if settings.get("ui.send_size") else {"width", "height"})
+
+
+def field_updates(form, infotext: str, skip: set[str] = frozenset()) -> list:
+    """One value (or gr.skip) per component of *form* from *infotext*, in ``form.components`` order; the fields
+    in *skip* are left unchanged."""
     values = params_from_infotext(parse_generation_parameters(infotext or ""))
     updates = []
     for name, comp in form.components.items():
-        if name not in values:
+        if name not in values or name in skip:
             updates.append(gr.skip())
             continue
         value = values[name]
@@ -72,5 +80,6 @@ def build(ctx) -> None:
     for tab, button in buttons.items():
         form = forms[tab]
         outputs = list(form.components.values()) + [form.checkpoint]
-        button.click(lambda text, form=form: field_updates(form, text), inputs=infotext, outputs=outputs,
+        button.click(lambda text, form=form: field_updates(form, text, not_sent(ctx.settings)), inputs=infotext,
+                     outputs=outputs,
                      js=_SWITCH_TAB_JS.format(label=tab))

@@ -4,19 +4,12 @@ from __future__ import annotations
 import gradio as gr
 
 from modules.settings import SettingSpec
+from modules.ui.core_tabs import setting_component
 
 
 def _component(spec: SettingSpec, value):
-    label = spec.label + ("" if not spec.help else "")
-    if spec.type is bool:
-        return gr.Checkbox(value=value, label=label, info=spec.help or None)
-    if spec.type in (int, float):
-        return gr.Number(value=value, label=label, info=spec.help or None, precision=0 if spec.type is int else None,
-                         minimum=spec.minimum, maximum=spec.maximum)
-    if spec.choices:
-        choices = spec.choices() if callable(spec.choices) else list(spec.choices)
-        return gr.Dropdown(choices=choices, value=value, label=label, info=spec.help or None, allow_custom_value=True)
-    return gr.Textbox(value=value, label=label, info=spec.help or None)
+    kind, kwargs = setting_component(spec, value)  # built from the spec: the API's range is the UI's
+    return getattr(gr, kind)(**kwargs)
 
 
 def build(ctx) -> None:
