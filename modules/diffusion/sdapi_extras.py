@@ -34,7 +34,7 @@ def script_info(ctx) -> list[dict[str, Any]]:
 
 def build_router(ctx) -> APIRouter:
     from modules.diffusion.styles import StyleError, style_store
-    from modules.upscale.extras import ExtrasOptions, upscale_image
+    from modules.upscale.extras import ExtrasOptions
     from modules.upscale.upscalers import UpscalerError, upscalers_for
 
     router = APIRouter(tags=["sdapi"])
@@ -71,12 +71,10 @@ def build_router(ctx) -> APIRouter:
         return script_info(ctx)
 
     def run_extras(req: Any, images: list) -> Any:
-        """Upscale *images* (list of (PIL image, name)) on the job queue; a 422 for a bad request."""
+        """Upscale *images* (list of (PIL image, name)); the API saves nothing, as in A1111."""
+        from modules.upscale.extras import run_extras as run
         opts = ExtrasOptions.from_request(req)
-        ups = upscalers_for(ctx)
-        job = ctx.jobs.submit(lambda job: [upscale_image(ups, image, opts) for image, _ in images],
-                              name=f"extras: {len(images)} image(s)")
-        return opts, job.result()
+        return opts, run(ctx, [image for image, _ in images], opts, save=False)[0]
 
     def answer(fn):
         try:

@@ -111,3 +111,38 @@ def upscale_image(upscalers: Upscalers, image: Image.Image, opts: ExtrasOptions)
         result = result.crop((left, top, left + w, top + h))
     result.info["postprocessing"] = opts.infotext()
     return result
+
+
+def run_extras(ctx, images: list[Image.Image], opts: ExtrasOptions, *, save: bool) -> tuple[list, list[str]]:
+    """Upscale *images* on the job queue (device work has one owner); with *save*, each result is written
+    to ``outputs/extras-images`` (as A1111's Extras tab does). Returns (images, saved paths)."""
+    from modules.upscale.upscalers import upscalers_for
+    ups = upscalers_for(ctx)
+
+    def work(job):
+        results, paths = [], []
+        for image in images:
+            result = upscale_image(ups, image, opts)
+            results.append(result)
+            if save:
+                from modules.diffusion.outputs import ImageSaver
+                saver = ImageSaver(ctx.paths.outputs_dir, ctx.callbacks, ctx)
+                paths.append(str(saver.save(result, "extras-images", "extras", opts.infotext())))
+        return results, paths
+
+    return ctx.jobs.submit(work, name=f"extras: {len(images)} image(s)").result()
+
+
+def options_from_form(values: dict[str, Any]) -> ExtrasOptions:
+    """ExtrasOptions from the Extras tab's widget values (``resize_mode`` as its label)."""
+    req = dict(values)
+    if isinstance(req.get("resize_mode"), str):
+        req["resize_mode"] = RESIZE_LABELS.index(req["resize_mode"])
+    for key in ("upscaling_resize_w", "upscaling_resize_h"):
+        if isinstance(req.get(key), float):
+            req[key] = int(req[key])
+    return ExtrasOptions.from_request(req)
+
+
+#: the Extras tab's resize modes, by ``resize_mode`` index
+RESIZE_LABELS = ("Scale by", "Scale to")
