@@ -86,6 +86,7 @@ def build_context(opts: argparse.Namespace, *, raise_callback_errors: bool = Fal
     ctx = AppContext(opts=opts, paths=paths, settings=settings, devices=devices, models=models, jobs=jobs,
                      callbacks=callbacks, scripts=ScriptRunner(report_error=callbacks.report))
     ctx_ref.append(ctx)
+    ctx.scripts.context = ctx
     return ctx
 
 

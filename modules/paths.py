@@ -14,7 +14,7 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 #: Model folders A1111 users expect, plus ``LLM`` for language models.
-MODEL_FOLDERS = ("Stable-diffusion", "Lora", "VAE", "embeddings", "LLM")
+MODEL_FOLDERS = ("Stable-diffusion", "Lora", "VAE", "embeddings", "LLM", "ESRGAN")
 
 #: Output folders (the only files the web server may serve).
 OUTPUT_FOLDERS = ("txt2img-images", "img2img-images", "txt2img-grids", "img2img-grids", "extras-images")

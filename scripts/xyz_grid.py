@@ -175,6 +175,9 @@ def combine_horizontally(grids: list[Image.Image], gap: int = 16) -> Image.Image
 
 
 class XYZPlot(Script):
+    #: positional ``script_args`` order (A1111 clients); axis types are given by name, e.g. "Steps"
+    args = ("x_type", "x_values", "y_type", "y_values", "z_type", "z_values", "draw_legend")
+
     def title(self) -> str:
         return "X/Y/Z plot"
 

@@ -84,7 +84,10 @@ def register(ctx) -> None:
     ctx.diffusion = service
     ctx.tabs.add(TabSpec("txt2img", "txt2img", lazy_build("modules.ui.tabs.txt2img"), order=20))
     ctx.tabs.add(TabSpec("img2img", "img2img", lazy_build("modules.ui.tabs.img2img"), order=30))
+    ctx.tabs.add(TabSpec("extras", "Extras", lazy_build("modules.ui.tabs.extras"), order=35))
     ctx.tabs.add(TabSpec("pnginfo", "PNG Info", lazy_build("modules.ui.tabs.pnginfo"), order=40))
     register_options(ctx, service)
     from modules.diffusion.sdapi import build_router
     ctx.api.include(build_router(ctx))  # mounted by the server only with --api
+    from modules.diffusion.sdapi_extras import build_router as build_extras_router
+    ctx.api.include(build_extras_router(ctx))  # styles, upscalers, Extras, script-info, empty listings

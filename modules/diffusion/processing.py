@@ -23,6 +23,8 @@ MAX_SEED = 2**32 - 1
 class GenerationParams:
     prompt: str = ""
     negative_prompt: str = ""
+    #: prompt styles (names in styles.csv) applied to the prompts when the job is submitted
+    styles: list = field(default_factory=list)
     steps: int = 20
     sampler_name: str = "Euler a"
     #: A1111's "Schedule type": Automatic, Uniform, Karras, Exponential, SGM Uniform
@@ -242,7 +244,7 @@ class Processed:
             "denoising_strength": p.denoising_strength if (p.init_images or p.enable_hr) else None,
             "extra_generation_params": dict(p.extra_generation_params),
             "index_of_first_image": self.index_of_first_image, "infotexts": self.infotexts,
-            "styles": [], "job_timestamp": self.job_timestamp, "clip_skip": p.clip_skip,
+            "styles": list(p.styles), "job_timestamp": self.job_timestamp, "clip_skip": p.clip_skip,
             "is_using_inpainting_conditioning": False, "version": "atelier",
             "warnings": self.warnings, "interrupted": self.interrupted, "paths": self.paths,
         }

@@ -165,13 +165,11 @@ def params_from_request(req: dict[str, Any], *, img2img: bool):
     if data.get("scheduler") in (None, ""):
         data.pop("scheduler", None)
     args = data.get("script_args")
-    if isinstance(args, list):
-        if args:
-            raise RequestError("script_args: Atelier takes the script's values by name, as an object "
-                               "{\"name\": value}, not a positional list")
-        data["script_args"] = {}
+    if isinstance(args, list):  # A1111's positional form: mapped onto the script's declared order on submit
+        data["script_args"] = args if data.get("script_name") else {}
     elif args is not None and not isinstance(args, dict):
-        raise RequestError("script_args must be an object of the script's values by name")
+        raise RequestError("script_args must be an object of the script's values by name, or a list in the "
+                           "order the script declares (GET /sdapi/v1/script-info)")
     alwayson = data.get("alwayson_scripts") or {}
     if not isinstance(alwayson, dict):
         raise RequestError("alwayson_scripts must be an object {script title: {args: {name: value}}}")
@@ -272,12 +270,6 @@ def build_router(ctx) -> APIRouter:
     def schedulers():
         from modules.diffusion.samplers import schedulers_api
         return schedulers_api()
-
-    @router.get("/sdapi/v1/upscalers")
-    def upscalers():
-        from modules.diffusion.images import PIL_UPSCALERS
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for name in PIL_UPSCALERS]
 
     @router.get("/sdapi/v1/latent-upscale-modes")
     def latent_modes():

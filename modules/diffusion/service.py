@@ -197,11 +197,21 @@ class DiffusionService:
                        else None, img2img=img2img)
         except ValueError as exc:
             problems.append(str(exc))
+        tab = "img2img" if img2img else "txt2img"
         if p.script_name:
             try:
-                self.ctx.scripts.by_title(p.script_name, "img2img" if img2img else "txt2img")
+                script = self.ctx.scripts.by_title(p.script_name, tab)
+                p.script_args = self.ctx.scripts.named_args(script, p.script_args or {})
             except ValueError as exc:
                 problems.append(str(exc))
+        for title, values in list((p.alwayson_scripts or {}).items()):
+            if isinstance(values, (list, tuple)):  # A1111's {"args": [...]}: by the script's declared order
+                try:
+                    script = self.ctx.scripts.by_title(title, tab)
+                    del p.alwayson_scripts[title]
+                    p.alwayson_scripts[script.title()] = self.ctx.scripts.named_args(script, values)
+                except ValueError as exc:
+                    problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -210,6 +220,9 @@ class DiffusionService:
         p = p.copy()
         if p.clip_skip == 1:
             p.clip_skip = int(self.ctx.settings.get("sd.clip_skip"))
+        if p.styles:  # A1111 applies styles once, before anything else sees the prompts
+            from modules.diffusion.styles import style_store
+            p.prompt, p.negative_prompt = style_store(self.ctx).apply(p.prompt, p.negative_prompt, p.styles)
         self.validate(p, img2img=img2img)
         tab = "img2img" if img2img else "txt2img"
         name = f"{tab}: {p.prompt[:40]}"

@@ -4,6 +4,11 @@ Unlike A1111, a script's widget values reach it as keyword arguments keyed by th
 names its ``ui()`` returned, never as a positional slice of one global list, so
 adding an extension cannot shift another script's arguments, and API callers
 send ``{"script_args": {"name": value}}``.
+
+For A1111 clients that send a positional list (``"script_args": [...]``), a script may declare the
+order of its values in ``args``; the list is then mapped onto those names (a shorter list leaves the
+rest at run()'s defaults, as A1111's UI defaults would) and checked against the types of run()'s
+defaults. A script without ``args`` takes names only, and the error says so.
 """
 from __future__ import annotations
 
@@ -28,6 +33,10 @@ class Script:
     #: set by the loader: which extension (or "builtin") this script came from
     owner: str = "builtin"
     filename: str = ""
+    #: the order of this script's values for A1111-style positional ``script_args``; None: by name only
+    args: tuple[str, ...] | None = None
+    #: set by the loader: the app context (None when a script is loaded on its own, e.g. in a test)
+    ctx: Any = None
 
     def title(self) -> str:
         raise TypeError(f"{type(self).__name__} must define title()")
@@ -63,7 +72,9 @@ class Script:
 class ScriptRunner:
     """Loads ``scripts/*.py`` files from the repository and from extensions."""
 
-    def __init__(self, report_error=None):
+    def __init__(self, report_error=None, context: Any = None):
+        #: the AppContext handed to every script as ``script.ctx``
+        self.context = context
         self.scripts: list[Script] = []
         self.load_errors: list[tuple[str, str, str]] = []  # (owner, file, message)
         self._report = report_error
@@ -97,7 +108,7 @@ class ScriptRunner:
                 except Exception as exc:  # noqa: BLE001
                     self._load_failed(owner, path, exc)
                     continue
-                script.owner, script.filename = owner, str(path)
+                script.owner, script.filename, script.ctx = owner, str(path), self.context
                 self.scripts.append(script)
 
     def _load_failed(self, owner: str, path: Path, exc: BaseException) -> None:
@@ -117,6 +128,35 @@ class ScriptRunner:
                 return script
         names = ", ".join(s.title() for s in self.selectable(tab)) or "none"
         raise ValueError(f"no script titled {title!r} for {tab}; available: {names}")
+
+    def named_args(self, script: Script, values: Any) -> dict[str, Any]:
+        """*values* (a dict by name, or a positional list in the script's declared ``args`` order) as the
+        keyword values its hooks receive; ValueError naming the script and the expected order otherwise."""
+        if isinstance(values, dict):
+            return values
+        title = script.title()
+        if not isinstance(values, (list, tuple)):
+            raise ValueError(f"script_args for {title!r}: expected an object of values by name or a list, "
+                             f"got {type(values).__name__}")
+        order = list(script.args or ())
+        if not order:
+            if not values:
+                return {}
+            raise ValueError(f"script {title!r} takes its values by name ({{\"name\": value}}); it declares no "
+                             "positional order for a script_args list")
+        expected = ", ".join(order)
+        if len(values) > len(order):
+            raise ValueError(f"script {title!r} takes at most {len(order)} positional script_args in the order "
+                             f"[{expected}]; got {len(values)}")
+        defaults = script_arg_defaults(script)
+        out = {}
+        for index, (name, value) in enumerate(zip(order, values)):
+            problem = _type_problem(defaults.get(name), value)
+            if problem:
+                raise ValueError(f"script {title!r}, script_args[{index}] ({name}): {problem}; the order is "
+                                 f"[{expected}]")
+            out[name] = value
+        return out
 
     def call(self, hook: str, tab: str, p: Any, args: dict[str, dict[str, Any]], *extra: Any) -> list[Any]:
         """Run *hook* on every AlwaysVisible script with its own keyword values from *args* (title -> values)."""
@@ -139,3 +179,35 @@ class ScriptRunner:
             if self._report:
                 self._report(script.owner, f"{type(script).__name__}.show", exc)
             return False
+
+
+def script_arg_defaults(script: Script) -> dict[str, Any]:
+    """Each keyword parameter's default across the script's hooks (run() first): the declared types."""
+    out: dict[str, Any] = {}
+    for hook in ("run", "before_process", "process", "postprocess_image", "postprocess"):
+        try:
+            params = inspect.signature(getattr(script, hook)).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        for param in params:
+            if param.default is not inspect.Parameter.empty and param.name not in out:
+                out[param.name] = param.default
+    return out
+
+
+def _type_problem(default: Any, value: Any) -> str | None:
+    """Why *value* does not fit a parameter whose default is *default* (None: it fits)."""
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    if isinstance(default, int):
+        ok = (isinstance(value, int) or (isinstance(value, float) and value.is_integer())) \
+            and not isinstance(value, bool)
+        return None if ok else f"expected a whole number, got {value!r}"
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"expected a number, got {value!r}"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else f"expected text, got {value!r}"
+    return None

@@ -122,7 +122,8 @@ def test_xyz_plot_through_the_api(server):
     ({"prompt": "x", "width": 65, "height": 64, "steps": 2}, 422, "multiple of 8"),
     ({"prompt": "x", "width": 0, "height": 64, "steps": 2}, 422, "width=0"),
     ({"prompt": "x", "sampler_name": "Bogus", "steps": 2, "width": 64, "height": 64}, 422, "valid samplers"),
-    ({"prompt": "x", "width": 64, "height": 64, "script_args": [1, 2], "script_name": "x/y/z plot"}, 422, "by name"),
+    ({"prompt": "x", "width": 64, "height": 64, "script_args": [1, 2], "script_name": "x/y/z plot"}, 422,
+     "the order is [x_type"),
 ])
 def test_txt2img_errors_are_json_4xx(server, payload, status, needle):
     r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=payload, timeout=60)

@@ -7,6 +7,7 @@ import gradio as gr
 from modules.diffusion.images import RESIZE_MODES
 from modules.diffusion.processing import INPAINTING_FILL
 from modules.ui import generation_form as gf
+from modules.ui import styles_picker
 
 TAB = "img2img"
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
@@ -43,6 +44,7 @@ def build(ctx) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             gf.prompt_area(TAB, form)
+            styles_picker.build(ctx, TAB, form)
             editor = gr.ImageEditor(label="Image (paint the area to repaint with the brush)", type="pil",
                                     elem_id=f"{TAB}_editor", sources=("upload", "clipboard"), layers=False,
                                     brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),

@@ -5,6 +5,7 @@ import gradio as gr
 
 from modules.diffusion.images import HR_UPSCALERS
 from modules.ui import generation_form as gf
+from modules.ui import styles_picker
 
 TAB = "txt2img"
 
@@ -15,6 +16,7 @@ def build(ctx) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             gf.prompt_area(TAB, form)
+            styles_picker.build(ctx, TAB, form)
             gf.sampling_controls(TAB, form)
             c = form.components
             with gr.Accordion("Hires. fix", open=False, elem_id=f"{TAB}_hr"):
