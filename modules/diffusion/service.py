@@ -46,7 +46,11 @@ class DiffusionService:
             return list(self._checkpoints)
 
     def usable_checkpoints(self) -> list:
-        return [c for c in self.checkpoints() if not c.error]
+        """Checkpoints that can be loaded: not broken, and not pickled unless --allow-unsafe-pickle is on."""
+        return [c for c in self.checkpoints() if self._usable(c)]
+
+    def _usable(self, info) -> bool:
+        return not info.error and (not info.is_pickle or self._allow_pickle())
 
     def vaes(self, refresh: bool = False) -> list:
         from modules.diffusion.checkpoints import list_vaes
@@ -72,12 +76,16 @@ class DiffusionService:
 
     def broken_files(self) -> dict[str, list[dict[str, str]]]:
         """Every model file that cannot be used, by folder, with the reason (the UI and the API show it)."""
-        return {"Stable-diffusion": [{"name": c.name, "filename": c.filename, "error": c.error}
-                                     for c in self.checkpoints() if c.error],
+        return {"Stable-diffusion": self.broken_checkpoints(),
                 "VAE": [{"name": v.name, "filename": v.filename, "error": v.error} for v in self.vaes() if v.error],
                 "Lora": [{"name": x.name, "filename": x.filename, "error": x.error} for x in self.loras() if x.error],
                 "embeddings": [{"name": e.name, "filename": e.filename, "error": e.error}
                                for e in self.embeddings() if e.error]}
+
+    def broken_checkpoints(self) -> list[dict[str, str]]:
+        """The checkpoints left out of :meth:`usable_checkpoints`, with the reason."""
+        return [{"name": c.name, "filename": c.filename, "error": c.error or _PICKLE_REFUSED}
+                for c in self.checkpoints() if not self._usable(c)]
 
     def _allow_pickle(self) -> bool:
         return bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False))
@@ -101,7 +109,7 @@ class DiffusionService:
                 names = ", ".join(i.title for i in infos if not i.error) or "none"
                 raise ValueError(f"checkpoint {query!r} not found in {self.ckpt_dir}; available: {names}")
         else:
-            usable = [i for i in infos if not i.error]
+            usable = [i for i in infos if self._usable(i)]  # a broken model is never the default
             if not usable:
                 raise ValueError(f"no usable Stable Diffusion checkpoint in {self.ckpt_dir}: put a .safetensors "
                                  "checkpoint or a diffusers folder there and press refresh")
@@ -317,6 +325,10 @@ class DiffusionService:
                       model_name=info.model_name, model_hash=info.shorthash or "",
                       vae_name=getattr(sd, "vae_name", None), device=ctx.devices.device, dtype=ctx.devices.dtype)
             return process_images(run, p)
+
+
+_PICKLE_REFUSED = ("a pickled checkpoint, which can run code when loaded: convert it to safetensors, or start with "
+                   "--allow-unsafe-pickle if you trust its source")
 
 
 class CheckpointSwitchFailed(ValueError):

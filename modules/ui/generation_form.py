@@ -79,7 +79,7 @@ def checkpoint_row(ctx, tab: str, form: GenerationForm) -> None:
 
     def broken() -> str | None:
         from modules.broken_models import summary
-        return summary({"name": c.name, "error": c.error} for c in service.checkpoints()) or None
+        return summary(service.broken_checkpoints()) or None
 
     with gr.Row():
         form.checkpoint = gr.Dropdown(choices=choices(), value=current(), label="Stable Diffusion checkpoint",
