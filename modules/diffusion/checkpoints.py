@@ -23,10 +23,11 @@ import hashlib
 import json
 import logging
 import os
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
+
+from modules.safetensors_header import BrokenModelFile, check_file, read_header
 
 log = logging.getLogger(__name__)
 
@@ -155,44 +156,7 @@ def model_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> 
     return cached_digest(path, cache_dir, lambda p: _sha256(p))
 
 
-# -- safetensors header and type detection ------------------------------------------------------------
-class BrokenCheckpoint(ValueError):
-    """The file is not a readable safetensors file (corrupt header, truncated data)."""
-
-
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
-    """The tensor table of a safetensors file ({name: {dtype, shape, data_offsets}}), checked for truncation."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise BrokenCheckpoint(f"{path.name}: file is {size} bytes, too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > min(size - 8, 100 * _CHUNK):
-            raise BrokenCheckpoint(f"{path.name}: header length {header_len} is impossible for a {size}-byte file")
-        try:
-            header = json.loads(fh.read(header_len))
-        except ValueError as exc:
-            raise BrokenCheckpoint(f"{path.name}: safetensors header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise BrokenCheckpoint(f"{path.name}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    end = max((t.get("data_offsets", [0, 0])[1] for t in header.values() if isinstance(t, dict)), default=0)
-    if 8 + header_len + end > size:
-        raise BrokenCheckpoint(f"{path.name}: truncated — the header needs {8 + header_len + end} bytes, "
-                               f"the file has {size}; download it again")
-    return header
-
-
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` string map of a safetensors file ({} when absent)."""
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
-    return dict(header.get("__metadata__") or {})
-
-
+# -- type detection ------------------------------------------------------------------------------------
 def detect_kind(shapes: Mapping[str, Sequence[int]] | Iterable[str]) -> tuple[str | None, bool]:
     """Model type from LDM state-dict keys: ("sd1"|"sd2"|"sdxl"|None, is 9-channel inpainting).
 
@@ -242,14 +206,20 @@ def _make_info(path: Path, root: Path, cache_dir, compute_hashes: bool) -> Check
     error, kind, inpaint = None, None, False
     try:
         if fmt == "diffusers":
+            for weights in _weight_files(path):
+                if weights.suffix == ".safetensors":
+                    check_file(weights)
             kind, inpaint = _diffusers_kind(path)
         elif path.suffix == ".safetensors":
-            header = read_safetensors_header(path)
-            kind, inpaint = detect_kind({k: v.get("shape", ()) for k, v in header.items()})
+            kind, inpaint = detect_kind(read_header(path).shapes())
             if kind is None:
                 error = f"{path.name}: no Stable Diffusion text encoder keys found; not an SD1/SD2/SDXL checkpoint"
-    except (BrokenCheckpoint, OSError, ValueError, KeyError) as exc:
-        error = str(exc)
+    except BrokenModelFile as exc:
+        error = f"{path.name if exc.path == path else exc.path.relative_to(root).as_posix()}: {exc.reason}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # a damaged model_index/config.json
+        error = f"{name}: unreadable configuration ({type(exc).__name__}: {exc})"
+    if error:
+        log.warning("checkpoint %s is not usable: %s", name, error)
     sha = None
     if error is None:
         sha = model_hash(path, cache_dir) if compute_hashes else cached_hash(path, cache_dir)
@@ -337,13 +307,18 @@ def list_vaes(vae_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     out = []
     for path in _walk(root, _is_vae_folder, (".safetensors", ".pt", ".ckpt")):
         error = None
-        if path.suffix == ".safetensors":
-            try:
-                header = read_safetensors_header(path)
-                if not any("decoder." in k for k in header):
+        try:
+            if path.suffix == ".safetensors":
+                if not any("decoder." in k for k in read_header(path).tensors):
                     error = f"{path.name}: no VAE decoder weights found"
-            except (BrokenCheckpoint, OSError) as exc:
-                error = str(exc)
+            elif path.is_dir():
+                for weights in _weight_files(path):
+                    if weights.suffix == ".safetensors":
+                        check_file(weights)
+        except BrokenModelFile as exc:
+            error = str(exc)
+        if error:
+            log.warning("VAE %s is not usable: %s", path.relative_to(root).as_posix(), error)
         sha = None
         if error is None:
             sha = model_hash(path, cache_dir) if compute_hashes else cached_hash(path, cache_dir)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from modules.safetensors_header import check_file
+
 log = logging.getLogger(__name__)
 
 EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")
@@ -53,17 +55,21 @@ def read_embedding(path: str | Path, *, allow_unsafe_pickle: bool = False) -> di
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+        check_file(path)  # BrokenModelFile (a ValueError) with the reason, before the library sees the file
         state = load_file(str(path))
     elif allow_unsafe_pickle:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_pickled(path)
     else:
-        raise ValueError(f"{path.name} is a pickled embedding; convert it to safetensors or start with "
-                         "--allow-unsafe-pickle")
+        raise ValueError(f"{path.name} is a pickled embedding, which can run code when loaded; it is skipped. "
+                         "Convert it to safetensors, or start with --allow-unsafe-pickle if you trust its source")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path.name}: holds a {type(state).__name__}, not a dict of tensors; not a "
+                         "textual-inversion embedding")
     if "clip_l" in state or "clip_g" in state:
         out = {k: state[k] for k in ("clip_l", "clip_g") if k in state}
     elif "emb_params" in state:
         out = {"clip_l": state["emb_params"]}
-    elif "string_to_param" in state:
+    elif isinstance(state.get("string_to_param"), dict) and "*" in state["string_to_param"]:
         out = {"clip_l": state["string_to_param"]["*"]}
     elif "string_to_param.*" in state:  # the same A1111 layout, flattened into safetensors
         out = {"clip_l": state["string_to_param.*"]}
@@ -73,7 +79,23 @@ def read_embedding(path: str | Path, *, allow_unsafe_pickle: bool = False) -> di
             raise ValueError(f"{path.name}: not a textual-inversion embedding (keys: {sorted(state)[:5]}); "
                              "expected emb_params, string_to_param, clip_l/clip_g or a single token tensor")
         out = {"clip_l": tensors[0]}
+    if not all(isinstance(v, torch.Tensor) and v.ndim in (1, 2) and v.numel() for v in out.values()):
+        raise ValueError(f"{path.name}: the embedding vectors are not 1-D or 2-D tensors")
     return {k: (v.unsqueeze(0) if v.ndim == 1 else v).float() for k, v in out.items()}
+
+
+def _load_pickled(path: Path):
+    """A ``.pt``/``.bin`` embedding (A1111's own format), read with ``weights_only=True``: plain tensors,
+    dicts, numbers and strings only, never arbitrary objects. Refusals and damage become ValueError."""
+    import pickle
+    import zipfile
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path.name}: refused by the safe unpickler (it holds more than tensors: "
+                         f"{str(exc).splitlines()[0][:200]})") from None
+    except (EOFError, RuntimeError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise ValueError(f"{path.name}: not a readable PyTorch file ({type(exc).__name__}: {exc})") from None
 
 
 def _kind(dims: dict) -> str | None:
@@ -89,23 +111,24 @@ def _embedding_files(emb_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix in EMBEDDING_EXTS and p.is_file())
 
 
-def read_embedding_info(path: Path) -> EmbeddingInfo:
-    """Name, hash, vector count and widths of one embedding file (errors are reported, not raised)."""
+def read_embedding_info(path: Path, *, allow_unsafe_pickle: bool = False) -> EmbeddingInfo:
+    """Name, hash, vector count and widths of one embedding file (errors are reported, not raised).
+
+    Pickled files are read only with *allow_unsafe_pickle* (``--allow-unsafe-pickle``); without it they
+    are listed as skipped with a reason that names the flag.
+    """
     try:
-        vectors = read_embedding(path) if path.suffix == ".safetensors" else None
+        vectors = read_embedding(path, allow_unsafe_pickle=allow_unsafe_pickle)
     except (ValueError, OSError, RuntimeError) as exc:
         return EmbeddingInfo(path.stem, str(path), None, 0, {}, None, error=str(exc))
-    if vectors is None:
-        return EmbeddingInfo(path.stem, str(path), _file_hash(path)[:12], 0, {}, None,
-                             error="pickled embedding: needs --allow-unsafe-pickle")
     dims = {k: int(v.shape[-1]) for k, v in vectors.items()}
     first = next(iter(vectors.values()))
     return EmbeddingInfo(path.stem, str(path), _file_hash(path)[:12], int(first.shape[0]), dims, _kind(dims))
 
 
-def list_embeddings(emb_dir: str | Path) -> list[EmbeddingInfo]:
+def list_embeddings(emb_dir: str | Path, *, allow_unsafe_pickle: bool = False) -> list[EmbeddingInfo]:
     """Every embedding under *emb_dir* (recursively), sorted by name; unreadable files carry ``error``."""
-    return [read_embedding_info(p) for p in _embedding_files(emb_dir)]
+    return [read_embedding_info(p, allow_unsafe_pickle=allow_unsafe_pickle) for p in _embedding_files(emb_dir)]
 
 
 def default_dir(sd) -> Path | None:
@@ -145,11 +168,12 @@ def ensure_loaded(sd, texts: list[str], emb_dir: str | Path | None,
         if path.stem in loaded:
             used[path.stem] = loaded[path.stem]
             continue
-        info = read_embedding_info(path)
+        allow_pickle = bool(getattr(sd, "allow_unsafe_pickle", False))
+        info = read_embedding_info(path, allow_unsafe_pickle=allow_pickle)
         if info.error:
             warnings.append(f"embedding {info.name} was ignored: {info.error}")
             continue
-        vectors = read_embedding(info.filename)
+        vectors = read_embedding(info.filename, allow_unsafe_pickle=allow_pickle)
         targets = _targets(sd)
         fits = all(key in vectors and vectors[key].shape[-1] == enc.get_input_embeddings().weight.shape[-1]
                    for key, _, enc in targets)

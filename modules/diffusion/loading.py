@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from modules.diffusion.checkpoints import CheckpointInfo, detect_kind, read_safetensors_header
+from modules.diffusion.checkpoints import CheckpointInfo, detect_kind
+from modules.safetensors_header import check_file, read_header
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class SDModel:
     embeddings_dir: Path | None = None
     #: embeddings already loaded into the tokenizers/text encoders: {name: A1111 short hash}
     loaded_embeddings: dict[str, str] = field(default_factory=dict)
+    #: loaded under --allow-unsafe-pickle: pickled (.pt/.bin) embeddings may then be read, with weights_only
+    allow_unsafe_pickle: bool = False
 
     def memory_bytes(self) -> int:
         seen, total = set(), 0
@@ -194,8 +197,7 @@ def _single_file_kind(info: CheckpointInfo, allow_unsafe_pickle: bool) -> tuple[
         state = _load_pickle(Path(info.filename), allow_unsafe_pickle)
         kind, inpaint = detect_kind({k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")})
     else:
-        header = read_safetensors_header(info.filename)
-        kind, inpaint = detect_kind({k: v.get("shape", ()) for k, v in header.items()})
+        kind, inpaint = detect_kind(read_header(info.filename).shapes())
     if kind is None:
         raise ValueError(f"{info.name}: cannot tell whether this is an SD1, SD2 or SDXL checkpoint from its keys")
     return kind, inpaint
@@ -257,6 +259,8 @@ def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", d
         _load_pickle(Path(info.filename), allow_unsafe_pickle)  # raises UnsafeCheckpoint
     if info.format == "diffusers":
         kind, inpaint = info.kind or "sd1", info.is_inpaint
+        for weights in sorted(Path(info.filename).rglob("*.safetensors")):
+            check_file(weights)  # a damaged component file fails here, with its name, not inside diffusers
         cls = pipeline_class(kind, inpaint)
         extra = {}
         for name in _tokenizer_names(kind):
@@ -266,6 +270,8 @@ def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", d
         pipe = cls.from_pretrained(info.filename, dtype=dtype, local_files_only=True,
                                    **_pipe_kwargs(cls), **extra)
     else:
+        if not info.is_pickle:
+            check_file(info.filename)  # it may have changed since it was listed; BrokenModelFile is a ValueError
         kind, inpaint = _single_file_kind(info, allow_unsafe_pickle)
         cls = pipeline_class(kind, inpaint)
         with tempfile.TemporaryDirectory(prefix="atelier-sdconfig-") as tmp:
@@ -286,7 +292,8 @@ def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", d
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     model = SDModel(pipe=pipe, kind=kind, is_inpaint=inpaint, info=info,
-                    embeddings_dir=Path(embeddings_dir) if embeddings_dir else None)
+                    embeddings_dir=Path(embeddings_dir) if embeddings_dir else None,
+                    allow_unsafe_pickle=allow_unsafe_pickle)
     if vae_path is not None:
         apply_vae(model, vae_path, allow_unsafe_pickle=allow_unsafe_pickle)
     log.info("loaded %s (%s%s, %s) on %s", info.title, kind, ", inpainting" if inpaint else "", info.format, device)
@@ -303,6 +310,7 @@ def load_vae(path: str | Path, like, *, allow_unsafe_pickle: bool = False):
         return AutoencoderKL.from_pretrained(path, dtype=dtype, local_files_only=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+        check_file(path)
         state = load_file(str(path))
     else:
         state = _load_pickle(path, allow_unsafe_pickle)

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from modules.safetensors_header import BrokenModelFile, read_header
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +56,13 @@ class AppliedLoras:
     adapters: list[str] = field(default_factory=list)
 
 
-def _header(path: Path) -> tuple[int, dict]:
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        return n, json.loads(fh.read(n))
-
-
 def lora_hash(path: str | Path) -> str:
     """A1111's LoRA hash: sha256 of everything after the safetensors header (the "addnet" hash)."""
     path = Path(path)
-    n, _ = _header(path)
+    start = read_header(path).data_start
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        fh.seek(8 + n)
+        fh.seek(start)
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -90,13 +84,10 @@ def read_lora_info(path: str | Path, *, compute_hash: bool = False, cache_dir: s
     path = Path(path)
     name = path.stem
     try:
-        n, header = _header(path)
-        metadata = dict(header.pop("__metadata__", None) or {})
-        keys = list(header)
-        if path.stat().st_size < 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0):
-            raise ValueError("file is truncated")
-    except (OSError, ValueError, KeyError, struct.error) as exc:
-        return LoraInfo(name, name, str(path), None, None, None, error=f"{path.name}: unreadable ({exc})")
+        header = read_header(path)
+    except BrokenModelFile as exc:
+        return LoraInfo(name, name, str(path), None, None, None, error=str(exc))
+    metadata, keys = header.metadata, list(header.tensors)
     fmt = "kohya" if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys) else "diffusers"
     full = metadata.get("sshs_model_hash") or (cached_lora_hash(path, cache_dir) if compute_hash else None)
     short = full[:12] if full else None

@@ -297,21 +297,23 @@ def build_router(ctx) -> APIRouter:
 
     @router.get("/sdapi/v1/loras")
     def loras():
-        from modules.diffusion.lora import list_loras
-        return [_lora_item(item) for item in list_loras(ctx.paths.model_dir("Lora"))]
+        return [_lora_item(item) for item in service().loras() if not item.error]
 
     @router.post("/sdapi/v1/refresh-loras")
     def refresh_loras():
-        from modules.diffusion.lora import list_loras
-        list_loras(ctx.paths.model_dir("Lora"))
+        service().loras(refresh=True)
         return {}
+
+    @router.get("/atelier/v1/broken-models", tags=["atelier"])
+    def broken_models():
+        """Model files that cannot be used, by models/ folder, each with the reason (A1111's lists omit them)."""
+        return service().broken_files()
 
     @router.get("/sdapi/v1/embeddings")
     def embeddings():
-        from modules.diffusion.embeddings import list_embeddings
         loaded = {}
         skipped = {}
-        for item in list_embeddings(ctx.paths.model_dir("embeddings")):
+        for item in service().embeddings():
             entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                      "shape": next(iter(item.dims.values()), None) if item.dims else None, "vectors": item.vectors}
             (skipped if item.error else loaded)[item.name] = entry

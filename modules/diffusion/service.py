@@ -28,6 +28,7 @@ class DiffusionService:
         self._lock = threading.RLock()
         self._checkpoints: list | None = None
         self._vaes: list | None = None
+        self._loras: list | None = None
         self._tools = None
         self._jobs: set = set()  # this service's queued and running jobs (for Interrupt / Skip)
 
@@ -45,7 +46,11 @@ class DiffusionService:
             return list(self._checkpoints)
 
     def usable_checkpoints(self) -> list:
-        return [c for c in self.checkpoints() if not c.error]
+        """Checkpoints that can be loaded: not broken, and not pickled unless --allow-unsafe-pickle is on."""
+        return [c for c in self.checkpoints() if self._usable(c)]
+
+    def _usable(self, info) -> bool:
+        return not info.error and (not info.is_pickle or self._allow_pickle())
 
     def vaes(self, refresh: bool = False) -> list:
         from modules.diffusion.checkpoints import list_vaes
@@ -55,9 +60,40 @@ class DiffusionService:
                                        compute_hashes=False)
             return list(self._vaes)
 
+    def loras(self, refresh: bool = False) -> list:
+        """LoraInfo for every file in models/Lora (broken ones carry ``error``), scanned once until refreshed."""
+        from modules.diffusion.lora import list_loras
+        with self._lock:
+            if self._loras is None or refresh:
+                self._loras = list_loras(self.ctx.paths.model_dir("Lora"))
+                _log_broken("LoRA", self._loras)
+            return list(self._loras)
+
+    def embeddings(self) -> list:
+        """EmbeddingInfo for models/embeddings; pickled files are read only under --allow-unsafe-pickle."""
+        from modules.diffusion.embeddings import list_embeddings
+        return list_embeddings(self.ctx.paths.model_dir("embeddings"), allow_unsafe_pickle=self._allow_pickle())
+
+    def broken_files(self) -> dict[str, list[dict[str, str]]]:
+        """Every model file that cannot be used, by folder, with the reason (the UI and the API show it)."""
+        return {"Stable-diffusion": self.broken_checkpoints(),
+                "VAE": [{"name": v.name, "filename": v.filename, "error": v.error} for v in self.vaes() if v.error],
+                "Lora": [{"name": x.name, "filename": x.filename, "error": x.error} for x in self.loras() if x.error],
+                "embeddings": [{"name": e.name, "filename": e.filename, "error": e.error}
+                               for e in self.embeddings() if e.error]}
+
+    def broken_checkpoints(self) -> list[dict[str, str]]:
+        """The checkpoints left out of :meth:`usable_checkpoints`, with the reason."""
+        return [{"name": c.name, "filename": c.filename, "error": c.error or _PICKLE_REFUSED}
+                for c in self.checkpoints() if not self._usable(c)]
+
+    def _allow_pickle(self) -> bool:
+        return bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False))
+
     def refresh(self) -> None:
         self.checkpoints(refresh=True)
         self.vaes(refresh=True)
+        self.loras(refresh=True)
 
     def find(self, query: str | None):
         """The checkpoint *query* names (title, name or hash), or the current one when *query* is empty.
@@ -73,7 +109,7 @@ class DiffusionService:
                 names = ", ".join(i.title for i in infos if not i.error) or "none"
                 raise ValueError(f"checkpoint {query!r} not found in {self.ckpt_dir}; available: {names}")
         else:
-            usable = [i for i in infos if not i.error]
+            usable = [i for i in infos if self._usable(i)]  # a broken model is never the default
             if not usable:
                 raise ValueError(f"no usable Stable Diffusion checkpoint in {self.ckpt_dir}: put a .safetensors "
                                  "checkpoint or a diffusers folder there and press refresh")
@@ -100,21 +136,34 @@ class DiffusionService:
 
     def select_checkpoint(self, query: str, *, load: bool = True) -> str:
         """Make *query* the current checkpoint (validated), load it through the model manager on the job
-        queue, and drop the previously loaded checkpoint. Returns its title."""
+        queue, and drop the previously loaded checkpoint. Returns its title.
+
+        A switch that fails (unknown or broken file, a pickle without --allow-unsafe-pickle, a load error)
+        changes nothing: the previous model stays loaded and ``sd.sd_model_checkpoint`` keeps its value;
+        the reason is raised as :class:`CheckpointSwitchFailed` (a ValueError: the API answers 400)."""
         info = self.find(query)
+        previous = self.ctx.settings.get("sd.sd_model_checkpoint")
         self.ctx.settings.set("sd.sd_model_checkpoint", info.title)
         if load:
-            job = self.ctx.jobs.submit(lambda job: self._switch_to(info), name=f"load {info.title}")
-            job.result()
+            try:
+                job = self.ctx.jobs.submit(lambda job: self._switch_to(info), name=f"load {info.title}")
+                job.result()
+            except BaseException as exc:
+                self.ctx.settings.set("sd.sd_model_checkpoint", previous)
+                if isinstance(exc, _SWITCH_ERRORS):
+                    raise CheckpointSwitchFailed(f"could not switch to checkpoint {info.title}; the current "
+                                                 f"model is kept: {exc}") from exc
+                raise
         return info.title
 
     def _switch_to(self, info) -> None:
+        """Load *info* first, then drop the other idle checkpoints: a failed load leaves them in place."""
         key = "sd:" + info.title
+        with self._lease(info):
+            pass
         for entry in self.ctx.models.loaded("diffusion"):
             if entry["key"] != key and entry["leases"] == 0:
                 self.ctx.models.unload(entry["key"])
-        with self._lease(info):
-            pass
 
     def select_vae(self, name: str) -> str:
         from modules.diffusion.checkpoints import find_vae
@@ -289,6 +338,25 @@ class DiffusionService:
                       model_name=info.model_name, model_hash=info.shorthash or "",
                       vae_name=getattr(sd, "vae_name", None), device=ctx.devices.device, dtype=ctx.devices.dtype)
             return process_images(run, p)
+
+
+_PICKLE_REFUSED = ("a pickled checkpoint, which can run code when loaded: convert it to safetensors, or start with "
+                   "--allow-unsafe-pickle if you trust its source")
+
+
+class CheckpointSwitchFailed(ValueError):
+    """Switching checkpoints failed; the previous model and setting were kept. The message says why."""
+
+
+#: what a failed checkpoint load raises for a bad file (UnsafeCheckpoint is a PermissionError, a missing
+#: tokenizer a FileNotFoundError); anything else is a server fault and propagates as it is
+_SWITCH_ERRORS = (ValueError, OSError, KeyError)
+
+
+def _log_broken(kind: str, infos: list) -> None:
+    for info in infos:
+        if info.error:
+            log.warning("%s %s is not usable: %s", kind, info.name, info.error)
 
 
 def _path_size(path: Path) -> int:

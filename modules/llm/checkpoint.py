@@ -82,25 +82,43 @@ class _Reader:
         self.files = files
         self.location: dict[str, Path] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        self._headers: dict[Path, dict[str, tuple[int, ...]]] = {}
         for path in files:
             for name in self._names(path):
                 self.location[name] = path
 
+    def _header_shapes(self, path: Path) -> dict[str, tuple[int, ...]]:
+        """The tensor shapes of a safetensors file, from the checked header (a damaged file fails here)."""
+        if path not in self._headers:
+            from modules.safetensors_header import BrokenModelFile, read_header
+            try:
+                self._headers[path] = read_header(path).shapes()
+            except BrokenModelFile as exc:
+                raise CheckpointError(f"{path.parent}: weight file {exc}") from None
+        return self._headers[path]
+
     def _names(self, path: Path) -> list[str]:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
+            return list(self._header_shapes(path))
         return list(self._pickle(path))
 
     def _pickle(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._pickles:
+            import pickle
+            import zipfile
             try:
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:    # files from before torch 1.6's zip format cannot be mapped
-                if "mmap" not in str(exc):
-                    raise
-                data = torch.load(path, map_location="cpu", weights_only=True)
+                try:
+                    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:    # files from before torch 1.6's zip format cannot be mapped
+                    if "mmap" not in str(exc):
+                        raise
+                    data = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"{path} was refused by the safe unpickler (weights_only=True): it holds "
+                                      f"more than tensors ({str(exc).splitlines()[0][:200]})") from None
+            except (EOFError, RuntimeError, OSError, zipfile.BadZipFile) as exc:
+                raise CheckpointError(f"{path} is not a readable PyTorch weight file ({type(exc).__name__}: "
+                                      f"{exc}); download it again") from None
             if not isinstance(data, dict):
                 raise CheckpointError(f"{path} does not hold a state dict (found {type(data).__name__})")
             self._pickles[path] = data
@@ -110,9 +128,7 @@ class _Reader:
         out: dict[str, tuple[int, ...]] = {}
         for path in self.files:
             if path.suffix == ".safetensors":
-                from safetensors import safe_open
-                with safe_open(str(path), framework="pt") as f:
-                    out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+                out.update(self._header_shapes(path))
             else:
                 out.update({k: tuple(v.shape) for k, v in self._pickle(path).items()})
         return out

@@ -92,13 +92,15 @@ def _read_generation_config(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def list_llm_models(llm_dir: str | Path) -> list[dict[str, Any]]:
+def list_llm_models(llm_dir: str | Path, *, allow_unsafe_pickle: bool = False) -> list[dict[str, Any]]:
     """Every subfolder of ``llm_dir`` with a config.json, sorted by name: {"name", "path", "error"}.
 
     ``error`` is None for a folder that looks loadable, else the reason it cannot load (bad config,
-    no tokenizer, no weights), found without reading any weights.
+    no tokenizer, no weights, pickled weights without *allow_unsafe_pickle*, a damaged safetensors
+    header), found without reading any weights: only the headers are checked.
     """
     from modules.llm.checkpoint import CheckpointError, weight_files
+    from modules.safetensors_header import check_file
 
     root = Path(llm_dir)
     if not root.is_dir():
@@ -110,7 +112,9 @@ def list_llm_models(llm_dir: str | Path) -> list[dict[str, Any]]:
             LlamaConfig.from_json_file(folder / "config.json")
             if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
                 raise ValueError(f"no tokenizer: put tokenizer.model and/or tokenizer.json into {folder}/")
-            weight_files(folder, allow_unsafe_pickle=True)
+            for weights in weight_files(folder, allow_unsafe_pickle=allow_unsafe_pickle):
+                if weights.suffix == ".safetensors":
+                    check_file(weights)  # BrokenModelFile is a ValueError naming the file and the damage
         except (ValueError, CheckpointError, OSError) as exc:
             error = str(exc)
         out.append({"name": folder.name, "path": str(folder), "error": error})

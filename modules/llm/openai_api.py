@@ -223,8 +223,11 @@ def build_router(ctx: Any) -> APIRouter:
 
     @router.get("/models")
     async def list_models() -> JSONResponse:
-        names = await run_in_threadpool(service().model_names)
-        return JSONResponse({"object": "list", "data": [model_card(n) for n in names]})
+        """The usable models; folders that cannot be loaded are only in ``unusable`` (Atelier's field, with
+        the reason), so an OpenAI client never picks one."""
+        models = await run_in_threadpool(service().list_models)
+        return JSONResponse({"object": "list", "data": [model_card(m["name"]) for m in models if not m["error"]],
+                             "unusable": [{"id": m["name"], "error": m["error"]} for m in models if m["error"]]})
 
     @router.get("/models/{model_id}")
     async def get_model(model_id: str) -> JSONResponse:

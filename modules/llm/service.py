@@ -108,6 +108,7 @@ class LLMService:
         self._lock = threading.Lock()
         self._current: str | None = None
         self._engines: dict[str, LLMEngine] = {}
+        self._reported_broken: set[tuple[str, str]] = set()  # (folder, reason) already logged once
 
     # -- models ------------------------------------------------------------------------------------------
     @property
@@ -115,12 +116,24 @@ class LLMService:
         return self.ctx.paths.model_dir("LLM")
 
     def list_models(self) -> list[dict[str, Any]]:
-        """Every folder in models/LLM: ``{"name", "path", "error"}`` (error None when it looks loadable)."""
+        """Every folder in models/LLM: ``{"name", "path", "error"}`` (error None when it looks loadable).
+        Each unusable folder is logged once with its reason."""
         from modules.llm.loader import list_llm_models
-        return list_llm_models(self.models_dir)
+        models = list_llm_models(self.models_dir,
+                                 allow_unsafe_pickle=bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False)))
+        for m in models:
+            if m.get("error") and (m["name"], m["error"]) not in self._reported_broken:
+                self._reported_broken.add((m["name"], m["error"]))
+                log.warning("LLM folder %s is not usable: %s", m["name"], m["error"])
+        return models
 
     def model_names(self) -> list[str]:
+        """The usable models, in folder order: the first one is the default when none is chosen."""
         return [m["name"] for m in self.list_models() if not m.get("error")]
+
+    def unusable_models(self) -> list[dict[str, Any]]:
+        """The folders that cannot be loaded, with the reason: ``{"name", "path", "error"}``."""
+        return [m for m in self.list_models() if m.get("error")]
 
     @staticmethod
     def model_key(name: str) -> str:
@@ -150,7 +163,7 @@ class LLMService:
             try:
                 return load_llm(path, self.ctx.devices.device, self.ctx.devices.dtype,
                                 allow_unsafe_pickle=bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False)))
-            except (ValueError, FileNotFoundError, KeyError) as exc:
+            except (ValueError, OSError, KeyError) as exc:
                 raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
 
         return self.ctx.models.acquire(self.model_key(name), load, kind="llm", size_bytes=_folder_weight_bytes(path),

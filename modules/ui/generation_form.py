@@ -77,14 +77,18 @@ def checkpoint_row(ctx, tab: str, form: GenerationForm) -> None:
                     return title
         return options[0] if options else None
 
+    def broken() -> str | None:
+        from modules.broken_models import summary
+        return summary(service.broken_checkpoints()) or None
+
     with gr.Row():
         form.checkpoint = gr.Dropdown(choices=choices(), value=current(), label="Stable Diffusion checkpoint",
-                                      elem_id=f"{tab}_checkpoint", allow_custom_value=True, scale=4)
+                                      elem_id=f"{tab}_checkpoint", allow_custom_value=True, scale=4, info=broken())
         refresh = gr.Button("Refresh", elem_id=f"{tab}_checkpoint_refresh", scale=1, size="sm")
 
     def do_refresh():
         service.refresh()
-        return gr.Dropdown(choices=choices(), value=current())
+        return gr.Dropdown(choices=choices(), value=current(), info=broken())
 
     refresh.click(do_refresh, outputs=form.checkpoint)
 

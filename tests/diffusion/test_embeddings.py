@@ -87,3 +87,35 @@ def test_sdxl_embedding_fills_both_encoders_and_wrong_type_is_ignored(models):
                           ("clip_g", sd.pipe.tokenizer_2, sd.pipe.text_encoder_2)):
         row = enc.get_input_embeddings().weight[tok.convert_tokens_to_ids("tiny-xl-emb")]
         assert torch.equal(row.detach(), state[key][0])
+
+
+def test_pickled_embedding_needs_the_flag_and_then_loads_with_weights_only(models):
+    """--allow-unsafe-pickle enables A1111's own .pt embeddings (read with weights_only=True); without it they
+    are listed as skipped with a reason that names the flag, and a prompt naming one warns instead."""
+    root, emb_dir = models
+    vectors = load_file(str(emb_dir / "tiny-emb.safetensors"))["emb_params"]
+    torch.save({"string_to_param": {"*": vectors.clone()}, "name": "old-emb", "step": 100}, emb_dir / "old-emb.pt")
+    refused = {i.name: i for i in list_embeddings(emb_dir)}["old-emb"]
+    assert "--allow-unsafe-pickle" in refused.error and refused.vectors == 0
+    allowed = {i.name: i for i in list_embeddings(emb_dir, allow_unsafe_pickle=True)}["old-emb"]
+    assert allowed.error is None and allowed.vectors == 2 and allowed.kind is None  # tiny width: no SD type
+
+    sd = _load(root, "tiny-sd15", emb_dir)
+    sched = encode_schedule(sd, "a photo of old-emb", "", 4, 1)
+    assert "old-emb" not in sched.ti_hashes and any("--allow-unsafe-pickle" in w for w in sched.warnings)
+
+    infos = ck.list_checkpoints(root / "Stable-diffusion", compute_hashes=False)
+    sd = load_sd_model(ck.find_checkpoint(infos, "tiny-sd15"), embeddings_dir=emb_dir, allow_unsafe_pickle=True)
+    sched = encode_schedule(sd, "a photo of old-emb", "", 4, 1)
+    assert sched.ti_hashes == {"old-emb": allowed.shorthash}
+    ids = sd.pipe.tokenizer.convert_tokens_to_ids(["old-emb", "old-emb_1"])
+    assert torch.equal(sd.pipe.text_encoder.get_input_embeddings().weight[ids].detach(), vectors)
+
+
+def test_pickle_that_is_more_than_tensors_is_refused_even_with_the_flag(tmp_path):
+    import argparse  # any class outside torch's weights_only allow-list stands for a code-running payload
+    torch.save({"string_to_param": {"*": torch.ones(1, 3)}, "x": argparse.Namespace(a=1)}, tmp_path / "evil.pt")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    infos = {i.name: i for i in list_embeddings(tmp_path, allow_unsafe_pickle=True)}
+    assert "safe unpickler" in infos["evil"].error
+    assert "not a readable PyTorch file" in infos["cut"].error

@@ -51,6 +51,10 @@ def build(ctx: Any) -> None:
                 return candidate
         return names[0] if names else None
 
+    def broken_info() -> str | None:
+        from modules.broken_models import summary
+        return summary(service.unusable_models()) or None
+
     def chat_choices() -> list[tuple[str, str]]:
         return [(c["title"] + (" (unreadable)" if c["error"] else ""), c["id"]) for c in service.chats.list()]
 
@@ -60,7 +64,7 @@ def build(ctx: Any) -> None:
 
     with gr.Row():
         model = gr.Dropdown(model_choices(), value=initial_model(), label="Model (models/LLM)",
-                            elem_id="chat_model", scale=4, allow_custom_value=False)
+                            elem_id="chat_model", scale=4, allow_custom_value=False, info=broken_info())
         refresh = gr.Button("Refresh", elem_id="chat_refresh_models", scale=0, min_width=80)
         load = gr.Button("Load", elem_id="chat_load_model", scale=1)
         unload = gr.Button("Unload", elem_id="chat_unload_model", scale=1)
@@ -257,7 +261,8 @@ def build(ctx: Any) -> None:
     # -- models ----------------------------------------------------------------------------------------
     def on_refresh_models(current):
         names = model_choices()
-        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+        return gr.update(choices=names, value=current if current in names else (names[0] if names else None),
+                         info=broken_info())
 
     refresh.click(on_refresh_models, model, model, queue=False)
 
