@@ -27,6 +27,7 @@ from modules.diffusion.images import LATENT_UPSCALE_MODES, PIL_UPSCALERS, to_ten
 from modules.diffusion.img2img import (InitState, a1111_steps, apply_masked_content, full_mask_conditioning,
                                        make_blend, prepare_init)
 from modules.diffusion.infotext import create_infotext, join_hashes
+from modules.diffusion.loading import sequential_offload
 from modules.diffusion.previews import latent_preview
 from modules.diffusion.processing import INPAINTING_FILL, GenerationParams, Processed, check_params, resolve_seed
 from modules.jobs import JobInterrupted
@@ -284,10 +285,13 @@ def process_images(run: Run, p: GenerationParams) -> Processed:
     plan = check_inputs(run, p, tab)
     lora_cm = run.tools.apply_loras(run.sd, plan.loras, run.lora_dir) if (plan.loras and run.tools.apply_loras) \
         else contextlib.nullcontext(None)
-    with lora_cm as applied, torch.inference_mode():
+    # the offload stack closes first: its hooks come off before the LoRAs are unloaded
+    with lora_cm as applied, torch.inference_mode(), contextlib.ExitStack() as stack:
         # 2. Encode prompts
         cond = encode_prompts(run, p, plan, applied)
         # 3. Prepare latents: the init images once per job (img2img), the noise per batch
+        offload = sequential_offload(run.sd) if hasattr(run.sd, "offload") else contextlib.nullcontext()
+        stack.enter_context(offload)  # --lowvram: layer by layer from here on (prompts are encoded)
         init = prepare_init_latents(run, p)
         try:
             for n in range(p.n_iter):

@@ -139,7 +139,9 @@ class DiffusionService:
 
         def load():
             return load_sd_model(info, device=ctx.devices.device, dtype=ctx.devices.dtype,
-                                 allow_unsafe_pickle=bool(getattr(ctx.opts, "allow_unsafe_pickle", False)))
+                                 allow_unsafe_pickle=bool(getattr(ctx.opts, "allow_unsafe_pickle", False)),
+                                 vae_dtype=ctx.devices.vae_dtype, attention=ctx.devices.attention,
+                                 offload=ctx.devices.offload)
 
         size = _path_size(Path(info.filename))
         return ctx.models.acquire("sd:" + info.title, load, kind="diffusion", size_bytes=size,
