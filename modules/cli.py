@@ -78,9 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="compute device")
     dev.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                      help="weight and compute precision (auto: fp16/bf16 on GPUs, fp32 on CPU)")
-    dev.add_argument("--lowvram", action="store_true", help="keep idle models on CPU and offload aggressively")
-    dev.add_argument("--medvram", action="store_true", help="keep idle models on CPU between uses")
-    dev.add_argument("--xformers", action="store_true", help="use xformers attention when installed")
+    dev.add_argument("--no-half", action="store_true",
+                     help="run every model in fp32, whatever --precision says (A1111's flag)")
+    dev.add_argument("--no-half-vae", action="store_true",
+                     help="keep the Stable Diffusion VAE in fp32 when the rest runs in fp16/bf16 "
+                          "(the fix for black or NaN images)")
+    dev.add_argument("--medvram", action="store_true",
+                     help="offload whole models: idle models are parked in CPU RAM between uses")
+    dev.add_argument("--lowvram", action="store_true",
+                     help="offload submodules: weights stay in CPU RAM and each layer is moved to the device "
+                          "only for its part of the forward pass (slowest, least device memory)")
+    dev.add_argument("--xformers", action="store_true",
+                     help="use xformers memory-efficient attention (diffusion and LLM) when installed")
 
     ext = p.add_argument_group("install and extensions")
     ext.add_argument("--skip-install", action="store_true", help="do not install requirements or run extension installers")

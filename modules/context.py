@@ -71,7 +71,8 @@ def build_context(opts: argparse.Namespace, *, raise_callback_errors: bool = Fal
     paths.ensure()
     settings = Settings(paths.settings_file)
     settings.load()
-    devices = choose_devices(opts.device, opts.precision, opts.xformers, opts.medvram, opts.lowvram)
+    devices = choose_devices(opts.device, opts.precision, opts.xformers, opts.medvram, opts.lowvram,
+                             no_half=getattr(opts, "no_half", False), no_half_vae=getattr(opts, "no_half_vae", False))
     callbacks = Callbacks(raise_errors=raise_callback_errors)
     ctx_ref: list[AppContext] = []
 

@@ -23,9 +23,18 @@ class Devices:
     dtype: torch.dtype
     #: "sdpa" (PyTorch scaled_dot_product_attention) or "xformers"
     attention: str = "sdpa"
-    #: "none", "medvram" or "lowvram": how hard to offload to CPU between uses
+    #: "none", "medvram" (whole models parked in CPU RAM between uses) or "lowvram" (submodules moved to
+    #: the device one at a time during each forward pass)
     offload: str = "none"
     notes: tuple[str, ...] = ()
+    #: the Stable Diffusion VAE's dtype: fp32 under --no-half-vae when *dtype* is half, else *dtype*
+    vae_dtype: torch.dtype | None = None
+    #: whether --xformers was given (diagnostics say why it is not in use when *attention* is "sdpa")
+    xformers_requested: bool = False
+
+    def __post_init__(self):
+        if self.vae_dtype is None:
+            self.vae_dtype = self.dtype
 
     @property
     def is_cpu(self) -> bool:
@@ -50,17 +59,32 @@ class Devices:
     def describe(self) -> dict:
         return {
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-            "attention": self.attention, "offload": self.offload,
+            "vae dtype": str(self.vae_dtype).replace("torch.", ""),
+            "attention": self.attention_report(), "offload": self.offload,
             "total_memory": self.total_memory(), "free_memory": self.free_memory(),
         }
 
+    def attention_report(self) -> str:
+        """The attention backend in use, in words: what diagnostics and the Troubleshooting tab show."""
+        if self.attention == "xformers":
+            return "xformers (memory-efficient attention)"
+        if self.xformers_requested:
+            why = "not installed" if not xformers_available() else f"unusable on {self.device.type} (it needs CUDA)"
+            return f"xformers requested but {why}: using PyTorch SDPA"
+        return "PyTorch SDPA"
+
 
 def xformers_available() -> bool:
+    """xformers can be imported (looked up at call time, so a test can provide a module)."""
+    import sys
+    if "xformers" in sys.modules:
+        return sys.modules["xformers"] is not None
     return importlib.util.find_spec("xformers") is not None
 
 
 def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool = False,
-                   medvram: bool = False, lowvram: bool = False) -> Devices:
+                   medvram: bool = False, lowvram: bool = False, no_half: bool = False,
+                   no_half_vae: bool = False) -> Devices:
     """Pick device and dtype the way users expect.
 
     auto: CUDA if present (bf16 when the card supports it, else fp16), then MPS (fp16), then CPU (fp32:
@@ -93,14 +117,20 @@ def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool
         if dev.type == "cpu" and dtype is torch.float16:
             notes.append("fp16 on CPU is very slow on most processors; bf16 or fp32 is recommended")
 
+    if no_half and dtype is not torch.float32:
+        notes.append(f"--no-half: running in fp32 instead of {str(dtype).replace('torch.', '')}")
+        dtype = torch.float32
+    vae_dtype = torch.float32 if no_half_vae else dtype
+
     attention = "sdpa"
     if xformers:
         if xformers_available() and dev.type == "cuda":
             attention = "xformers"
         else:
-            why = "it is not installed" if not xformers_available() else f"it needs CUDA (device is {dev.type})"
-            notes.append(f"--xformers was given but {why}; using PyTorch SDPA attention")
+            why = "not installed" if not xformers_available() else f"unusable on {dev.type} (it needs CUDA)"
+            notes.append(f"--xformers: xformers requested but {why}: using PyTorch SDPA attention")
     offload = "lowvram" if lowvram else "medvram" if medvram else "none"
     for note in notes:
         log.warning(note)
-    return Devices(device=dev, dtype=dtype, attention=attention, offload=offload, notes=tuple(notes))
+    return Devices(device=dev, dtype=dtype, attention=attention, offload=offload, notes=tuple(notes),
+                   vae_dtype=vae_dtype, xformers_requested=bool(xformers))

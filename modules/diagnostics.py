@@ -73,6 +73,7 @@ def collect(ctx: Any = None, paths: Any = None) -> dict[str, Any]:
         "packages": {name: _version(name) for name in KEY_PACKAGES},
     }
     if ctx is not None:
+        report["attention backend"] = ctx.devices.attention_report()
         report["selected device"] = ctx.devices.describe()
         report["loaded models"] = ctx.models.loaded()
     if paths is not None:

@@ -180,7 +180,8 @@ def encode(pipe, images: torch.Tensor) -> torch.Tensor:
     if upcast:
         vae.to(dtype=torch.float32)
     try:
-        dist = vae.encode(images.to(vae.device, dtype)).latent_dist
+        # the images are already on the compute device (under --lowvram the VAE's own weights are not)
+        dist = vae.encode(images.to(dtype=dtype)).latent_dist
         latents = dist.mode()
     finally:
         if upcast:
@@ -190,8 +191,9 @@ def encode(pipe, images: torch.Tensor) -> torch.Tensor:
     if mean is not None and std is not None:
         mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
         std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        return (latents - mean_t) * vae.config.scaling_factor / std_t
-    return latents * vae.config.scaling_factor
+        return ((latents - mean_t) * vae.config.scaling_factor / std_t).to(images.dtype)
+    # in the caller's dtype, as diffusers' prepare_latents does: an fp32 VAE (--no-half-vae) feeds a half UNet
+    return (latents * vae.config.scaling_factor).to(images.dtype)
 
 
 def to_pil(pipe, images: torch.Tensor) -> list:

@@ -27,8 +27,9 @@ from modules.diffusion.images import LATENT_UPSCALE_MODES, PIL_UPSCALERS, to_ten
 from modules.diffusion.img2img import (InitState, a1111_steps, apply_masked_content, full_mask_conditioning,
                                        make_blend, prepare_init)
 from modules.diffusion.infotext import create_infotext, join_hashes
+from modules.diffusion.loading import sequential_offload
 from modules.diffusion.previews import latent_preview
-from modules.diffusion.processing import INPAINTING_FILL, GenerationParams, Processed, resolve_seed
+from modules.diffusion.processing import INPAINTING_FILL, GenerationParams, Processed, check_params, resolve_seed
 from modules.jobs import JobInterrupted
 
 log = logging.getLogger(__name__)
@@ -258,64 +259,151 @@ def _extra_params(p: GenerationParams) -> dict[str, Any]:
     return extra
 
 
+@dataclass
+class JobPlan:
+    """What step 1 settles for the whole job: the prompts without their extra-network tags, the LoRAs
+    they name, every item's seed and subseed, the infotext schedule label, and the result being filled."""
+    prompt: str
+    negative: str
+    loras: list
+    seeds: list[int]
+    subseeds: list[int]
+    schedule: str
+    result: Processed
+
+    def batch(self, n: int, size: int) -> tuple[list[int], list[int]]:
+        return self.seeds[n * size:(n + 1) * size], self.subseeds[n * size:(n + 1) * size]
+
+
 def process_images(run: Run, p: GenerationParams) -> Processed:
-    """Generate ``p.n_iter`` batches of ``p.batch_size`` images. An Interrupt keeps the finished images."""
+    """Generate ``p.n_iter`` batches of ``p.batch_size`` images. An Interrupt keeps the finished images.
+
+    Reads as the numbered steps of a diffusers pipeline's ``__call__``; each step is one function below."""
     p = p.copy()
     tab = "img2img" if p.is_img2img else "txt2img"
+    # 1. Check inputs (after the scripts' before_process / process hooks, which may change p)
+    plan = check_inputs(run, p, tab)
+    lora_cm = run.tools.apply_loras(run.sd, plan.loras, run.lora_dir) if (plan.loras and run.tools.apply_loras) \
+        else contextlib.nullcontext(None)
+    # the offload stack closes first: its hooks come off before the LoRAs are unloaded
+    with lora_cm as applied, torch.inference_mode(), contextlib.ExitStack() as stack:
+        # 2. Encode prompts
+        cond = encode_prompts(run, p, plan, applied)
+        # 3. Prepare latents: the init images once per job (img2img), the noise per batch
+        offload = sequential_offload(run.sd) if hasattr(run.sd, "offload") else contextlib.nullcontext()
+        stack.enter_context(offload)  # --lowvram: layer by layer from here on (prompts are encoded)
+        init = prepare_init_latents(run, p)
+        try:
+            for n in range(p.n_iter):
+                seeds, subseeds = plan.batch(n, p.batch_size)
+                noise, generators = make_noise((len(seeds), 4, p.height // 8, p.width // 8), seeds, subseeds,
+                                               p.subseed_strength, run.device, run.dtype)
+                # 4. Denoise
+                latents = denoise_batch(run, p, cond, init, noise, generators, seeds, subseeds)
+                # 5. Decode
+                images = decode_batch(run, init, latents)
+                # 6. Save
+                for image, seed, subseed in zip(images, seeds, subseeds):
+                    _finish_image(run, p, plan.result, image, seed, subseed, prompt_text=p.prompt,
+                                  negative_text=p.negative_prompt, schedule=plan.schedule, tab=tab)
+        except JobInterrupted:
+            plan.result.interrupted = True
+    save_grid(run, p, plan.result, tab)
+    if run.scripts is not None:
+        run.scripts.call("postprocess", tab, p, p.alwayson_scripts or {}, plan.result)
+    return plan.result
+
+
+def check_inputs(run: Run, p: GenerationParams, tab: str) -> JobPlan:
+    """Step 1: run the scripts' ``before_process`` and ``process`` hooks, resolve seeds and sampler names,
+    and check *p* once more (a hook may have changed it since the service checked the request)."""
     script_args = p.alwayson_scripts or {}
     if run.scripts is not None:
         run.scripts.call("before_process", tab, p, script_args)
     seed, subseed = resolve_seed(p.seed), resolve_seed(p.subseed)
     p.seed, p.subseed = seed, subseed
     total = p.total_images
-    all_seeds = [seed + i for i in range(total)]
-    all_subseeds = [subseed + i for i in range(total)]
     prompt, networks = run.tools.extract_extra_networks(p.prompt)
     negative, _ = run.tools.extract_extra_networks(p.negative_prompt)
     if run.scripts is not None:
         run.scripts.call("process", tab, p, script_args)
     p.extra_generation_params = {**_extra_params(p), **p.extra_generation_params}
     p.sampler_name, p.scheduler = run.tools.resolve(p.sampler_name, p.scheduler)
-    schedule = run.tools.schedule_label(p.sampler_name, p.scheduler)
+    check_params(p, img2img=p.is_img2img)
     result = Processed(images=[], infotexts=[], seeds=[], subseeds=[], prompts=[], negative_prompts=[], params=p,
                        model_name=run.model_name, model_hash=run.model_hash, warnings=run.warnings,
-                       job_timestamp=_dt.datetime.now().strftime("%Y%m%d%H%M%S"))
+                       job_timestamp=_dt.datetime.now().strftime("%Y%m%d%H%M%S"), vae_name=run.vae_name,
+                       inpainting_conditioning=bool(run.sd.is_inpaint))
     run.total, run.step, run.started = p.n_iter * _pass_steps(p), 0, time.monotonic()
-    loras = networks.get("lora") or []
-    lora_cm = run.tools.apply_loras(run.sd, loras, run.lora_dir) if (loras and run.tools.apply_loras) \
-        else contextlib.nullcontext(None)
-    with lora_cm as applied, torch.inference_mode():
-        if applied is not None:
-            run.warnings.extend(getattr(applied, "warnings", []) or [])
-            hashes = getattr(applied, "hashes", None) or {}
-            value = join_hashes(hashes.items() if isinstance(hashes, dict) else hashes)
-            if value:
-                p.extra_generation_params["Lora hashes"] = value
-        hires_steps = (p.hr_second_pass_steps or p.steps) if p.enable_hr and not p.is_img2img else None
-        cond = run.tools.encode_schedule(run.sd, prompt, negative, p.steps, p.batch_size, hires_steps=hires_steps,
-                                         clip_skip=p.clip_skip, embeddings_dir=run.embeddings_dir)
-        _collect_cond_info(run, p, cond)
-        init = prepare_init(run.sd.pipe, p, is_inpaint_model=run.sd.is_inpaint, device=run.device,
-                            dtype=run.dtype) if p.is_img2img else None
-        if init is not None:
-            run.warnings.extend(w for w in init.warnings if w not in run.warnings)
-        try:
-            for n in range(p.n_iter):
-                seeds = all_seeds[n * p.batch_size:(n + 1) * p.batch_size]
-                subseeds = all_subseeds[n * p.batch_size:(n + 1) * p.batch_size]
-                images = _run_batch(run, p, cond, init, seeds, subseeds)
-                for j, image in enumerate(images):
-                    _finish_image(run, p, result, image, seeds[j], subseeds[j], prompt_text=p.prompt,
-                                  negative_text=p.negative_prompt, schedule=schedule, tab=tab)
-        except JobInterrupted:
-            result.interrupted = True
+    return JobPlan(prompt=prompt, negative=negative, loras=networks.get("lora") or [],
+                   seeds=[seed + i for i in range(total)], subseeds=[subseed + i for i in range(total)],
+                   schedule=run.tools.schedule_label(p.sampler_name, p.scheduler), result=result)
+
+
+def encode_prompts(run: Run, p: GenerationParams, plan: JobPlan, applied) -> Any:
+    """Step 2: the prompt schedule's embeddings, once per job (with the job's LoRAs applied), plus the
+    LoRA and textual-inversion hashes for the infotext."""
+    if applied is not None:
+        run.warnings.extend(getattr(applied, "warnings", []) or [])
+        hashes = getattr(applied, "hashes", None) or {}
+        value = join_hashes(hashes.items() if isinstance(hashes, dict) else hashes)
+        if value:
+            p.extra_generation_params["Lora hashes"] = value
+    hires_steps = (p.hr_second_pass_steps or p.steps) if p.enable_hr and not p.is_img2img else None
+    cond = run.tools.encode_schedule(run.sd, plan.prompt, plan.negative, p.steps, p.batch_size,
+                                     hires_steps=hires_steps, clip_skip=p.clip_skip,
+                                     embeddings_dir=run.embeddings_dir)
+    _collect_cond_info(run, p, cond)
+    return cond
+
+
+def prepare_init_latents(run: Run, p: GenerationParams) -> InitState | None:
+    """Step 3 (img2img): resize, mask and encode the init images once for the whole job."""
+    if not p.is_img2img:
+        return None
+    init = prepare_init(run.sd.pipe, p, is_inpaint_model=run.sd.is_inpaint, device=run.device, dtype=run.dtype)
+    run.warnings.extend(w for w in init.warnings if w not in run.warnings)
+    return init
+
+
+def denoise_batch(run: Run, p: GenerationParams, cond, init: InitState | None, noise: torch.Tensor, generators,
+                  seeds: list[int], subseeds: list[int]) -> torch.Tensor:
+    """Step 4: the txt2img pass (and the hires-fix pass), or the img2img pass, for one batch."""
+    batch = noise.shape[0]
+    if init is None:
+        image_cond = full_mask_conditioning(run.sd.pipe, noise) if run.sd.is_inpaint else None
+        latents, skipped = txt2img_pass(run, p, cond, noise, generators, image_cond=image_cond)
+        if p.enable_hr and not skipped:
+            latents, skipped = hires_pass(run, p, latents, cond, seeds, subseeds)
+        return latents
+    start_latents = init.for_batch(init.latents, batch)
+    mask = init.latent_mask
+    if mask is not None:
+        mask = init.for_batch(mask, batch)
+        start_latents = apply_masked_content(start_latents, mask, p.inpainting_fill, noise)
+    image_cond = init.for_batch(init.image_cond, batch) if init.image_cond is not None else None
+    latents, _ = img2img_pass(run, p, init=start_latents, noise=noise, generators=generators, steps=p.steps,
+                              cond_at=cond.at_step, width=p.width, height=p.height, mask=mask,
+                              image_cond=image_cond)
+    return latents
+
+
+def decode_batch(run: Run, init: InitState | None, latents: torch.Tensor) -> list:
+    """Step 5: VAE-decode one batch to PIL images; inpainting results are laid over the original."""
+    images = dn.to_pil(run.sd.pipe, dn.decode(run.sd.pipe, latents))
+    if init is None:
+        return images
+    batch = len(images)
+    overlays = init.overlays if len(init.overlays) == batch else init.overlays[:1] * batch
+    return [ov.apply(im) if ov is not None else im for im, ov in zip(images, overlays)]
+
+
+def save_grid(run: Run, p: GenerationParams, result: Processed, tab: str) -> None:
+    """Step 6 (end of job): the grid of a multi-image job, when grids are saved."""
     if run.saver is not None and len(result.images) > 1 and not p.do_not_save_grid and p.save_images:
         from modules.diffusion.outputs import image_grid
         result.grid = image_grid(result.images, rows=None)
         run.saver.save(result.grid, f"{tab}-grids", result.seeds[0], result.infotexts[0])
-    if run.scripts is not None:
-        run.scripts.call("postprocess", tab, p, script_args, result)
-    return result
 
 
 def _collect_cond_info(run: Run, p: GenerationParams, cond) -> None:
@@ -328,34 +416,6 @@ def _collect_cond_info(run: Run, p: GenerationParams, cond) -> None:
     for warning in getattr(cond, "warnings", None) or []:
         if warning not in run.warnings:
             run.warnings.append(warning)
-
-
-def _run_batch(run: Run, p: GenerationParams, cond, init: InitState | None, seeds, subseeds) -> list:
-    pipe = run.sd.pipe
-    batch = len(seeds)
-    shape = (batch, 4, p.height // 8, p.width // 8)
-    noise, generators = make_noise(shape, seeds, subseeds, p.subseed_strength, run.device, run.dtype)
-    if init is None:
-        image_cond = None
-        if run.sd.is_inpaint:
-            image_cond = full_mask_conditioning(pipe, noise)
-        latents, skipped = txt2img_pass(run, p, cond, noise, generators, image_cond=image_cond)
-        if p.enable_hr and not skipped:
-            latents, skipped = hires_pass(run, p, latents, cond, seeds, subseeds)
-        overlays = [None] * batch
-    else:
-        start_latents = init.for_batch(init.latents, batch)
-        mask = init.latent_mask
-        if mask is not None:
-            mask = init.for_batch(mask, batch)
-            start_latents = apply_masked_content(start_latents, mask, p.inpainting_fill, noise)
-        image_cond = init.for_batch(init.image_cond, batch) if init.image_cond is not None else None
-        latents, _ = img2img_pass(run, p, init=start_latents, noise=noise, generators=generators, steps=p.steps,
-                                  cond_at=cond.at_step, width=p.width, height=p.height, mask=mask,
-                                  image_cond=image_cond)
-        overlays = init.overlays if len(init.overlays) == batch else init.overlays[:1] * batch
-    images = dn.to_pil(pipe, dn.decode(pipe, latents))
-    return [ov.apply(im) if ov is not None else im for im, ov in zip(images, overlays)]
 
 
 def _finish_image(run: Run, p: GenerationParams, result: Processed, image, seed: int, subseed: int, *,

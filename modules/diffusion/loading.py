@@ -24,6 +24,7 @@ checkpoint's own (LDM-named single file, or a diffusers VAE folder).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -78,6 +79,13 @@ class SDModel:
     loaded_embeddings: dict[str, str] = field(default_factory=dict)
     #: loaded under --allow-unsafe-pickle: pickled (.pt/.bin) embeddings may then be read, with weights_only
     allow_unsafe_pickle: bool = False
+    #: "none", "medvram" (the manager parks the whole pipeline in CPU RAM between jobs) or "lowvram"
+    #: (weights stay in CPU RAM; :func:`sequential_offload` moves each submodule to *device* for its forward)
+    offload: str = "none"
+    #: where the model computes (under lowvram the weights themselves stay on the CPU)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: "sdpa" or "xformers": the attention processors :func:`set_attention_backend` installed
+    attention: str = "sdpa"
 
     def memory_bytes(self) -> int:
         seen, total = set(), 0
@@ -90,9 +98,53 @@ class SDModel:
         return total
 
     def to(self, device) -> "SDModel":
-        """Move the pipeline (the model manager calls this to park idle models on CPU)."""
-        self.pipe.to(device)
+        """Move the pipeline (the model manager calls this to park idle models on CPU). Under lowvram the
+        weights never leave CPU RAM, so there is nothing to move."""
+        if self.offload != "lowvram":
+            self.pipe.to(device)
         return self
+
+
+def set_attention_backend(pipe, backend: str) -> str:
+    """Install xformers' memory-efficient attention processors on the UNet and VAE when *backend* is
+    "xformers" (what ``enable_xformers_memory_efficient_attention`` does, without its CUDA trial run);
+    "sdpa" leaves diffusers' default (PyTorch scaled_dot_product_attention) untouched, as does "xformers"
+    when xformers cannot be imported. Returns the backend actually installed."""
+    from modules.devices import xformers_available
+    if backend != "xformers" or not xformers_available():
+        return "sdpa"
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+    for name in ("unet", "vae"):
+        component = getattr(pipe, name, None)
+        if component is not None and hasattr(component, "set_attn_processor"):
+            component.set_attn_processor(XFormersAttnProcessor())
+    return "xformers"
+
+
+@contextlib.contextmanager
+def sequential_offload(model: SDModel):
+    """--lowvram for the duration of a job's sampling and decoding (A1111's lowvram, diffusers'
+    ``enable_sequential_cpu_offload``): accelerate hooks keep every submodule's weights in CPU RAM (the
+    module itself holds meta tensors) and copy them to the execution device only for that submodule's
+    forward, so at most one layer's weights are on the device at a time. Applied per job, after LoRAs and
+    embeddings are in place (PEFT and textual inversion edit real weights), and removed afterwards, which
+    puts the weights back in the modules. Without lowvram this does nothing."""
+    if model.offload != "lowvram":
+        yield
+        return
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+    modules = [m for m in model.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    hooked = []
+    try:
+        for module in modules:
+            # buffers travel too: accelerate's buffer-less path fails on torch 2.13's Parameter class
+            cpu_offload(module, model.device, offload_buffers=True)
+            hooked.append(module)
+        yield
+    finally:
+        for module in hooked:
+            remove_hook_from_module(module, recurse=True)
 
 
 def pipeline_class(kind: str, is_inpaint: bool):
@@ -246,8 +298,13 @@ def _sd2_prediction_type(info: CheckpointInfo, pipe) -> str | None:
 
 def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   vae_path: str | Path | None = None, allow_unsafe_pickle: bool = False,
-                  embeddings_dir: str | Path | None = None) -> SDModel:
+                  embeddings_dir: str | Path | None = None, vae_dtype: torch.dtype | None = None,
+                  attention: str = "sdpa", offload: str = "none") -> SDModel:
     """Load *info* into a diffusers pipeline on *device* in *dtype*, without any network access.
+
+    *vae_dtype* (``--no-half-vae``: fp32) keeps the VAE in another precision than the rest; *attention*
+    "xformers" installs xformers' processors; *offload* "lowvram" keeps the weights in CPU RAM (see
+    :func:`sequential_offload`).
 
     Raises ValueError for a broken or unknown checkpoint, UnsafeCheckpoint for a pickle without
     *allow_unsafe_pickle*, and MissingTokenizer (with instructions) when no tokenizer is found.
@@ -290,10 +347,14 @@ def load_sd_model(info: CheckpointInfo, *, device: torch.device | str = "cpu", d
                 pipe.register_modules(scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config,
                                                                                  prediction_type=prediction))
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
+    if vae_dtype is not None and vae_dtype != dtype:
+        pipe.vae.to(dtype=vae_dtype)
+    attention = set_attention_backend(pipe, attention)
+    pipe.to("cpu" if offload == "lowvram" else device)
     model = SDModel(pipe=pipe, kind=kind, is_inpaint=inpaint, info=info,
                     embeddings_dir=Path(embeddings_dir) if embeddings_dir else None,
-                    allow_unsafe_pickle=allow_unsafe_pickle)
+                    allow_unsafe_pickle=allow_unsafe_pickle, offload=offload,
+                    device=torch.device(device), attention=attention)
     if vae_path is not None:
         apply_vae(model, vae_path, allow_unsafe_pickle=allow_unsafe_pickle)
     log.info("loaded %s (%s%s, %s) on %s", info.title, kind, ", inpainting" if inpaint else "", info.format, device)
@@ -342,4 +403,5 @@ def apply_vae(model: SDModel, vae_path: str | Path | None, *, allow_unsafe_pickl
     if model.original_vae is None:
         model.original_vae = pipe.vae
     pipe.register_modules(vae=vae)
+    set_attention_backend(pipe, model.attention)
     model.vae_name = Path(vae_path).name

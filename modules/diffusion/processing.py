@@ -2,8 +2,9 @@
 (:class:`Processed`).
 
 Field names are A1111's, so the API payloads, infotext "Send to" buttons and
-scripts written against A1111's ``p`` read naturally. ``validate()`` collects
-every problem and raises one ValueError naming argument, value and fix.
+scripts written against A1111's ``p`` read naturally. :func:`parameter_problems` collects
+every problem with the fields (the service adds checkpoint, script and override problems to the
+same list) and :class:`InvalidGenerationParams` carries them all in one error.
 """
 from __future__ import annotations
 
@@ -111,83 +112,116 @@ class GenerationParams:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names and v is not None})
 
-    def validate(self, *, samplers: list[str] | None = None, schedules: list[str] | None = None,
-                 memory_budget: int | None = None, img2img: bool | None = None) -> None:
-        """Raise one ValueError listing every problem. *samplers*/*schedules* are the valid names;
-        *memory_budget* the bytes free for activations (None: not checked)."""
-        problems: list[str] = []
 
-        def bad(name: str, value: Any, fix: str) -> None:
-            problems.append(f"{name}={value!r}: {fix}")
+class InvalidGenerationParams(ValueError):
+    """Every problem with one request, found at once (the API answers it with 422, the UI shows it).
 
-        if not isinstance(self.prompt, str):
-            bad("prompt", self.prompt, "must be text")
-        if not isinstance(self.negative_prompt, str):
-            bad("negative_prompt", self.negative_prompt, "must be text")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                bad(name, value, "must be a positive whole number of pixels, e.g. 512")
-            elif value % 8:
-                bad(name, value, f"must be a multiple of 8 (try {max(8, round(value / 8) * 8)})")
-            elif value > 8192:
-                bad(name, value, "must be at most 8192")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
-            bad("steps", self.steps, "must be a whole number from 1 to 1000")
-        if not isinstance(self.cfg_scale, (int, float)) or not 0 <= self.cfg_scale <= 100:
-            bad("cfg_scale", self.cfg_scale, "must be a number from 0 to 100 (7 is typical)")
-        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 64:
-            bad("batch_size", self.batch_size, "must be from 1 to 64")
-        if not isinstance(self.n_iter, int) or not 1 <= self.n_iter <= 1000:
-            bad("n_iter", self.n_iter, "(batch count) must be from 1 to 1000")
-        for name in ("seed", "subseed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value <= MAX_SEED:
-                bad(name, value, f"must be -1 (random) or a whole number from 0 to {MAX_SEED}")
-        if not 0 <= float(self.subseed_strength) <= 1:
-            bad("subseed_strength", self.subseed_strength, "must be from 0 to 1")
-        if samplers is not None and self.sampler_name not in samplers:
-            bad("sampler_name", self.sampler_name, f"unknown sampler; valid samplers: {', '.join(samplers)}")
-        if schedules is not None and self.scheduler not in schedules:
-            bad("scheduler", self.scheduler, f"unknown schedule type; valid: {', '.join(schedules)}")
-        if not 0 <= float(self.denoising_strength) <= 1:
-            bad("denoising_strength", self.denoising_strength, "must be from 0 to 1")
-        if self.enable_hr:
-            if not 1 <= float(self.hr_scale) <= 8:
-                bad("hr_scale", self.hr_scale, "must be from 1 to 8")
-            if self.hr_upscaler not in HR_UPSCALERS:
-                bad("hr_upscaler", self.hr_upscaler, f"unknown upscaler; valid: {', '.join(HR_UPSCALERS)}")
-            for name in ("hr_resize_x", "hr_resize_y"):
-                value = getattr(self, name)
-                if not isinstance(value, int) or not 0 <= value <= 8192:
-                    bad(name, value, "must be 0 (use hr_scale) or a size in pixels up to 8192")
-            if not isinstance(self.hr_second_pass_steps, int) or not 0 <= self.hr_second_pass_steps <= 1000:
-                bad("hr_second_pass_steps", self.hr_second_pass_steps, "must be 0 (same as steps) to 1000")
-        if img2img and not self.init_images:
-            bad("init_images", self.init_images, "img2img needs at least one init image")
-        if self.init_images and len(self.init_images) not in (1, self.batch_size):
-            bad("init_images", f"{len(self.init_images)} images",
-                f"give one image, or one per batch item ({self.batch_size})")
-        if self.resize_mode not in range(len(RESIZE_MODES)):
-            bad("resize_mode", self.resize_mode, "must be " + ", ".join(f"{i} ({n})" for i, n in enumerate(RESIZE_MODES)))
-        if self.inpainting_fill not in range(len(INPAINTING_FILL)):
-            bad("inpainting_fill", self.inpainting_fill,
-                "must be " + ", ".join(f"{i} ({n})" for i, n in enumerate(INPAINTING_FILL)))
-        if not isinstance(self.mask_blur, int) or not 0 <= self.mask_blur <= 256:
-            bad("mask_blur", self.mask_blur, "must be from 0 to 256 pixels")
-        if not isinstance(self.inpaint_full_res_padding, int) or not 0 <= self.inpaint_full_res_padding <= 1024:
-            bad("inpaint_full_res_padding", self.inpaint_full_res_padding, "must be from 0 to 1024 pixels")
-        if not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
-            bad("clip_skip", self.clip_skip, "must be from 1 to 12")
-        if memory_budget is not None and not problems:
-            w, h = self.hr_size if self.enable_hr and not self.init_images else (self.width, self.height)
-            need = estimate_activation_bytes(w, h, self.batch_size)
-            if need > memory_budget:
-                bad("width x height", f"{w}x{h} x batch {self.batch_size}",
-                    f"needs about {need / 2**30:.1f} GiB, but only {max(0, memory_budget) / 2**30:.1f} GiB is free; "
-                    "use a smaller size or batch size, or free memory (unload other models)")
-        if problems:
-            raise ValueError("Invalid generation parameters: " + "; ".join(problems))
+    A ValueError so every caller that maps ValueError to a client error keeps doing so."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("Invalid generation parameters: " + "; ".join(self.problems))
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    """A whole number (not a bool, which JSON clients send by mistake) within [low, high]."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number(value: Any, low: float, high: float) -> bool:
+    """A real number (int or float, not a bool or a string) within [low, high]."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def parameter_problems(p: GenerationParams, *, samplers: list[str] | None = None,
+                       schedules: list[str] | None = None, memory_budget: int | None = None,
+                       img2img: bool | None = None) -> list[str]:
+    """Every problem with *p*'s own fields, each as ``name=value: fix``. *samplers*/*schedules* are the
+    valid names (None: not checked); *memory_budget* the bytes free for activations (None: not checked).
+
+    Pure: it reads *p* and changes nothing, so the service can add what only it knows (checkpoint,
+    scripts, override_settings) to the same list and raise one :class:`InvalidGenerationParams`."""
+    problems: list[str] = []
+
+    def bad(name: str, value: Any, fix: str) -> None:
+        problems.append(f"{name}={value!r}: {fix}")
+
+    if not isinstance(p.prompt, str):
+        bad("prompt", p.prompt, "must be text")
+    if not isinstance(p.negative_prompt, str):
+        bad("negative_prompt", p.negative_prompt, "must be text")
+    for name in ("width", "height"):
+        value = getattr(p, name)
+        if not _whole(value, 1, 2**31):
+            bad(name, value, "must be a positive whole number of pixels, e.g. 512")
+        elif value % 8:
+            bad(name, value, f"must be a multiple of 8 (try {max(8, round(value / 8) * 8)})")
+        elif value > 8192:
+            bad(name, value, "must be at most 8192")
+    if not _whole(p.steps, 1, 1000):
+        bad("steps", p.steps, "must be a whole number from 1 to 1000")
+    if not _number(p.cfg_scale, 0, 100):
+        bad("cfg_scale", p.cfg_scale, "must be a number from 0 to 100 (7 is typical)")
+    if not _whole(p.batch_size, 1, 64):
+        bad("batch_size", p.batch_size, "must be a whole number from 1 to 64")
+    if not _whole(p.n_iter, 1, 1000):
+        bad("n_iter", p.n_iter, "(batch count) must be a whole number from 1 to 1000")
+    for name in ("seed", "subseed"):
+        value = getattr(p, name)
+        if not _whole(value, -1, MAX_SEED):
+            bad(name, value, f"must be -1 (random) or a whole number from 0 to {MAX_SEED}")
+    if not _number(p.subseed_strength, 0, 1):
+        bad("subseed_strength", p.subseed_strength, "must be a number from 0 to 1")
+    if not _number(p.eta, 0, 1):
+        bad("eta", p.eta, "must be a number from 0 to 1")
+    if samplers is not None and p.sampler_name not in samplers:
+        bad("sampler_name", p.sampler_name, f"unknown sampler; valid samplers: {', '.join(samplers)}")
+    if schedules is not None and p.scheduler not in schedules:
+        bad("scheduler", p.scheduler, f"unknown schedule type; valid: {', '.join(schedules)}")
+    if not _number(p.denoising_strength, 0, 1):
+        bad("denoising_strength", p.denoising_strength, "must be a number from 0 to 1")
+    if p.enable_hr:
+        if not _number(p.hr_scale, 1, 8):
+            bad("hr_scale", p.hr_scale, "must be a number from 1 to 8")
+        if p.hr_upscaler not in HR_UPSCALERS:
+            bad("hr_upscaler", p.hr_upscaler, f"unknown upscaler; valid: {', '.join(HR_UPSCALERS)}")
+        for name in ("hr_resize_x", "hr_resize_y"):
+            value = getattr(p, name)
+            if not _whole(value, 0, 8192):
+                bad(name, value, "must be 0 (use hr_scale) or a size in pixels up to 8192")
+        if not _whole(p.hr_second_pass_steps, 0, 1000):
+            bad("hr_second_pass_steps", p.hr_second_pass_steps, "must be 0 (same as steps) to 1000")
+    if img2img and not p.init_images:
+        bad("init_images", p.init_images, "img2img needs at least one init image")
+    if p.init_images and _whole(p.batch_size, 1, 64) and len(p.init_images) not in (1, p.batch_size):
+        bad("init_images", f"{len(p.init_images)} images",
+            f"give one image, or one per batch item ({p.batch_size})")
+    if not _whole(p.resize_mode, 0, len(RESIZE_MODES) - 1):
+        bad("resize_mode", p.resize_mode, "must be " + ", ".join(f"{i} ({n})" for i, n in enumerate(RESIZE_MODES)))
+    if not _whole(p.inpainting_fill, 0, len(INPAINTING_FILL) - 1):
+        bad("inpainting_fill", p.inpainting_fill,
+            "must be " + ", ".join(f"{i} ({n})" for i, n in enumerate(INPAINTING_FILL)))
+    if not _whole(p.mask_blur, 0, 256):
+        bad("mask_blur", p.mask_blur, "must be from 0 to 256 pixels")
+    if not _whole(p.inpaint_full_res_padding, 0, 1024):
+        bad("inpaint_full_res_padding", p.inpaint_full_res_padding, "must be from 0 to 1024 pixels")
+    if not _whole(p.clip_skip, 1, 12):
+        bad("clip_skip", p.clip_skip, "must be from 1 to 12")
+    if memory_budget is not None and not problems:
+        w, h = p.hr_size if p.enable_hr and not p.init_images else (p.width, p.height)
+        need = estimate_activation_bytes(w, h, p.batch_size)
+        if need > memory_budget:
+            bad("width x height", f"{w}x{h} x batch {p.batch_size}",
+                f"needs about {need / 2**30:.1f} GiB, but only {max(0, memory_budget) / 2**30:.1f} GiB is free; "
+                "use a smaller size or batch size, or free memory (unload other models)")
+    return problems
+
+
+def check_params(p: GenerationParams, **limits: Any) -> None:
+    """Raise one :class:`InvalidGenerationParams` for everything :func:`parameter_problems` finds."""
+    problems = parameter_problems(p, **limits)
+    if problems:
+        raise InvalidGenerationParams(problems)
 
 
 def estimate_activation_bytes(width: int, height: int, batch_size: int, bytes_per_value: int = 4) -> int:
@@ -229,6 +263,10 @@ class Processed:
     #: images beyond the generated ones (an X/Y/Z grid first, say); index_of_first_image counts them
     index_of_first_image: int = 0
     job_timestamp: str = ""
+    #: the VAE file the images were decoded with (None: the checkpoint's own)
+    vae_name: str | None = None
+    #: a 9-channel inpainting model received mask + masked-image conditioning (A1111's flag of that name)
+    inpainting_conditioning: bool = False
 
     def info(self) -> dict[str, Any]:
         p = self.params
@@ -239,13 +277,13 @@ class Processed:
             "all_subseeds": self.subseeds, "subseed_strength": p.subseed_strength,
             "width": p.width, "height": p.height, "sampler_name": p.sampler_name, "cfg_scale": p.cfg_scale,
             "steps": p.steps, "batch_size": p.batch_size, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": self.model_name, "sd_model_hash": self.model_hash, "sd_vae_name": None,
+            "sd_model_name": self.model_name, "sd_model_hash": self.model_hash, "sd_vae_name": self.vae_name,
             "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": p.denoising_strength if (p.init_images or p.enable_hr) else None,
             "extra_generation_params": dict(p.extra_generation_params),
             "index_of_first_image": self.index_of_first_image, "infotexts": self.infotexts,
             "styles": list(p.styles), "job_timestamp": self.job_timestamp, "clip_skip": p.clip_skip,
-            "is_using_inpainting_conditioning": False, "version": "atelier",
+            "is_using_inpainting_conditioning": self.inpainting_conditioning, "version": "atelier",
             "warnings": self.warnings, "interrupted": self.interrupted, "paths": self.paths,
         }
 

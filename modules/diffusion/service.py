@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modules.diffusion.processing import GenerationParams, Processed
+from modules.diffusion.processing import (GenerationParams, InvalidGenerationParams, Processed,
+                                          parameter_problems)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +188,9 @@ class DiffusionService:
 
         def load():
             return load_sd_model(info, device=ctx.devices.device, dtype=ctx.devices.dtype,
-                                 allow_unsafe_pickle=bool(getattr(ctx.opts, "allow_unsafe_pickle", False)))
+                                 allow_unsafe_pickle=bool(getattr(ctx.opts, "allow_unsafe_pickle", False)),
+                                 vae_dtype=ctx.devices.vae_dtype, attention=ctx.devices.attention,
+                                 offload=ctx.devices.offload)
 
         size = _path_size(Path(info.filename))
         return ctx.models.acquire("sd:" + info.title, load, kind="diffusion", size_bytes=size,
@@ -225,34 +229,62 @@ class DiffusionService:
                              f"supported: {', '.join(OVERRIDE_ALIASES)} and the settings from GET /sdapi/v1/options")
         return out
 
-    def validate(self, p: GenerationParams, *, img2img: bool = False) -> None:
+    def check_inputs(self, p: GenerationParams, *, img2img: bool = False,
+                     defaults: bool = True) -> "CheckedParams":
+        """The one validation of a request: sampler names, override_settings, checkpoint, script and every
+        field, collected into one :class:`InvalidGenerationParams` naming each field, value and fix.
+
+        Returns a copy of *p* made ready to run (canonical sampler names, the default clip skip, the
+        ``override_settings`` clip skip) with the checkpoint and VAE it runs on, so nothing downstream
+        resolves them again. *defaults* False leaves a script-made ``clip_skip`` of 1 as asked."""
         from modules.diffusion import samplers
-        problems = []
+        p = p.copy()
+        problems: list[str] = []
+        tab = "img2img" if img2img else "txt2img"
+        if p.styles and defaults:  # A1111 applies styles once, before anything else sees the prompts
+            from modules.diffusion.styles import style_store
+            try:
+                p.prompt, p.negative_prompt = style_store(self.ctx).apply(p.prompt, p.negative_prompt, p.styles)
+            except ValueError as exc:
+                problems.append(f"styles={p.styles!r}: {exc}")
+        over: dict[str, Any] = {}
+        try:
+            over = self.overrides(p)
+        except ValueError as exc:
+            problems.append(str(exc))
+        if "clip_skip" in over:
+            value = over["clip_skip"]
+            p.clip_skip = int(value) if isinstance(value, (int, float, str)) and str(value).strip().isdigit() \
+                else value
+        elif p.clip_skip == 1 and defaults:
+            p.clip_skip = int(self.ctx.settings.get("sd.clip_skip"))
         names_ok = True
         try:
             p.sampler_name, p.scheduler = samplers.resolve_sampler(p.sampler_name, p.scheduler)
         except ValueError as exc:
-            problems.append(str(exc))
+            problems.append(f"sampler_name={p.sampler_name!r}, scheduler={p.scheduler!r}: {exc}")
             names_ok = False
-        try:
-            over = self.overrides(p)
-            self.find(over.get("checkpoint") or self.ctx.settings.get("sd.sd_model_checkpoint") or None)
-        except ValueError as exc:
-            problems.append(str(exc))
-        try:
-            p.validate(samplers=list(samplers.SAMPLERS) if names_ok else None,
-                       schedules=list(samplers.SCHEDULE_TYPES) if names_ok else None,
-                       memory_budget=self.ctx.models.budget_free() if hasattr(self.ctx.models, "budget_free")
-                       else None, img2img=img2img)
-        except ValueError as exc:
-            problems.append(str(exc))
-        tab = "img2img" if img2img else "txt2img"
+        info = None
+        checkpoint = over.get("checkpoint") or self.ctx.settings.get("sd.sd_model_checkpoint") or None
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            problems.append(f"override_settings.sd_model_checkpoint={checkpoint!r}: must be a checkpoint title "
+                            "or name from GET /sdapi/v1/sd-models")
+        else:
+            try:
+                info = self.find(checkpoint)
+            except ValueError as exc:
+                problems.append(str(exc))
+        problems += parameter_problems(
+            p, samplers=list(samplers.SAMPLERS) if names_ok else None,
+            schedules=list(samplers.SCHEDULE_TYPES) if names_ok else None,
+            memory_budget=self.ctx.models.budget_free() if hasattr(self.ctx.models, "budget_free") else None,
+            img2img=img2img)
         if p.script_name:
             try:
                 script = self.ctx.scripts.by_title(p.script_name, tab)
                 p.script_args = self.ctx.scripts.named_args(script, p.script_args or {})
             except ValueError as exc:
-                problems.append(str(exc))
+                problems.append(f"script_name={p.script_name!r}: {exc}")
         for title, values in list((p.alwayson_scripts or {}).items()):
             if isinstance(values, (list, tuple)):  # A1111's {"args": [...]}: by the script's declared order
                 try:
@@ -260,25 +292,20 @@ class DiffusionService:
                     del p.alwayson_scripts[title]
                     p.alwayson_scripts[script.title()] = self.ctx.scripts.named_args(script, values)
                 except ValueError as exc:
-                    problems.append(str(exc))
+                    problems.append(f"alwayson_scripts[{title!r}]: {exc}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InvalidGenerationParams(problems)
+        return CheckedParams(p, info, str(over.get("vae", self.ctx.settings.get("sd.sd_vae"))))
 
     def submit(self, p: GenerationParams, *, img2img: bool = False):
-        """Validate *p* and queue it; returns the Job (its result is a Processed)."""
-        p = p.copy()
-        if p.clip_skip == 1:
-            p.clip_skip = int(self.ctx.settings.get("sd.clip_skip"))
-        if p.styles:  # A1111 applies styles once, before anything else sees the prompts
-            from modules.diffusion.styles import style_store
-            p.prompt, p.negative_prompt = style_store(self.ctx).apply(p.prompt, p.negative_prompt, p.styles)
-        self.validate(p, img2img=img2img)
+        """Check *p* (:meth:`check_inputs`) and queue it; returns the Job (its result is a Processed)."""
+        checked = self.check_inputs(p, img2img=img2img)
         tab = "img2img" if img2img else "txt2img"
-        name = f"{tab}: {p.prompt[:40]}"
+        name = f"{tab}: {checked.params.prompt[:40]}"
 
         def work(job):
             try:
-                return self.run_job(job, p, tab)
+                return self.run_job(job, checked, tab)
             finally:
                 self._jobs.discard(job)
 
@@ -303,9 +330,12 @@ class DiffusionService:
     def generate(self, p: GenerationParams, *, img2img: bool = False, timeout: float | None = None) -> Processed:
         return self.submit(p, img2img=img2img).result(timeout)
 
-    def run_job(self, job, p: GenerationParams, tab: str) -> Processed:
-        """Inside the worker: run the selected script, or plain generation."""
-        p.runner = lambda q: self._process(job, q, tab)
+    def run_job(self, job, checked: "CheckedParams", tab: str) -> Processed:
+        """Inside the worker: run the selected script, or plain generation. Parameters a script makes
+        (X/Y/Z changes the sampler or checkpoint per cell) go through :meth:`check_inputs` too."""
+        p = checked.params
+        p.runner = lambda q: self._process(job, self.check_inputs(q, img2img=tab == "img2img",
+                                                                         defaults=False), tab)
         if p.script_name:
             script = self.ctx.scripts.by_title(p.script_name, tab)
             result = script.run(p, **(p.script_args or {}))
@@ -318,18 +348,15 @@ class DiffusionService:
                 result.paths.insert(0, str(saver.save(result.grid, f"{tab}-grids", seed,
                                                       result.infotexts[0] if result.infotexts else None)))
             return result
-        return self._process(job, p, tab)
+        return self._process(job, checked, tab)
 
-    def _process(self, job, p: GenerationParams, tab: str) -> Processed:
+    def _process(self, job, checked: "CheckedParams", tab: str) -> Processed:
         from modules.diffusion.generation import Run, process_images
         from modules.diffusion.outputs import ImageSaver
         ctx = self.ctx
-        over = self.overrides(p)
-        if "clip_skip" in over:
-            p = p.copy(clip_skip=int(over["clip_skip"]))
-        info = self.find(over.get("checkpoint") or ctx.settings.get("sd.sd_model_checkpoint") or None)
+        p, info = checked.params, checked.checkpoint
         with self._lease(info) as sd:
-            self._apply_vae(sd, str(over.get("vae", ctx.settings.get("sd.sd_vae"))))
+            self._apply_vae(sd, checked.vae)
             run = Run(sd=sd, tools=self.tools(), job=job, tab=tab,
                       preview_every=int(ctx.settings.get("ui.show_progress_every_n_steps")),
                       saver=ImageSaver(ctx.paths.outputs_dir, ctx.callbacks, ctx) if p.save_images else None,
@@ -357,6 +384,14 @@ def _log_broken(kind: str, infos: list) -> None:
     for info in infos:
         if info.error:
             log.warning("%s %s is not usable: %s", kind, info.name, info.error)
+
+
+@dataclass
+class CheckedParams:
+    """A request that passed :meth:`DiffusionService.check_inputs`, with what it resolved to."""
+    params: GenerationParams
+    checkpoint: Any  # checkpoints.CheckpointInfo
+    vae: str  # the SD VAE setting for this job: Automatic, None or a file name
 
 
 def _path_size(path: Path) -> int:

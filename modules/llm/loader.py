@@ -51,11 +51,12 @@ class LoadedLLM:
 
 
 def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             allow_unsafe_pickle: bool = False, cpu_threads: int | None = None) -> LoadedLLM:
+             allow_unsafe_pickle: bool = False, cpu_threads: int | None = None,
+             attention: str = "sdpa") -> LoadedLLM:
     """Load a Hugging Face Llama folder: config, tokenizer and template first (cheap, fail fast), then weights.
 
     cpu_threads: on CPU, split decode matmuls over this many threads (:class:`~modules.llm.model.RowParallel`);
-    default ``torch.get_num_threads()``; 1 turns it off.
+    default ``torch.get_num_threads()``; 1 turns it off. attention: "sdpa" or "xformers" (``--xformers``).
     """
     from modules.llm.checkpoint import load_model
 
@@ -72,6 +73,7 @@ def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     generation_config = _read_generation_config(folder / "generation_config.json")
     model = load_model(folder, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,
                        config=config)
+    model.use_attention(attention)
     if torch.device(device).type == "cpu":
         model.use_row_parallel(cpu_threads if cpu_threads is not None else torch.get_num_threads())
     llm = LoadedLLM(name=folder.name, path=folder, config=config, model=model, tokenizer=tokenizer,

@@ -268,6 +268,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=bias)
         self.row_parallel: RowParallel | None = None
+        self.attention_backend = "sdpa"  # or "xformers" (Llama.use_attention)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -279,14 +280,18 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)                                        # (B, K, S, hd)
-        y = attend(q, k, v, mask, causal=mask is None and T > 1)                    # (B, H, T, hd)
+        y = attend(q, k, v, mask, causal=mask is None and T > 1,
+                   backend=self.attention_backend)                                  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)            # (B, T, H*hd)
         return project(y, (self.o_proj,), self.row_parallel)[0]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           causal: bool) -> torch.Tensor:
-    """SDPA over grouped heads: q (B, H, T, hd), k/v (B, K, S, hd), mask (B, 1, T, S) bool or None."""
+           causal: bool, backend: str = "sdpa") -> torch.Tensor:
+    """SDPA over grouped heads: q (B, H, T, hd), k/v (B, K, S, hd), mask (B, 1, T, S) bool or None.
+    *backend* "xformers" uses ``xformers.ops.memory_efficient_attention`` instead (``--xformers``)."""
+    if backend == "xformers":
+        return _xformers_attend(q, k, v, mask, causal)
     groups = q.shape[1] // k.shape[1]
     if groups == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
@@ -296,6 +301,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     k = k[:, :, None].expand(B, K, groups, S, hd).reshape(B, K * groups, S, hd)
     v = v[:, :, None].expand(B, K, groups, S, hd).reshape(B, K * groups, S, hd)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def _xformers_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     causal: bool) -> torch.Tensor:
+    """xformers' memory-efficient attention in its (B, T, H, hd) layout; K/V heads repeated per group, the
+    boolean mask turned into an additive bias, plain causal attention as its LowerTriangularMask."""
+    import xformers.ops as xops
+    B, H, T, _ = q.shape
+    groups = H // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        bias = bias.expand(B, H, T, k.shape[2])
+    elif causal:
+        bias = xops.LowerTriangularMask()
+    y = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+    return y.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -352,6 +376,13 @@ class Llama(nn.Module):
         self.row_parallel = RowParallel(threads) if threads and threads > 1 else None
         for block in self.model.layers:
             block.self_attn.row_parallel = block.mlp.row_parallel = self.row_parallel
+
+    def use_attention(self, backend: str) -> None:
+        """"sdpa" (PyTorch) or "xformers" (``--xformers`` with xformers installed) in every layer."""
+        if backend not in ("sdpa", "xformers"):
+            raise ValueError(f"unknown attention backend {backend!r}: use 'sdpa' or 'xformers'")
+        for block in self.model.layers:
+            block.self_attn.attention_backend = backend
 
     def _threads_for(self, x: torch.Tensor):
         """One intra-op thread per caller while RowParallel does the threading (restored afterwards)."""

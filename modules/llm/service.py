@@ -162,7 +162,8 @@ class LLMService:
             from modules.llm.loader import load_llm
             try:
                 return load_llm(path, self.ctx.devices.device, self.ctx.devices.dtype,
-                                allow_unsafe_pickle=bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False)))
+                                allow_unsafe_pickle=bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False)),
+                                attention=self.ctx.devices.attention)
             except (ValueError, OSError, KeyError) as exc:
                 raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
 

@@ -18,7 +18,8 @@ from modules.diffusion.checkpoints import list_checkpoints
 from modules.diffusion.generation import Run, Tools, process_images
 from modules.diffusion.loading import load_sd_model
 from modules.diffusion.masks import overlay_alpha, prepare_mask
-from modules.diffusion.processing import GenerationParams
+from modules.diffusion.processing import (GenerationParams, InvalidGenerationParams, check_params,
+                                          parameter_problems)
 from modules.extensions.scripts import AlwaysVisible, Script, ScriptRunner
 from modules.jobs import JobInterrupted
 
@@ -242,15 +243,43 @@ def test_nan_output_suggests_fp32_vae():
 
 def test_validation_collects_problems():
     p = GenerationParams(width=65, height=0, steps=0, sampler_name="Nope", batch_size=2, init_images=[1, 2, 3])
-    with pytest.raises(ValueError) as err:
-        p.validate(samplers=["Euler", "Euler a"], img2img=True)
+    with pytest.raises(InvalidGenerationParams) as err:
+        check_params(p, samplers=["Euler", "Euler a"], img2img=True)
     message = str(err.value)
     for needle in ("width=65", "multiple of 8 (try 64)", "height=0", "steps=0", "sampler_name='Nope'",
                    "valid samplers: Euler, Euler a", "init_images"):
         assert needle in message
+    assert len(err.value.problems) == 5
     with pytest.raises(ValueError, match="GiB is free"):
-        GenerationParams(width=2048, height=2048).validate(memory_budget=2**30)
-    GenerationParams(width=64, height=64).validate(memory_budget=2**30)
+        check_params(GenerationParams(width=2048, height=2048), memory_budget=2**30)
+    check_params(GenerationParams(width=64, height=64), memory_budget=2**30)
+
+
+def test_validation_names_the_field_for_wrong_types():
+    """A string where a number belongs, or a JSON true for a count, is a problem naming the field (it used
+    to raise "could not convert string to float", or pass as steps=1)."""
+    p = GenerationParams(denoising_strength="x", subseed_strength="y", steps=True, cfg_scale="7", n_iter=False)
+    problems = parameter_problems(p)
+    assert [q.split("=")[0] for q in problems] == ["steps", "cfg_scale", "n_iter", "subseed_strength",
+                                                   "denoising_strength"]
+    assert "denoising_strength='x': must be a number from 0 to 1" in problems
+
+
+def test_service_check_inputs_raises_one_error_for_everything(fixture_data_dir, tmp_path, make_ctx):
+    """Sampler, checkpoint override, script and field problems arrive together, in one error."""
+    data = tmp_path / "data"
+    shutil.copytree(fixture_data_dir / "models", data / "models")
+    service = make_ctx(data_dir=data).diffusion
+    p = params(sampler_name="Nope", width=70, script_name="No such script",
+               override_settings={"sd_model_checkpoint": 123})
+    with pytest.raises(InvalidGenerationParams) as err:
+        service.check_inputs(p)
+    fields = [q.split("=")[0] for q in err.value.problems]
+    assert fields == ["sampler_name", "override_settings.sd_model_checkpoint", "width", "script_name"]
+    checked = service.check_inputs(params(sampler_name="DPM++ 2M Karras", override_settings={"CLIP_stop_at_last_layers": 2}))
+    assert (checked.params.sampler_name, checked.params.scheduler, checked.params.clip_skip) == \
+        ("DPM++ 2M", "Karras", 2)
+    assert checked.checkpoint.title == service.find(None).title
 
 
 def test_lora_hashes_embeddings_and_unknown_lora_warning(models):

@@ -11,7 +11,7 @@ EVERY_FLAG = [
     "--gradio-auth-path", "auth.txt", "--api", "--api-auth", "u:p", "--nowebui", "--data-dir", "/tmp/x",
     "--models-dir", "/tmp/m", "--ckpt-dir", "/tmp/c", "--lora-dir", "/tmp/l", "--llm-dir", "/tmp/llm",
     "--vae-dir", "/tmp/v", "--embeddings-dir", "/tmp/e", "--device", "cpu", "--precision", "bf16", "--lowvram",
-    "--medvram", "--xformers", "--skip-install", "--disable-all-extensions", "--enable-insecure-extension-access",
+    "--medvram", "--xformers", "--no-half", "--no-half-vae", "--skip-install", "--disable-all-extensions", "--enable-insecure-extension-access",
     "--allow-unsafe-pickle", "--autolaunch", "--diagnose",
 ]
 
@@ -24,6 +24,7 @@ def test_every_flag_parses():
     assert opts.device == "cpu" and opts.precision == "bf16"
     assert (opts.data_dir, opts.ckpt_dir, opts.lora_dir, opts.llm_dir) == ("/tmp/x", "/tmp/c", "/tmp/l", "/tmp/llm")
     assert opts.allow_unsafe_pickle and opts.enable_insecure_extension_access and opts.diagnose
+    assert opts.no_half and opts.no_half_vae  # A1111's flags; the NaN-output message recommends --no-half-vae
 
 
 def test_defaults():
