@@ -201,3 +201,18 @@ def test_shutdown_interrupts_every_job():
     for job in (running, waiting):
         with pytest.raises(JobInterrupted):
             job.result(5)
+
+
+def test_owners_of_ui_sessions_users_and_api_clients():
+    import base64
+    from types import SimpleNamespace
+
+    from modules.job_owner import api_owner, ui_owner
+    assert ui_owner(SimpleNamespace(username=None, session_hash="abc")) == "session:abc"
+    assert ui_owner(SimpleNamespace(username="alice", session_hash="abc")) == "user:alice"  # every tab of hers
+    assert ui_owner(None) is None
+    basic = {"authorization": "Basic " + base64.b64encode(b"bob:secret").decode()}
+    assert api_owner(basic, api_auth=True) == "api:bob"
+    assert api_owner(basic, api_auth=False) == "api"  # unchecked credentials are no identity
+    assert api_owner({"authorization": "Basic !!"}, api_auth=True) == "api"
+    assert api_owner({}, api_auth=True) == "api"
