@@ -9,6 +9,13 @@ waits for the result, so the worker (and the app) keeps running.
 Jobs submitted with the same ``batch_key`` that wait next to each other at the
 head of the queue are handed to one ``run_batch`` call, so that e.g. several
 chat requests that arrive together are generated as one batch.
+
+Every job carries a *kind* (the capability that made it: ``"diffusion"``, ``"llm"``...) and an *owner*
+(who submitted it: ``"session:<hash>"`` or ``"user:<name>"`` for the web UI, ``"api"`` or
+``"api:<name>"`` for API clients; see :mod:`modules.job_owner`). Interrupt and Skip never act on "every
+job": callers pick their targets with :meth:`JobQueue.find` (an image Interrupt finds the caller's
+running image job, a chat's Stop holds its own job), so one user's Interrupt cannot cut another
+user's chat or picture.
 """
 from __future__ import annotations
 
@@ -26,10 +33,6 @@ log = logging.getLogger(__name__)
 
 class JobInterrupted(Exception):
     """Raised inside a job by ``check_interrupted()`` after Interrupt was pressed."""
-
-
-class JobFailed(RuntimeError):
-    """Wraps nothing: the job's own exception is re-raised as is. Kept for callers that want one type."""
 
 
 @dataclass
@@ -62,14 +65,20 @@ class Progress:
 
 _DONE = object()
 
+#: ``find(owner=ANY_OWNER)`` matches every owner (``owner=None`` matches only jobs submitted without one)
+ANY_OWNER = object()
+
 
 class Job:
     _ids = itertools.count(1)
 
     def __init__(self, fn: Callable[["Job"], Any] | None, name: str, batch_key: str | None = None,
-                 payload: Any = None, run_batch: Callable[[list["Job"]], list[Any]] | None = None):
+                 payload: Any = None, run_batch: Callable[[list["Job"]], list[Any]] | None = None, *,
+                 kind: str = "job", owner: str | None = None):
         self.id = f"job-{next(self._ids)}"
         self.name = name
+        self.kind = kind
+        self.owner = owner
         self.fn = fn
         self.batch_key = batch_key
         self.payload = payload
@@ -84,6 +93,7 @@ class Job:
         self._done = threading.Event()
         self._interrupt = threading.Event()
         self._skip = threading.Event()
+        self._skipped_at: int | None = None  # the step at which the job honoured a Skip (see ``skipped``)
         self._stream: queue.Queue = queue.Queue()
 
     # -- inside the job -----------------------------------------------------------
@@ -92,6 +102,8 @@ class Job:
         p = self.progress
         if p.started is None or step < p.step:
             p.started = time.monotonic()
+        if self._skipped_at is not None and step > self._skipped_at:
+            self._skipped_at = None  # progress on the next item: the skip is over
         p.step, p.total = step, total
         if text:
             p.text = text
@@ -111,8 +123,15 @@ class Job:
         """True once after Skip was pressed: stop the current item (image) and go on with the next."""
         if self._skip.is_set():
             self._skip.clear()
+            self._skipped_at = self.progress.step
             return True
         return False
+
+    @property
+    def skipped(self) -> bool:
+        """A1111's ``state.skipped``: True from the Skip press until the job reports progress on its next
+        item (or ends)."""
+        return not self.done and (self._skip.is_set() or self._skipped_at is not None)
 
     def emit(self, item: Any) -> None:
         """Send one streamed item (a token, a preview) to whoever iterates ``stream()``."""
@@ -159,11 +178,6 @@ class Job:
         self._stream.put(_DONE)
         self._done.set()
 
-    def describe(self) -> dict:
-        p = self.progress
-        return {"id": self.id, "name": self.name, "state": self.state, "step": p.step, "total": p.total,
-                "fraction": p.fraction, "eta": p.eta, "text": p.text}
-
 
 class JobQueue:
     """FIFO of jobs for one device, run by one worker thread."""
@@ -180,14 +194,17 @@ class JobQueue:
         self._worker.start()
 
     # -- submitting -----------------------------------------------------------------
-    def submit(self, fn: Callable[[Job], Any], *, name: str = "job") -> Job:
-        return self._put(Job(fn, name))
+    def submit(self, fn: Callable[[Job], Any], *, name: str = "job", kind: str = "job",
+               owner: str | None = None) -> Job:
+        """Queue ``fn(job)``. *kind* names the capability, *owner* who asked (both select Interrupt targets)."""
+        return self._put(Job(fn, name, kind=kind, owner=owner))
 
     def submit_batchable(self, batch_key: str, payload: Any, run_batch: Callable[[list[Job]], list[Any]],
-                         *, name: str = "job") -> Job:
+                         *, name: str = "job", kind: str = "job", owner: str | None = None) -> Job:
         """Queue *payload*; jobs with the same *batch_key* waiting together run in one ``run_batch`` call,
         which returns one result per job (or raises, failing them all)."""
-        return self._put(Job(None, name, batch_key=batch_key, payload=payload, run_batch=run_batch))
+        return self._put(Job(None, name, batch_key=batch_key, payload=payload, run_batch=run_batch, kind=kind,
+                             owner=owner))
 
     def take_waiting(self, batch_key: str, limit: int) -> list[Job]:
         """Claim up to *limit* jobs with *batch_key* that are waiting at the head of the queue (for
@@ -209,43 +226,34 @@ class JobQueue:
         return job
 
     # -- control ----------------------------------------------------------------------
-    @property
-    def current(self) -> Job | None:
-        """The oldest running job that has not finished (batch members can finish early)."""
-        return next((j for j in list(self._running) if not j.done), None)
-
-    def running_jobs(self) -> list[Job]:
-        return list(self._running)
-
     def waiting_jobs(self) -> list[Job]:
         with self._cv:
             return list(self._waiting)
 
-    def interrupt(self, job_id: str | None = None) -> bool:
-        """Interrupt the given job (queued or running), or every running job when *job_id* is None."""
+    def find(self, *, kind: str | None = None, owner: Any = ANY_OWNER, running_only: bool = False) -> list[Job]:
+        """Unfinished jobs, running ones first (oldest first), then waiting ones in queue order.
+
+        *kind*: only jobs of that kind (None: any). *owner*: only jobs of that owner (``ANY_OWNER``: any).
+        *running_only*: leave out jobs still waiting.
+        """
         with self._cv:
-            targets = [j for j in list(self._running) + list(self._waiting) if job_id in (None, j.id)]
-            if job_id is None:
-                targets = list(self._running)
+            jobs = list(self._running) + ([] if running_only else list(self._waiting))
+        return [j for j in jobs if not j.done and (kind is None or j.kind == kind)
+                and (owner is ANY_OWNER or j.owner == owner)]
+
+    def interrupt(self, job_id: str) -> bool:
+        """Interrupt the job *job_id* (queued: it never runs; running: it stops at its next check)."""
+        targets = [j for j in self.find() if j.id == job_id]
         for job in targets:
             job.interrupt()
         return bool(targets)
-
-    def skip(self) -> bool:
-        for job in list(self._running):
-            job.skip()
-        return bool(self._running)
-
-    def status(self) -> dict:
-        current = self.current
-        return {"queue": self.name, "waiting": len(self._waiting), "running": [j.describe() for j in self._running],
-                "completed": self.completed, "current": current.describe() if current else None}
 
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        self.interrupt()
+        for job in self.find():  # the app is closing: nothing more will be read
+            job.interrupt()
         self._worker.join(timeout)
 
     # -- worker -----------------------------------------------------------------------

@@ -7,10 +7,11 @@ from typing import Any
 
 import psutil
 import torch
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Request
 
 from modules.api.errors import sdapi_error
 from modules.api.options import plan_options
+from modules.job_owner import api_owner
 
 
 def _png_b64(image: Any) -> str | None:
@@ -46,7 +47,7 @@ def build_core_router(ctx) -> APIRouter:
         if plan.errors:
             status = 422 if plan.type_errors else 400
             names = ", ".join(sorted(plan.errors))
-            return sdapi_error(status, "Invalid options", f"option(s) not applied, nothing changed: "
+            return sdapi_error(status, "Invalid options", "option(s) not applied, nothing changed: "
                                + "; ".join(f"{k}: {v}" for k, v in plan.errors.items())
                                + f". GET /sdapi/v1/options lists the valid names and values ({names}).",
                                errors=plan.errors)
@@ -67,10 +68,19 @@ def build_core_router(ctx) -> APIRouter:
         hidden = {"gradio_auth", "api_auth"}  # never echo credentials
         return {k: ("***" if k in hidden and v else _json_safe(v)) for k, v in vars(ctx.opts).items()}
 
+    def owner(request: Request) -> str:
+        return api_owner(request.headers, api_auth=bool(ctx.opts.api_auth))
+
+    def image_jobs(request: Request) -> list:
+        """The caller's unfinished image jobs, running first: A1111's progress, interrupt and skip are
+        about image generation, never chats, and here never another owner's images."""
+        return ctx.diffusion.jobs_of(owner(request)) if ctx.diffusion is not None else []
+
     @router.get("/sdapi/v1/progress", tags=["jobs"])
-    def progress(skip_current_image: bool = False) -> dict[str, Any]:
-        job = ctx.jobs.current
-        waiting = len(ctx.jobs.waiting_jobs())
+    def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+        jobs = image_jobs(request)
+        job = next((j for j in jobs if j.state == "running"), None)
+        waiting = len(jobs) - (job is not None)
         if job is None:
             return {"progress": 0.0, "eta_relative": 0.0, "textinfo": None, "current_image": None,
                     "state": {"skipped": False, "interrupted": False, "job": "", "job_count": waiting,
@@ -79,18 +89,21 @@ def build_core_router(ctx) -> APIRouter:
         return {
             "progress": p.fraction, "eta_relative": p.eta or 0.0, "textinfo": p.text or None,
             "current_image": None if skip_current_image else _png_b64(p.preview),
-            "state": {"skipped": False, "interrupted": job.interrupted, "job": job.name,
+            "state": {"skipped": job.skipped, "interrupted": job.interrupted, "job": job.name,
                       "job_count": waiting + 1, "job_timestamp": str(int(job.started or 0)), "job_no": 0,
                       "sampling_step": p.step, "sampling_steps": p.total},
         }
 
     @router.post("/sdapi/v1/interrupt", tags=["jobs"])
-    def interrupt() -> dict[str, Any]:
-        return {"interrupted": ctx.jobs.interrupt()}
+    def interrupt(request: Request) -> dict[str, Any]:
+        """Stop the caller's running image generation (as A1111 does; its queued requests still run)."""
+        done = ctx.diffusion.interrupt(owner(request)) if ctx.diffusion is not None else False
+        return {"interrupted": done}
 
     @router.post("/sdapi/v1/skip", tags=["jobs"])
-    def skip() -> dict[str, Any]:
-        return {"skipped": ctx.jobs.skip()}
+    def skip(request: Request) -> dict[str, Any]:
+        """Skip the current batch of the caller's running image generation."""
+        return {"skipped": ctx.diffusion.skip(owner(request)) if ctx.diffusion is not None else False}
 
     @router.get("/sdapi/v1/memory", tags=["system"])
     def memory() -> dict[str, Any]:

@@ -17,8 +17,10 @@ import logging
 import warnings
 from typing import Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
+
+from modules.job_owner import api_owner
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +220,14 @@ def build_router(ctx) -> APIRouter:
     def service():
         return ctx.diffusion
 
-    def generate(req: dict[str, Any], img2img: bool) -> Any:
+    def generate(req: dict[str, Any], img2img: bool, request: Request) -> Any:
         try:
             if isinstance(req, dict):
                 check_prompt_size(req, ctx.settings.get("api.max_prompt_chars"))
                 check_override_settings(ctx, req.get("override_settings"))
             p = params_from_request(req, img2img=img2img)
-            processed = service().generate(p, img2img=img2img)
+            owner = api_owner(request.headers, api_auth=bool(ctx.opts.api_auth))  # who may interrupt it
+            processed = service().generate(p, img2img=img2img, owner=owner)
         except RequestError as exc:
             return error_response(exc.status, exc.error, exc.detail, exc.errors)
         except Exception as exc:  # noqa: BLE001 - a failed job is reported; the server keeps serving
@@ -240,12 +243,12 @@ def build_router(ctx) -> APIRouter:
         return {"images": images, "parameters": _echo(req), "info": processed.js()}
 
     @router.post("/sdapi/v1/txt2img")
-    def txt2img(req: Any = Body(...)):
-        return generate(req, img2img=False)
+    def txt2img(request: Request, req: Any = Body(...)):
+        return generate(req, img2img=False, request=request)
 
     @router.post("/sdapi/v1/img2img")
-    def img2img(req: Any = Body(...)):
-        return generate(req, img2img=True)
+    def img2img(request: Request, req: Any = Body(...)):
+        return generate(req, img2img=True, request=request)
 
     @router.post("/sdapi/v1/png-info")
     def png_info(req: Any = Body(...)):

@@ -19,6 +19,9 @@ from modules.diffusion.processing import (GenerationParams, InvalidGenerationPar
 
 log = logging.getLogger(__name__)
 
+#: the kind of the image jobs this service queues (what /sdapi/v1/interrupt and progress look at)
+JOB_KIND = "diffusion"
+
 #: A1111 option names accepted in ``override_settings`` and what they map to here.
 OVERRIDE_ALIASES = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae",
                     "CLIP_stop_at_last_layers": "clip_skip", "sd.clip_skip": "clip_skip"}
@@ -32,7 +35,6 @@ class DiffusionService:
         self._vaes: list | None = None
         self._loras: list | None = None
         self._tools = None
-        self._jobs: set = set()  # this service's queued and running jobs (for Interrupt / Skip)
 
     # -- listings -------------------------------------------------------------------
     @property
@@ -297,38 +299,39 @@ class DiffusionService:
             raise InvalidGenerationParams(problems)
         return CheckedParams(p, info, str(over.get("vae", self.ctx.settings.get("sd.sd_vae"))))
 
-    def submit(self, p: GenerationParams, *, img2img: bool = False):
-        """Check *p* (:meth:`check_inputs`) and queue it; returns the Job (its result is a Processed)."""
+    def submit(self, p: GenerationParams, *, img2img: bool = False, owner: str | None = None):
+        """Check *p* (:meth:`check_inputs`) and queue it; returns the Job (its result is a Processed).
+        *owner* (see :mod:`modules.job_owner`) is who may interrupt or skip it."""
         checked = self.check_inputs(p, img2img=img2img)
         tab = "img2img" if img2img else "txt2img"
         name = f"{tab}: {checked.params.prompt[:40]}"
 
-        def work(job):
-            try:
-                return self.run_job(job, checked, tab)
-            finally:
-                self._jobs.discard(job)
+        return self.ctx.jobs.submit(lambda job: self.run_job(job, checked, tab), name=name, kind=JOB_KIND,
+                                    owner=owner)
 
-        job = self.ctx.jobs.submit(work, name=name)
-        self._jobs = {j for j in self._jobs if not j.done} | {job}
-        return job
+    def jobs_of(self, owner: str | None, *, running_only: bool = False) -> list:
+        """*owner*'s unfinished image jobs, running first (the owners of other jobs are never matched)."""
+        return self.ctx.jobs.find(kind=JOB_KIND, owner=owner, running_only=running_only)
 
-    def interrupt(self) -> bool:
-        """Interrupt every image job (queued or running); other capabilities' jobs are left alone."""
-        jobs = [j for j in list(self._jobs) if not j.done]
+    def interrupt(self, owner: str | None, *, queued_too: bool = False) -> bool:
+        """Interrupt *owner*'s running image generation (A1111's Interrupt), and with *queued_too* also the
+        ones still waiting (a UI session stopping everything it asked for). Chats and other owners' images
+        are never touched. True when a job was interrupted."""
+        jobs = self.jobs_of(owner, running_only=not queued_too)
         for job in jobs:
             job.interrupt()
         return bool(jobs)
 
-    def skip(self) -> bool:
-        """Skip the current batch of the running image job(s)."""
-        jobs = [j for j in list(self._jobs) if j.state == "running"]
+    def skip(self, owner: str | None) -> bool:
+        """Skip the current batch of *owner*'s running image job (the next batch, if any, goes on)."""
+        jobs = self.jobs_of(owner, running_only=True)
         for job in jobs:
             job.skip()
         return bool(jobs)
 
-    def generate(self, p: GenerationParams, *, img2img: bool = False, timeout: float | None = None) -> Processed:
-        return self.submit(p, img2img=img2img).result(timeout)
+    def generate(self, p: GenerationParams, *, img2img: bool = False, timeout: float | None = None,
+                 owner: str | None = None) -> Processed:
+        return self.submit(p, img2img=img2img, owner=owner).result(timeout)
 
     def run_job(self, job, checked: "CheckedParams", tab: str) -> Processed:
         """Inside the worker: run the selected script, or plain generation. Parameters a script makes

@@ -32,6 +32,9 @@ from modules.llm.sampling import RowState, SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
 
+#: the kind of the generation jobs on the shared queue
+JOB_KIND = "llm"
+
 #: prompts are prefilled in chunks of this many tokens, bounding attention memory for long prompts
 PREFILL_CHUNK = 512
 
@@ -117,15 +120,22 @@ def eos_token_ids(llm: Any) -> set[int]:
     return ids
 
 
+def check_prompt_fits(n_tokens: int, ctx_len: int, *, what: str = "the prompt",
+                      fix: str = "shorten the prompt") -> None:
+    """The one context-overflow check (engine, service and API): a prompt needs room for at least one
+    new token. Raises PromptTooLong saying how long *what* is, the context, and *fix*."""
+    if n_tokens >= ctx_len:
+        raise PromptTooLong(f"{what} is {n_tokens} tokens but the model's context is {ctx_len} tokens, leaving no "
+                            f"room for a reply; {fix} to under {ctx_len} tokens")
+
+
 def check_request(request: GenerationRequest, ctx_len: int) -> None:
     """Raise ValueError (PromptTooLong for length) for a request that cannot run."""
     request.params.validate()
     n = len(request.prompt_ids)
     if n == 0:
         raise ValueError("the prompt is empty: give at least one token (most prompts start with BOS)")
-    if n >= ctx_len:
-        raise PromptTooLong(f"the prompt is {n} tokens but the model's context is {ctx_len} tokens, leaving no "
-                            f"room for a reply; shorten the prompt to under {ctx_len} tokens")
+    check_prompt_fits(n, ctx_len)
 
 
 # -- stop strings -----------------------------------------------------------------------------------------------
@@ -489,10 +499,12 @@ class LLMEngine:
         self._acquire = acquire
         self.max_batch = max_batch
 
-    def submit(self, request: GenerationRequest) -> GenerationHandle:
+    def submit(self, request: GenerationRequest, *, owner: str | None = None) -> GenerationHandle:
+        """Queue *request*; *owner* (see :mod:`modules.job_owner`) is recorded on its job. Only the returned
+        handle stops it: image Interrupts and other callers never touch a reply."""
         request.params.validate()
         request.params = request.params.with_seed()
-        job = self.jobs.submit_batchable(self.batch_key, request, self._run_batch,
+        job = self.jobs.submit_batchable(self.batch_key, request, self._run_batch, kind=JOB_KIND, owner=owner,
                                          name=f"{self.model_name}: {request.label}")
         return GenerationHandle(job, request)
 

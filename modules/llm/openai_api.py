@@ -6,6 +6,11 @@ an unknown model is a 404 with code ``model_not_found``. Streaming answers are S
 ``data: {chunk}`` per token delta, a last chunk with ``finish_reason``, and ``data: [DONE]``. When the client
 goes away, the generation job is interrupted so the queue moves on.
 
+``finish_reason`` is ``"stop"`` (EOS or a stop string), ``"length"`` (``max_tokens`` or the context is full),
+or, an extension OpenAI does not have, ``"abort"`` (vLLM's value) for a reply cut short before either: the
+server shut down, or the request was stopped. Only the request's own connection stops it; image
+Interrupts (``/sdapi/v1/interrupt``) and other clients never cut a reply.
+
 Extra sampling fields beyond OpenAI's: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos`` (and
 ``seed``, which OpenAI has too). Defaults are OpenAI's (temperature 1, top_p 1); ``max_tokens`` defaults to the rest of
 the context for chat and to 16 for legacy completions, as in OpenAI's API.
@@ -24,8 +29,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from modules.job_owner import api_owner
 from modules.llm.engine import GenerationResult, PromptTooLong
-from modules.llm.sampling import SamplingParams
+from modules.llm.sampling import FIELD_NAMES, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +165,13 @@ class ApiError(Exception):
 
 #: SamplingParams field -> the API field that sets it, so messages name what the client sent
 _API_NAMES = {"max_new_tokens": "max_tokens"}
-_PARAM_ORDER = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                "frequency_penalty", "max_new_tokens", "stop", "seed")
 
 
 def _sampling_error(exc: ValueError) -> ApiError:
     message = str(exc)
     for ours, theirs in _API_NAMES.items():
         message = message.replace(ours, theirs)
-    param = next((_API_NAMES.get(n, n) for n in _PARAM_ORDER if f"{_API_NAMES.get(n, n)}=" in message), None)
+    param = next((_API_NAMES.get(n, n) for n in FIELD_NAMES if f"{_API_NAMES.get(n, n)}=" in message), None)
     return ApiError(400, message, param=param)
 
 
@@ -246,7 +250,8 @@ def build_router(ctx: Any) -> APIRouter:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in body.messages]
             params = _params(body, default_max=None)
-            run = await run_in_threadpool(lambda: service().chat(messages, params, model=body.model))
+            owner = api_owner(request.headers, api_auth=bool(ctx.opts.api_auth))
+            run = await run_in_threadpool(lambda: service().chat(messages, params, model=body.model, owner=owner))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
             return _translate(exc).response()
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -275,7 +280,9 @@ def build_router(ctx: Any) -> APIRouter:
             if isinstance(prompt, str):
                 _check_size(ctx, [prompt], "prompt")
             params = _params(body, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
-            handle, model = await run_in_threadpool(lambda: service().complete(prompt, params, model=body.model))
+            owner = api_owner(request.headers, api_auth=bool(ctx.opts.api_auth))
+            handle, model = await run_in_threadpool(lambda: service().complete(prompt, params, model=body.model,
+                                                                               owner=owner))
         except Exception as exc:  # noqa: BLE001
             return _translate(exc).response()
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -368,9 +375,14 @@ def _one_prompt(prompt: Any) -> str | list[int]:
                         "send one request per prompt - they are batched on the server)", param="prompt")
 
 
+#: our GenerationResult.finish_reason -> the API's. OpenAI defines "stop" (EOS or a stop string) and "length"
+#: (max_tokens or the context); it has no value for a reply cut short, so, as vLLM does, such a reply ends
+#: with "abort" rather than passing for a finished one.
+FINISH_REASONS = {"stop": "stop", "length": "length", "interrupted": "abort"}
+
+
 def _finish(result: GenerationResult) -> str:
-    """OpenAI knows "stop" and "length"; a reply cut short by an interrupt is reported as "stop"."""
-    return "length" if result.finish_reason == "length" else "stop"
+    return FINISH_REASONS[result.finish_reason]
 
 
 async def _wait(request: Request, handle: Any, get_result: Callable[[], GenerationResult]):

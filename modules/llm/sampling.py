@@ -102,6 +102,20 @@ class SamplingParams:
         return params
 
 
+#: every SamplingParams field, in declaration order (the API names fields in its errors from this list)
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
+
+#: the fields whose defaults live in Settings as ``llm.<field>`` (see :func:`setting_key`): the settings
+#: section, ``LLMService.default_params`` and the Chat tab's sliders all go by this one list
+SETTINGS_FIELDS: tuple[str, ...] = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p",
+                                    "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def setting_key(field_name: str) -> str:
+    """The settings key holding the default of sampling field *field_name* (``llm.temperature``)."""
+    return f"llm.{field_name}"
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator for one request: sampling replays exactly for the same seed and device."""
     gen = torch.Generator(device=device)

@@ -19,18 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from modules.llm.chat_history import ChatStore
-from modules.llm.engine import (GenerationHandle, GenerationRequest, GenerationResult, LLMEngine, PromptTooLong,
-                                TokenDelta, context_length)
-from modules.llm.sampling import SamplingParams
+from modules.llm.engine import (GenerationHandle, GenerationRequest, GenerationResult, LLMEngine, TokenDelta,
+                                check_prompt_fits, context_length)
+from modules.llm.sampling import SETTINGS_FIELDS, SamplingParams, setting_key
 
 log = logging.getLogger(__name__)
-
-#: settings keys holding default sampling values, and the SamplingParams field each one feeds
-SAMPLING_SETTINGS = {
-    "llm.temperature": "temperature", "llm.top_k": "top_k", "llm.top_p": "top_p", "llm.min_p": "min_p",
-    "llm.repetition_penalty": "repetition_penalty", "llm.presence_penalty": "presence_penalty",
-    "llm.frequency_penalty": "frequency_penalty", "llm.max_new_tokens": "max_new_tokens",
-}
 
 
 class ModelNotFound(LookupError):
@@ -228,7 +221,7 @@ class LLMService:
     # -- sampling defaults ---------------------------------------------------------------------------------
     def default_params(self, **overrides: Any) -> SamplingParams:
         """SamplingParams from the llm.* settings, with *overrides* (None values ignored) applied."""
-        values = {field_name: self.ctx.settings.get(key) for key, field_name in SAMPLING_SETTINGS.items()}
+        values = {name: self.ctx.settings.get(setting_key(name)) for name in SETTINGS_FIELDS}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams.from_dict(values)
 
@@ -261,20 +254,19 @@ class LLMService:
             while cut < len(turns) - 1 and turns[cut].get("role") == "assistant":
                 cut += 1
             turns, dropped = turns[cut:], dropped + cut
-        if len(ids) >= ctx_len:
-            raise PromptTooLong(f"the prompt is {len(ids)} tokens even with only the system prompt and the last "
-                                f"message, but the model's context is {ctx_len} tokens; shorten the message or "
-                                "the system prompt")
+        check_prompt_fits(len(ids), ctx_len, what="the prompt (with only the system prompt and the last message)",
+                          fix="shorten the message or the system prompt")
         return PromptPlan(ids=ids, text=text, messages=system + turns, dropped=dropped)
 
     # -- generation ------------------------------------------------------------------------------------------
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
              model: str | None = None, system_prompt: str | None = None, chat_id: str | None = None,
-             continue_last: bool = False, fire_user: bool = True) -> ChatRun:
+             continue_last: bool = False, fire_user: bool = True, owner: str | None = None) -> ChatRun:
         """Queue a reply to *messages* (OpenAI-style dicts); returns at once with a :class:`ChatRun`.
 
         *continue_last*: the last message is an assistant reply to extend. *fire_user*: report the last user
         message to ``on_chat_message`` (False when regenerating a reply to a message already reported).
+        *owner*: who asked (see :mod:`modules.job_owner`); only the returned run's ``interrupt`` stops it.
         """
         params = (params or self.default_params()).validate()
         check_messages(messages)
@@ -289,11 +281,11 @@ class LLMService:
             self.fire_message("user", messages[-1]["content"], chat_id, name)
         request = GenerationRequest(plan.ids, params, label=f"chat {chat_id or ''}".strip(),
                                     keep_leading_space=continue_last)
-        return ChatRun(self.engine(name).submit(request), plan, name, chat_id, self)
+        return ChatRun(self.engine(name).submit(request, owner=owner), plan, name, chat_id, self)
 
     def stream_reply(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
                      model: str | None = None, system_prompt: str | None = None, chat_id: str | None = None,
-                     continue_last: bool = False, fire_user: bool = True,
+                     continue_last: bool = False, fire_user: bool = True, owner: str | None = None,
                      on_start: Callable[[ChatRun], None] | None = None) -> Iterator["ReplyUpdate"]:
         """Generate a reply and yield the conversation as it grows (what the Chat tab shows).
 
@@ -302,7 +294,7 @@ class LLMService:
         *on_start* receives the :class:`ChatRun` first, so a Stop button can interrupt it.
         """
         run = self.chat(messages, params, model=model, system_prompt=system_prompt, chat_id=chat_id,
-                        continue_last=continue_last, fire_user=fire_user)
+                        continue_last=continue_last, fire_user=fire_user, owner=owner)
         if on_start is not None:
             on_start(run)
         base = [dict(m) for m in messages]
@@ -324,7 +316,8 @@ class LLMService:
         yield ReplyUpdate(base + [final], run.notice, result)
 
     def complete(self, prompt: str | list[int], params: SamplingParams | None = None, *,
-                 model: str | None = None, add_bos: bool = True) -> tuple[GenerationHandle, str]:
+                 model: str | None = None, add_bos: bool = True,
+                 owner: str | None = None) -> tuple[GenerationHandle, str]:
         """Queue a plain completion of *prompt* (text, or token ids); returns (handle, model name)."""
         params = (params or self.default_params()).validate()
         name = self.resolve_model(model)
@@ -338,10 +331,8 @@ class LLMService:
             ctx_len = context_length(llm)
         finally:
             lease.release()
-        if len(ids) >= ctx_len:
-            raise PromptTooLong(f"the prompt is {len(ids)} tokens but the model's context is {ctx_len} tokens, "
-                                "leaving no room for a reply; shorten the prompt")
-        return self.engine(name).submit(GenerationRequest(ids, params, label="completion")), name
+        check_prompt_fits(len(ids), ctx_len)
+        return self.engine(name).submit(GenerationRequest(ids, params, label="completion"), owner=owner), name
 
     def count_tokens(self, text: str, model: str | None = None) -> int:
         lease = self.acquire(self.resolve_model(model))

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from modules.diffusion.processing import GenerationParams
+from modules.job_owner import ui_owner
 
 #: GenerationParams field -> infotext-facing label, for the PNG Info "Send to" buttons.
 FORM_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height", "cfg_scale",
@@ -174,10 +175,10 @@ def wire(ctx, form: GenerationForm, make_params: Callable[[dict], GenerationPara
     service = ctx.diffusion
     outputs = [form.gallery, form.preview, form.status, form.infotext, form.infotexts_state]
 
-    def run(data, progress=gr.Progress()):
+    def run(data, request: gr.Request, progress=gr.Progress()):
         try:
             p = make_params(data)
-            job = service.submit(p, img2img=img2img)
+            job = service.submit(p, img2img=img2img, owner=ui_owner(request))
         except ValueError as exc:
             yield [gr.skip(), None, f"**Error:** {exc}", gr.skip(), gr.skip()]
             return
@@ -207,8 +208,15 @@ def wire(ctx, form: GenerationForm, make_params: Callable[[dict], GenerationPara
         yield [items, None, "\n\n".join(notes), texts[0] if texts else "", texts]
 
     form.generate.click(run, inputs=form.inputs(), outputs=outputs, concurrency_limit=None)
-    form.interrupt.click(lambda: service.interrupt() and None, outputs=None)
-    form.skip.click(lambda: service.skip() and None, outputs=None)
+    # Interrupt / Skip act on this browser session's (or logged-in user's) own images only
+    def interrupt(request: gr.Request) -> None:
+        service.interrupt(ui_owner(request), queued_too=True)
+
+    def skip(request: gr.Request) -> None:
+        service.skip(ui_owner(request))
+
+    form.interrupt.click(interrupt, outputs=None)
+    form.skip.click(skip, outputs=None)
 
     def show_info(texts, evt: gr.SelectData):
         if not texts:

@@ -3,15 +3,20 @@ Continue, saved chats, the "oldest turns dropped" notice.
 
 Two fixture-format models: the standard tiny one (256-token context, for the overflow notice) and a
 wider one written here ("slow-llama", ~50 tokens/s on a CPU) so that streaming and Stop can be watched.
+
+Every test opens its own page (a fresh Gradio session: an empty chat), picks its model and parameters,
+and finds its saved chat by its own first message, so the tests pass in any order and alone.
 """
 import json
 import time
+import uuid
 
 import pytest
 
-from server_utils import open_page, start_server
+from server_utils import CHROMIUM_ARGS, chromium_path, start_server
 
 BOTS = "#chat_chatbot .message.bot"
+USERS = "#chat_chatbot .message.user"
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +33,29 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    with open_page(server[0].url) as pg:
-        pg.get_by_role("tab", name="Chat", exact=True).click()
-        pg.locator("#chat_send").wait_for(timeout=60000)
-        yield pg
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_chat(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url, wait_until="load", timeout=120_000)
+    page.wait_for_selector("#tabs", timeout=120_000)
+    page.get_by_role("tab", name="Chat", exact=True).click()
+    page.locator("#chat_send").wait_for(timeout=60000)
+    return page
+
+
+@pytest.fixture
+def page(browser, server):
+    pg = open_chat(browser, server[0].url)
+    yield pg
+    pg.close()
 
 
 def last_reply(page) -> str:
@@ -53,6 +76,13 @@ def watch_reply(page, done: str, timeout: float = 60) -> list[str]:
     raise AssertionError(f"{done!r} never appeared; last reply: {seen[-1] if seen else None!r}")
 
 
+def wait_replies(page, n: int, timeout: int = 60000) -> None:
+    """Wait until the chat shows *n* finished replies."""
+    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === {n} && "
+                           f"[...document.querySelectorAll('{BOTS}')].pop().innerText.includes('tokens/s')",
+                           timeout=timeout)
+
+
 def send(page, text):
     page.locator("#chat_input textarea").fill(text)
     page.locator("#chat_send").click()
@@ -66,169 +96,214 @@ def set_max_new_tokens(page, n):
     box.press("Enter")
 
 
+def set_ignore_eos(page, on: bool):
+    box = page.locator("#chat_ignore_eos input")
+    if not box.is_visible():
+        page.get_by_text("Parameters").click()
+    box.set_checked(on)
+
+
 def pick(page, dropdown, option):
     page.locator(f"{dropdown} input").click()
     page.get_by_role("option", name=option, exact=True).click()
 
 
+def unique(text: str) -> str:
+    return f"{text} ({uuid.uuid4().hex[:6]})"
+
+
+def saved_chat(data_dir, first_message: str) -> tuple:
+    """(path, content) of the saved chat that starts with *first_message*."""
+    for path in (data_dir / "chats").glob("*.json"):
+        chat = json.loads(path.read_text(encoding="utf-8"))
+        if chat["messages"] and chat["messages"][0]["content"] == first_message:
+            return path, chat
+    raise AssertionError(f"no saved chat starts with {first_message!r}")
+
+
 def test_load_model_and_stream_a_reply(page, server):
-    assert page.locator("#chat_model input").input_value() == "slow-llama"  # the first folder
+    pick(page, "#chat_model", "slow-llama")
     page.locator("#chat_load_model").click()
     page.wait_for_function("document.querySelector('#chat_model_status').innerText.includes('Loaded')",
                            timeout=60000)
     assert "context 1024 tokens" in page.locator("#chat_model_status").inner_text()
     set_max_new_tokens(page, 40)
-    send(page, "Hello! How are you today?")
+    text = unique("Hello! How are you today?")
+    send(page, text)
     seen = watch_reply(page, "tokens/s")
     partial = [t for t in seen if t and "tokens/s" not in t]
     assert len(partial) >= 2, f"the reply did not stream: {seen}"  # it grew in several steps
-    assert "Hello! How are you today?" in page.locator("#chat_chatbot .message.user").first.inner_text()
+    assert text in page.locator(USERS).first.inner_text()
     assert page.locator("#chat_input textarea").input_value() == ""
-    chats = list((server[1] / "chats").glob("*.json"))
-    assert len(chats) == 1
-    saved = json.loads(chats[0].read_text(encoding="utf-8"))
-    assert saved["messages"][0]["content"] == "Hello! How are you today?"
+    _path, saved = saved_chat(server[1], text)
     assert saved["messages"][1]["meta"]["tokens"] > 0
-    assert page.locator("#chat_saved input").input_value() == "Hello! How are you today?"
+    assert page.locator("#chat_saved input").input_value() == saved["title"]
 
 
 def test_stop_keeps_the_partial_reply(page, server):
+    pick(page, "#chat_model", "slow-llama")
     set_max_new_tokens(page, 800)
-    page.locator("#chat_ignore_eos input").check()  # no early end: the reply runs until Stop
-    send(page, "Once upon a time there was a little robot who wanted to paint the sky.")
-    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length >= 2 && "
+    set_ignore_eos(page, True)  # no early end: the reply runs until Stop
+    text = unique("Once upon a time there was a little robot who wanted to paint the sky.")
+    send(page, text)
+    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 1 && "
                            f"[...document.querySelectorAll('{BOTS}')].pop().innerText.trim().length > 0",
                            timeout=60000)
     page.locator("#chat_stop").click()
     seen = watch_reply(page, "tokens/s")
     assert "stopped" in seen[-1]
-    assert page.locator(BOTS).count() == 2
-    chat = json.loads(next((server[1] / "chats").glob("*.json")).read_text(encoding="utf-8"))
+    assert page.locator(BOTS).count() == 1
+    _path, chat = saved_chat(server[1], text)
     assert chat["messages"][-1]["meta"]["finish_reason"] == "interrupted"
     assert chat["messages"][-1]["meta"]["tokens"] < 800
 
 
 def test_stop_right_after_send_with_the_model_unloaded(page):
     """Stop pressed as soon as the message shows, while the reply is loading the model or just starting."""
+    pick(page, "#chat_model", "slow-llama")
+    set_max_new_tokens(page, 800)
+    set_ignore_eos(page, True)
     page.locator("#chat_unload_model").click()
-    page.wait_for_function("document.querySelector('#chat_model_status').innerText.includes('Unloaded')",
+    page.wait_for_function("document.querySelector('#chat_model_status').innerText.match(/Unloaded|not loaded/)",
                            timeout=30000)
-    users, bots = page.locator("#chat_chatbot .message.user").count(), page.locator(BOTS).count()
-    send(page, "Stop me early")  # this request loads the model first
-    page.wait_for_function(f"document.querySelectorAll('#chat_chatbot .message.user').length === {users + 1}",
-                           timeout=30000)
+    send(page, unique("Stop me early"))  # this request loads the model first
+    page.wait_for_function(f"document.querySelectorAll('{USERS}').length === 1", timeout=30000)
     page.locator("#chat_stop").click()
-    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === {bots + 1} && "
+    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 1 && "
                            f"[...document.querySelectorAll('{BOTS}')].pop().innerText.includes('stopped')",
                            timeout=60000)
-    page.locator("#chat_remove_last").click()
-    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === {bots}", timeout=30000)
-    page.locator("#chat_input textarea").fill("")
 
 
 def test_regenerate_replaces_the_last_reply(page, server):
+    pick(page, "#chat_model", "slow-llama")
     set_max_new_tokens(page, 30)
-    page.locator("#chat_ignore_eos input").uncheck()
+    text = unique("Tell me about the sea")
+    send(page, text)
+    wait_replies(page, 1)
     before = last_reply(page)
     page.locator("#chat_regenerate").click()
     page.wait_for_function(f"[...document.querySelectorAll('{BOTS}')].pop().innerText !== {json.dumps(before)}",
                            timeout=60000)
     watch_reply(page, "tokens/s")
-    assert page.locator(BOTS).count() == 2
-    assert page.locator("#chat_chatbot .message.user").count() == 2
-    chat = json.loads(next((server[1] / "chats").glob("*.json")).read_text(encoding="utf-8"))
-    assert [m["role"] for m in chat["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert page.locator(BOTS).count() == 1 and page.locator(USERS).count() == 1
+    _path, chat = saved_chat(server[1], text)
+    assert [m["role"] for m in chat["messages"]] == ["user", "assistant"]
     assert chat["messages"][-1]["content"] != before.split("\n")[0]
 
 
 def test_small_context_model_drops_oldest_turns_with_a_notice(page):
     pick(page, "#chat_model", "tiny-llama-gqa")
+    set_max_new_tokens(page, 60)
+    set_ignore_eos(page, True)
+    send(page, unique("Once upon a time there was a little robot who wanted to paint the sky. " * 2))
+    wait_replies(page, 1)
     set_max_new_tokens(page, 200)  # keeps half the 256-token context free for the reply
-    replies = page.locator(BOTS).count()
     send(page, "What is the capital of France? " * 3)
-    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === {replies + 1}", timeout=30000)
-    watch_reply(page, "tokens/s")
-    # the earlier exchanges do not fit the tiny model's 256-token context next to this one
+    wait_replies(page, 2)
+    # the first exchange does not fit the tiny model's 256-token context next to this one
     assert "left out of the prompt" in page.locator("#chat_notice").inner_text()
-    page.locator("#chat_remove_last").click()
-    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 2", timeout=30000)
-    page.locator("#chat_input textarea").fill("")
 
 
 def test_remove_last_and_clear(page):
+    pick(page, "#chat_model", "tiny-llama-gqa")
+    set_max_new_tokens(page, 10)
+    text = unique("A little robot")
+    send(page, text)
+    wait_replies(page, 1)
     page.locator("#chat_remove_last").click()
-    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 1", timeout=30000)
-    assert "little robot" in page.locator("#chat_input textarea").input_value()
+    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 0", timeout=30000)
+    assert page.locator("#chat_input textarea").input_value() == text  # back in the box for editing
+    page.locator("#chat_send").click()
+    wait_replies(page, 1)
     page.locator("#chat_clear").click()
     page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 0", timeout=30000)
+    assert page.locator("#chat_saved input").input_value() == ""
 
 
-def test_saved_chat_reload_rename_delete(page, server):
-    chats_dir = server[1] / "chats"
-    (chat_file,) = list(chats_dir.glob("*.json"))
-    saved = json.loads(chat_file.read_text(encoding="utf-8"))
-    page.locator("#chat_saved input").click()
-    page.get_by_role("option", name=saved["title"]).click()
-    page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === {len(saved['messages']) // 2}",
-                           timeout=30000)
-    page.locator("#chat_title textarea, #chat_title input").first.fill("Robot story")
-    page.locator("#chat_rename").click()
-    page.wait_for_function("document.querySelector('#chat_notice').innerText.includes('Renamed')", timeout=30000)
-    assert json.loads(chat_file.read_text(encoding="utf-8"))["title"] == "Robot story"
-    pick(page, "#chat_model", "slow-llama")  # the long replies above fill the tiny model's context
-    set_max_new_tokens(page, 20)
-    shown = last_reply(page)
-    page.locator("#chat_continue").click()
-    deadline = time.monotonic() + 90
-    while not (last_reply(page) != shown and "tokens/s" in last_reply(page)):
-        notice = page.locator("#chat_notice").inner_text()
-        assert "⚠️" not in notice and time.monotonic() < deadline, f"continue failed: {notice!r} {shown!r}"
-        time.sleep(0.05)
-    before = saved["messages"][-1]["content"]
-    assert last_reply(page).startswith(before[:20])  # the reply was extended, not replaced
-    page.locator("#chat_delete").click()
-    page.wait_for_function("document.querySelector('#chat_notice').innerText.includes('deleted')", timeout=30000)
-    assert not chat_file.exists()
-    assert page.locator(BOTS).count() == 0
+def test_saved_chat_reload_rename_delete(browser, server):
+    from modules.llm.chat_history import ChatStore
+    title = unique("Robot chat")
+    reply = "The little robot painted the sky blue, and then"
+    chat = ChatStore(server[1] / "chats").create(
+        [{"role": "user", "content": "Tell me about the robot"}, {"role": "assistant", "content": reply}],
+        title=title)
+    page = open_chat(browser, server[0].url)  # opened after the chat was written: the list has it
+    try:
+        pick(page, "#chat_saved", title)
+        page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 1", timeout=30000)
+        new_title = unique("Robot story")
+        page.locator("#chat_title textarea, #chat_title input").first.fill(new_title)
+        page.locator("#chat_rename").click()
+        page.wait_for_function("document.querySelector('#chat_notice').innerText.includes('Renamed')",
+                               timeout=30000)
+        chat_file = server[1] / "chats" / f"{chat.id}.json"
+        assert json.loads(chat_file.read_text(encoding="utf-8"))["title"] == new_title
+        pick(page, "#chat_model", "slow-llama")
+        set_max_new_tokens(page, 20)
+        page.locator("#chat_continue").click()
+        deadline = time.monotonic() + 90
+        while not (last_reply(page) != reply and "tokens/s" in last_reply(page)):
+            notice = page.locator("#chat_notice").inner_text()
+            assert "⚠️" not in notice and time.monotonic() < deadline, f"continue failed: {notice!r}"
+            time.sleep(0.05)
+        assert last_reply(page).startswith(reply[:20])  # the reply was extended, not replaced
+        page.locator("#chat_delete").click()
+        page.wait_for_function("document.querySelector('#chat_notice').innerText.includes('deleted')",
+                               timeout=30000)
+        assert not chat_file.exists()
+        assert page.locator(BOTS).count() == 0
+    finally:
+        page.close()
 
 
 def test_page_load_lists_chats_saved_since_start(page, server):
     from modules.llm.chat_history import ChatStore
-    ChatStore(server[1] / "chats").create([{"role": "user", "content": "saved elsewhere"}], title="From the API")
+    title = unique("From the API")
+    ChatStore(server[1] / "chats").create([{"role": "user", "content": "saved elsewhere"}], title=title)
     page.reload(wait_until="load")
     page.get_by_role("tab", name="Chat", exact=True).click()
     page.locator("#chat_saved input").click()
-    page.get_by_role("option", name="From the API", exact=True).wait_for(timeout=30000)
+    page.get_by_role("option", name=title, exact=True).wait_for(timeout=30000)
 
 
-def test_two_browser_sessions_are_batched_together(page, server):
-    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
-    other.goto(server[0].url, wait_until="load")
-    for pg in (page, other):
-        pg.get_by_role("tab", name="Chat", exact=True).click()
-        pick(pg, "#chat_model", "slow-llama")
-        set_max_new_tokens(pg, 120)
-        pg.locator("#chat_ignore_eos input").check()
-    before = server[0].log().count("batch of 2")
-    send(page, "First session says hello")
-    send(other, "Second session says hello")
-    for pg in (page, other):
-        pg.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 1 && "
-                             f"[...document.querySelectorAll('{BOTS}')].pop().innerText.includes('tokens/s')",
-                             timeout=60000)
-    other.close()
+def test_two_browser_sessions_are_batched_together(browser, page, server):
+    other = open_chat(browser, server[0].url)
+    try:
+        for pg in (page, other):
+            pick(pg, "#chat_model", "slow-llama")
+            set_max_new_tokens(pg, 120)
+            set_ignore_eos(pg, True)
+        before = server[0].log().count("batch of 2")
+        send(page, unique("First session says hello"))
+        send(other, unique("Second session says hello"))
+        for pg in (page, other):
+            wait_replies(pg, 1)
+    finally:
+        other.close()
     # both replies were decoded in one batch (the second joined the first while it was generating)
     assert server[0].log().count("batch of 2") > before
 
 
 def test_page_load_takes_defaults_from_settings(page, server):
     import httpx
-    response = httpx.post(server[0].url + "/sdapi/v1/options", timeout=30,
-                          json={"llm.system_prompt": "You are a pirate.", "llm.temperature": 0.25})
-    assert response.status_code == 200, response.text
-    page.reload(wait_until="load")
-    page.get_by_role("tab", name="Chat", exact=True).click()
-    page.wait_for_function("document.querySelector('#chat_system_prompt textarea').value === 'You are a pirate.'",
-                           timeout=30000)
-    page.get_by_text("Parameters").click()
-    assert page.locator("#chat_temperature input[type=number]").input_value() == "0.25"
+    url = server[0].url + "/sdapi/v1/options"
+    original = httpx.get(url, timeout=30).json()
+    try:
+        response = httpx.post(url, timeout=30, json={"llm.system_prompt": "You are a pirate.",
+                                                     "llm.temperature": 0.25, "llm.repetition_penalty": 0.9})
+        assert response.status_code == 200, response.text
+        page.reload(wait_until="load")
+        page.get_by_role("tab", name="Chat", exact=True).click()
+        page.wait_for_function(
+            "document.querySelector('#chat_system_prompt textarea').value === 'You are a pirate.'", timeout=30000)
+        page.get_by_text("Parameters").click()
+        assert page.locator("#chat_temperature input[type=number]").input_value() == "0.25"
+        # a repetition penalty the settings accept is one the slider accepts: Send works (issue 7.3)
+        assert page.locator("#chat_repetition_penalty input[type=number]").input_value() == "0.9"
+        set_max_new_tokens(page, 5)
+        send(page, unique("Ahoy"))
+        wait_replies(page, 1)
+        assert "⚠️" not in page.locator("#chat_notice").inner_text()
+    finally:  # the other tests expect the defaults
+        httpx.post(url, timeout=30, json={k: original[k] for k in
+                                          ("llm.system_prompt", "llm.temperature", "llm.repetition_penalty")})

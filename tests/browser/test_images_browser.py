@@ -142,3 +142,33 @@ def test_txt2img_inpaint_and_png_info_round_trip(page, server, tmp_path):
     expect(page.locator("#txt2img_seed input")).to_have_value("4242")
     expect(page.locator("#txt2img_steps input[type=number]")).to_have_value("3")
     expect(page.locator("#txt2img_width input[type=number]")).to_have_value("64")
+
+
+def test_interrupt_reaches_only_the_sessions_own_image(page, server):
+    """Issue 7.1: the UI's Interrupt acts on the image that browser session asked for, not on another's."""
+    browser = page.context.browser
+    mine, other = (browser.new_page(viewport={"width": 1400, "height": 1000}) for _ in range(2))
+    try:
+        for pg in (mine, other):
+            pg.set_default_timeout(60_000)
+            pg.goto(server[0].url, wait_until="load", timeout=120_000)
+            pg.wait_for_selector("#tabs", timeout=120_000)
+            pg.get_by_role("tab", name="txt2img", exact=True).click()
+            pg.locator("#txt2img_checkpoint input").fill("tiny-sd15.safetensors")
+            pg.keyboard.press("Enter")
+            fill_common(pg, "txt2img", "a long job", 5)
+            set_number(pg, "txt2img_steps", 25)
+            set_number(pg, "txt2img_batch_count", 3)
+        status = other.locator("#txt2img_status")
+        other.locator("#txt2img_generate").click()
+        expect(status).to_contain_text("Step", timeout=120_000)  # the other session's image is being made
+        mine.locator("#txt2img_interrupt").click()  # this session has nothing running: nothing to stop
+        expect(status).to_contain_text("Done: 3 image(s)", timeout=180_000)
+        assert "Interrupted" not in status.inner_text()
+        other.locator("#txt2img_generate").click()
+        expect(status).to_contain_text("Step", timeout=120_000)
+        other.locator("#txt2img_interrupt").click()  # its own Interrupt does stop it
+        expect(status).to_contain_text("Interrupted", timeout=120_000)
+    finally:
+        mine.close()
+        other.close()

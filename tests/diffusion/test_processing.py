@@ -342,7 +342,8 @@ def test_service_generates_saves_and_fires_callbacks(fixture_data_dir, tmp_path,
     job = service.submit(params(steps=20, n_iter=4, save_images=False))
     while job.progress.step < 2 and not job.done:
         time.sleep(0.01)
-    assert service.interrupt()
+    assert not service.interrupt("session:someone-else")  # another owner's Interrupt misses it
+    assert service.interrupt(None)  # submitted without an owner: matched by owner None
     stopped = job.result(timeout=60)
     assert stopped.interrupted and len(stopped.images) < 4
     with pytest.raises(ValueError, match="valid samplers"):

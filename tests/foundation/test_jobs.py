@@ -57,7 +57,7 @@ def test_interrupt_running_job(q):
 
     job = q.submit(long, name="long")
     started.wait(5)
-    assert q.interrupt()
+    assert q.interrupt(job.id)
     with pytest.raises(JobInterrupted):
         job.result(5)
     assert job.state == "interrupted" and job.progress.step < 1000
@@ -91,7 +91,7 @@ def test_progress_eta_and_skip(q):
 
     job = q.submit(fn)
     time.sleep(0.3)
-    q.skip()
+    job.skip()
     gate.set()
     assert job.result(5) == (True, False)
     assert seen["fraction"] == 0.5 and seen["eta"] > 0
@@ -122,3 +122,97 @@ def test_batchable_jobs_waiting_together_run_as_one_batch(q):
     assert [j.result(5) for j in jobs] == ["A", "B", "C"]
     assert other.result(5) == "other" and late.result(5) == "D"
     assert batches == [["a", "b", "c"], ["d"]]
+
+
+def test_interrupt_and_skip_reach_only_the_chosen_owner_and_kind(q):
+    """Regression (issue 7.1): interrupt used to stop every running job; now callers choose by owner/kind."""
+    gate = threading.Event()
+
+    def wait_and_count(job):
+        steps = 0
+        while not gate.is_set():
+            job.report(steps, 1000)  # raises JobInterrupted once this job is interrupted
+            steps += 1
+            time.sleep(0.005)
+        return job.take_skip()
+
+    chat = q.submit_batchable("llm:x", "hi", lambda jobs: [wait_and_count(j) for j in jobs], kind="llm",
+                              owner="api")
+    while chat.state != "running":
+        time.sleep(0.01)
+    alice = q.submit(wait_and_count, kind="diffusion", owner="user:alice")
+    bob = q.submit(wait_and_count, kind="diffusion", owner="user:bob")
+    assert [j.id for j in q.find(kind="diffusion")] == [alice.id, bob.id]  # both still waiting behind the chat
+    assert q.find(kind="diffusion", owner="user:bob") == [bob]
+    assert q.find(kind="diffusion", running_only=True) == []
+    assert q.find(owner="api") == [chat] and q.find(kind="llm", owner=None) == []
+    for job in q.find(kind="diffusion", owner="user:alice"):
+        job.interrupt()
+    gate.set()
+    assert chat.result(5) is False and bob.result(5) is False
+    with pytest.raises(JobInterrupted):
+        alice.result(5)
+    assert alice.state == "interrupted" and bob.state == chat.state == "done"
+    assert q.find() == []
+
+
+def test_skipped_lasts_from_the_press_until_the_next_item(q):
+    seen = {}
+    pressed, taken = threading.Event(), threading.Event()
+
+    def two_items(job):
+        job.report(1, 4)
+        pressed.wait(5)
+        seen["pending"] = job.skipped  # pressed, not acted on yet
+        seen["took"] = job.take_skip()
+        seen["after_take"] = job.skipped  # the item is being abandoned
+        taken.set()
+        job.report(1, 4)  # still the skipped item
+        seen["same_item"] = job.skipped
+        job.report(3, 4)  # progress on the next item
+        seen["next_item"] = job.skipped
+        return "ok"
+
+    job = q.submit(two_items)
+    while job.progress.step < 1:
+        time.sleep(0.01)
+    assert job.skipped is False
+    job.skip()
+    pressed.set()
+    assert job.result(5) == "ok"
+    assert seen == {"pending": True, "took": True, "after_take": True, "same_item": True, "next_item": False}
+    assert job.skipped is False  # finished jobs are never "skipped"
+
+
+def test_shutdown_interrupts_every_job():
+    queue = JobQueue("closing")
+    started = threading.Event()
+
+    def forever(job):
+        started.set()
+        while True:
+            job.check_interrupted()
+            time.sleep(0.01)
+
+    running = queue.submit(forever, kind="llm", owner="a")
+    waiting = queue.submit(forever, kind="diffusion", owner="b")
+    started.wait(5)
+    queue.shutdown()
+    for job in (running, waiting):
+        with pytest.raises(JobInterrupted):
+            job.result(5)
+
+
+def test_owners_of_ui_sessions_users_and_api_clients():
+    import base64
+    from types import SimpleNamespace
+
+    from modules.job_owner import api_owner, ui_owner
+    assert ui_owner(SimpleNamespace(username=None, session_hash="abc")) == "session:abc"
+    assert ui_owner(SimpleNamespace(username="alice", session_hash="abc")) == "user:alice"  # every tab of hers
+    assert ui_owner(None) is None
+    basic = {"authorization": "Basic " + base64.b64encode(b"bob:secret").decode()}
+    assert api_owner(basic, api_auth=True) == "api:bob"
+    assert api_owner(basic, api_auth=False) == "api"  # unchecked credentials are no identity
+    assert api_owner({"authorization": "Basic !!"}, api_auth=True) == "api"
+    assert api_owner({}, api_auth=True) == "api"

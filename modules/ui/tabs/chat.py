@@ -1,324 +1,153 @@
-"""The Chat tab: a thin Gradio layer over ``ctx.llm`` (modules/llm/service.py).
+"""The Chat tab: Gradio widgets wired by name to :class:`~modules.llm.chat_controller.ChatController`.
 
-The conversation lives in a ``gr.State`` as plain ``{"role", "content", "meta"}`` dicts; the Chatbot only
-displays it (with a token-count line under each reply). A per-session dict state holds the running
-reply so Stop can interrupt it; the reply then ends normally and is kept and saved. Chats are saved
-after every reply (the first reply creates the file) and can be reloaded, renamed and deleted.
+Nothing here decides anything: each event gathers the values of the widgets it needs into a dict keyed by
+name, calls the controller with the session's :class:`ChatSession` (a ``gr.State``), and turns the
+:class:`ChatView` it returns into widget updates. The slider ranges come from the ``llm.*`` settings specs.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import gradio as gr
 
-from modules.llm.chat_history import check_continuable, for_regenerate, without_last_exchange
-
-log = logging.getLogger(__name__)
+from modules.job_owner import ui_owner
+from modules.llm.chat_controller import (EXTRA_SAMPLING_FIELDS, ChatController, ChatSession, ChatView,
+                                         ReplySettings, display)
+from modules.llm.sampling import SETTINGS_FIELDS
 
 #: replies from different browser sessions run at the same time (Gradio's default is one per event), so the
 #: engine can batch them; the job queue still owns the device
 REPLY_CONCURRENCY = 8
 
+#: the widgets whose values make a ReplySettings
+_REPLY_WIDGETS = ("model", "system_prompt", *SETTINGS_FIELDS, *EXTRA_SAMPLING_FIELDS)
 
-def display(history: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Chatbot messages for *history*: replies get a small line with their token count and speed."""
-    shown = []
-    for m in history:
-        if m.get("role") not in ("user", "assistant"):
-            continue
-        content = m.get("content", "")
-        meta = m.get("meta") or {}
-        if m["role"] == "assistant" and meta.get("tokens") is not None:
-            stopped = " · stopped" if meta.get("finish_reason") == "interrupted" else ""
-            content += (f"\n\n<sub>{meta['tokens']} tokens · {meta.get('tokens_per_s', 0):.1f} tokens/s · "
-                        f"{meta.get('seconds', 0):.1f} s{stopped}</sub>")
-        shown.append({"role": m["role"], "content": content})
-    return shown
+
+def _build_widgets(controller: ChatController) -> dict[str, Any]:
+    """Every widget of the tab, by name (elem_ids are ``chat_<name>`` where browser tests and CSS need them)."""
+    w: dict[str, Any] = {}
+    with gr.Row():
+        w["model"] = gr.Dropdown(controller.model_choices(), value=controller.initial_model(),
+                                 info=controller.unusable_models_note(),
+                                 label="Model (models/LLM)", elem_id="chat_model", scale=4, allow_custom_value=False)
+        w["refresh_models"] = gr.Button("Refresh", elem_id="chat_refresh_models", scale=0, min_width=80)
+        w["load"] = gr.Button("Load", elem_id="chat_load_model", scale=1)
+        w["unload"] = gr.Button("Unload", elem_id="chat_unload_model", scale=1)
+    w["model_status"] = gr.Markdown(elem_id="chat_model_status")
+    with gr.Row():
+        with gr.Column(scale=3):
+            w["chatbot"] = gr.Chatbot(elem_id="chat_chatbot", height=480, label="Chat", buttons=["copy"])
+            w["notice"] = gr.Markdown(elem_id="chat_notice")
+            with gr.Row():
+                w["message"] = gr.Textbox(placeholder="Type a message (Enter sends, Shift+Enter for a new line)",
+                                          show_label=False, lines=2, scale=5, elem_id="chat_input")
+                w["send"] = gr.Button("Send", variant="primary", scale=1, elem_id="chat_send")
+                w["stop_button"] = gr.Button("Stop", variant="stop", scale=1, elem_id="chat_stop")
+            with gr.Row():
+                w["regenerate"] = gr.Button("Regenerate", elem_id="chat_regenerate")
+                w["continue"] = gr.Button("Continue", elem_id="chat_continue")
+                w["remove_last"] = gr.Button("Remove last", elem_id="chat_remove_last")
+                w["clear"] = gr.Button("Clear (new chat)", elem_id="chat_clear")
+        with gr.Column(scale=1):
+            defaults = controller.defaults()
+            w["system_prompt"] = gr.Textbox(defaults["system_prompt"], label="System prompt", lines=4,
+                                            elem_id="chat_system_prompt")
+            with gr.Accordion("Parameters", open=False):
+                for name, spec in controller.sliders().items():
+                    w[name] = gr.Slider(spec.minimum, spec.maximum, value=spec.value, step=spec.step,
+                                        label=spec.label, elem_id=f"chat_{name}")
+                w["seed"] = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="chat_seed")
+                w["stop"] = gr.Textbox(label="Stop strings (one per line)", lines=2, elem_id="chat_stop_strings")
+                w["ignore_eos"] = gr.Checkbox(False, label="Ignore EOS (generate until max new tokens)",
+                                              elem_id="chat_ignore_eos")
+            with gr.Accordion("Saved chats", open=True):
+                w["saved"] = gr.Dropdown(controller.chat_choices(), value=None, label="Chat", elem_id="chat_saved",
+                                         allow_custom_value=False)
+                with gr.Row():
+                    w["refresh_chats"] = gr.Button("Refresh", elem_id="chat_refresh_saved", min_width=80)
+                    w["delete"] = gr.Button("Delete", variant="stop", elem_id="chat_delete")
+                w["title"] = gr.Textbox(label="Rename to", elem_id="chat_title")
+                w["rename"] = gr.Button("Rename", elem_id="chat_rename")
+    return w
 
 
 def build(ctx: Any) -> None:
-    service = ctx.llm
-    settings = ctx.settings
+    controller = ChatController(ctx.llm, ctx.settings)
+    w = _build_widgets(controller)
+    session = gr.State(ChatSession())
+    reply_inputs = {session, *(w[name] for name in _REPLY_WIDGETS)}
+    #: what a ChatView can update
+    view_outputs = [w["chatbot"], w["notice"], w["saved"], w["system_prompt"], w["title"], w["message"]]
 
-    def model_choices() -> list[str]:
-        return service.model_names()
+    def reply_settings(data: dict, request: gr.Request | None) -> ReplySettings:
+        values = {name: data[w[name]] for name in _REPLY_WIDGETS}
+        return ReplySettings(model=values.pop("model"), system_prompt=values.pop("system_prompt") or "",
+                             sampling=values, owner=ui_owner(request))
 
-    def initial_model() -> str | None:
-        names = model_choices()
-        for candidate in (service.current_model, settings.get("llm.default_model")):
-            if candidate in names:
-                return candidate
-        return names[0] if names else None
+    def show(view: ChatView, sess: ChatSession) -> dict:
+        updates = {w["chatbot"]: display(view.messages), w["notice"]: view.notice}
+        if view.saved_choices is not None:
+            updates[w["saved"]] = gr.update(choices=view.saved_choices, value=sess.chat_id)
+        for name, value in (("system_prompt", view.system_prompt), ("title", view.title),
+                            ("message", view.input_text)):
+            if value is not None:
+                updates[w[name]] = value
+        return updates
 
-    def broken_info() -> str | None:
-        from modules.broken_models import summary
-        return summary(service.unusable_models()) or None
+    def streamer(action):
+        """A Gradio generator running controller *action* (send / regenerate / continue_reply)."""
+        def run(data: dict, request: gr.Request):
+            sess = data[session]
+            for view in action(sess, reply_settings(data, request)):
+                yield show(view, sess)
+        return run
 
-    def chat_choices() -> list[tuple[str, str]]:
-        return [(c["title"] + (" (unreadable)" if c["error"] else ""), c["id"]) for c in service.chats.list()]
+    def page_load():
+        """The values above were computed when the UI was built: refresh them for every page load (model and
+        chat lists, defaults changed in Settings)."""
+        defaults = controller.defaults()
+        return {w["model"]: gr.update(choices=controller.model_choices(), value=controller.initial_model()),
+                w["saved"]: gr.update(choices=controller.chat_choices(), value=None),
+                **{w[name]: value for name, value in defaults.items()}}
 
-    history = gr.State([])
-    chat_id = gr.State(None)
-    running = gr.State({})  # {"run": ChatRun while a reply is generated, "stop": Stop pressed}
+    gr.on(triggers=None, fn=page_load, inputs=None,
+          outputs=[w["model"], w["saved"], *(w[name] for name in controller.defaults())], queue=False)
 
-    with gr.Row():
-        model = gr.Dropdown(model_choices(), value=initial_model(), label="Model (models/LLM)",
-                            elem_id="chat_model", scale=4, allow_custom_value=False, info=broken_info())
-        refresh = gr.Button("Refresh", elem_id="chat_refresh_models", scale=0, min_width=80)
-        load = gr.Button("Load", elem_id="chat_load_model", scale=1)
-        unload = gr.Button("Unload", elem_id="chat_unload_model", scale=1)
-    model_status = gr.Markdown(elem_id="chat_model_status")
+    # -- replies: an instant first step arms Stop (and empties the box), then the reply streams ----------------
+    stream_args = dict(outputs=view_outputs, show_progress="hidden", concurrency_limit=REPLY_CONCURRENCY)
+    for trigger in (w["send"].click, w["message"].submit):
+        trigger(lambda text, sess: controller.take_input(sess, text), [w["message"], session], w["message"],
+                queue=False).then(streamer(controller.send), inputs=reply_inputs, **stream_args)
+    for button, action in (("regenerate", controller.regenerate), ("continue", controller.continue_reply)):
+        w[button].click(controller.arm, session, None, queue=False).then(streamer(action), inputs=reply_inputs,
+                                                                         **stream_args)
+    w["stop_button"].click(controller.stop, session, None, queue=False)
 
-    with gr.Row():
-        with gr.Column(scale=3):
-            chatbot = gr.Chatbot(elem_id="chat_chatbot", height=480, label="Chat", buttons=["copy"])
-            notice = gr.Markdown(elem_id="chat_notice")
-            with gr.Row():
-                message = gr.Textbox(placeholder="Type a message (Enter sends, Shift+Enter for a new line)",
-                                     show_label=False, lines=2, scale=5, elem_id="chat_input")
-                send = gr.Button("Send", variant="primary", scale=1, elem_id="chat_send")
-                stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat_stop")
-            with gr.Row():
-                regenerate = gr.Button("Regenerate", elem_id="chat_regenerate")
-                cont = gr.Button("Continue", elem_id="chat_continue")
-                remove_last = gr.Button("Remove last", elem_id="chat_remove_last")
-                clear = gr.Button("Clear (new chat)", elem_id="chat_clear")
-        with gr.Column(scale=1):
-            system_prompt = gr.Textbox(settings.get("llm.system_prompt"), label="System prompt", lines=4,
-                                       elem_id="chat_system_prompt")
-            with gr.Accordion("Parameters", open=False):
-                max_new = gr.Slider(1, 4096, value=settings.get("llm.max_new_tokens"), step=1,
-                                    label="Max new tokens", elem_id="chat_max_new_tokens")
-                temperature = gr.Slider(0, 2, value=settings.get("llm.temperature"), step=0.01,
-                                        label="Temperature (0 = greedy)", elem_id="chat_temperature")
-                top_p = gr.Slider(0.01, 1, value=settings.get("llm.top_p"), step=0.01, label="Top-p")
-                top_k = gr.Slider(0, 200, value=settings.get("llm.top_k"), step=1, label="Top-k (0 = off)")
-                min_p = gr.Slider(0, 1, value=settings.get("llm.min_p"), step=0.01, label="Min-p")
-                repetition = gr.Slider(1, 2, value=settings.get("llm.repetition_penalty"), step=0.01,
-                                       label="Repetition penalty")
-                presence = gr.Slider(-2, 2, value=settings.get("llm.presence_penalty"), step=0.05,
-                                     label="Presence penalty")
-                frequency = gr.Slider(-2, 2, value=settings.get("llm.frequency_penalty"), step=0.05,
-                                      label="Frequency penalty")
-                seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="chat_seed")
-                stops = gr.Textbox(label="Stop strings (one per line)", lines=2, elem_id="chat_stop_strings")
-                ignore_eos = gr.Checkbox(False, label="Ignore EOS (generate until max new tokens)",
-                                         elem_id="chat_ignore_eos")
-            with gr.Accordion("Saved chats", open=True):
-                saved = gr.Dropdown(chat_choices(), value=None, label="Chat", elem_id="chat_saved",
-                                    allow_custom_value=False)
-                with gr.Row():
-                    refresh_chats = gr.Button("Refresh", elem_id="chat_refresh_saved", min_width=80)
-                    delete = gr.Button("Delete", variant="stop", elem_id="chat_delete")
-                new_title = gr.Textbox(label="Rename to", elem_id="chat_title")
-                rename = gr.Button("Rename", elem_id="chat_rename")
+    def with_settings(action):
+        def run(data: dict, request: gr.Request):
+            sess = data[session]
+            return show(action(sess, reply_settings(data, request)), sess)
+        return run
 
-    # defaults that live in Settings (llm.*), in the order of ``from_settings`` below
-    defaults = [(system_prompt, "llm.system_prompt"), (max_new, "llm.max_new_tokens"),
-                (temperature, "llm.temperature"), (top_p, "llm.top_p"), (top_k, "llm.top_k"), (min_p, "llm.min_p"),
-                (repetition, "llm.repetition_penalty"), (presence, "llm.presence_penalty"),
-                (frequency, "llm.frequency_penalty")]
+    w["remove_last"].click(with_settings(controller.remove_last), reply_inputs, view_outputs, queue=False)
+    for trigger in (w["clear"].click, w["chatbot"].clear):  # the Chatbot's own trash button too
+        trigger(lambda sess: show(controller.new_chat(sess), sess), session, view_outputs, queue=False)
 
-    def on_page_load():
-        """The values above were computed when the UI was built: refresh them (model and chat lists, defaults
-        changed in Settings) for every page load."""
-        from_settings = [settings.get(key) for _component, key in defaults]
-        return (gr.update(choices=model_choices(), value=initial_model()),
-                gr.update(choices=chat_choices(), value=None), *from_settings)
-
-    gr.on(triggers=None, fn=on_page_load, inputs=None,
-          outputs=[model, saved, *(component for component, _key in defaults)], queue=False)
-
-    param_inputs = [max_new, temperature, top_p, top_k, min_p, repetition, presence, frequency, seed, stops,
-                    ignore_eos]
-
-    def params_from(max_new_v, temperature_v, top_p_v, top_k_v, min_p_v, rep_v, presence_v, freq_v, seed_v,
-                    stops_v, ignore_eos_v):
-        stop_list = [s for s in (stops_v or "").splitlines() if s]
-        return service.default_params(
-            max_new_tokens=int(max_new_v), temperature=float(temperature_v), top_p=float(top_p_v),
-            top_k=int(top_k_v), min_p=float(min_p_v), repetition_penalty=float(rep_v),
-            presence_penalty=float(presence_v), frequency_penalty=float(freq_v),
-            seed=None if seed_v is None or int(seed_v) < 0 else int(seed_v), stop=stop_list,
-            ignore_eos=bool(ignore_eos_v))
-
-    def save(hist, cid, system, model_name):
-        """Save after a reply; the first save creates the chat. Returns (chat id, dropdown update)."""
-        if not hist:
-            return cid, gr.update()
-        try:
-            if cid and service.chats.exists(cid):
-                chat = service.chats.load(cid)
-                chat.messages, chat.system_prompt, chat.model = hist, system or "", model_name or ""
-                service.chats.save(chat)
-            else:
-                cid = service.chats.create(hist, system_prompt=system or "", model=model_name or "").id
-        except (OSError, ValueError) as exc:
-            gr.Warning(f"The chat could not be saved: {exc}")
-            return cid, gr.update()
-        return cid, gr.update(choices=chat_choices(), value=cid)
-
-    def started(slot, run):
-        slot["run"] = run
-        if slot.get("stop"):  # Stop was pressed while the request was being prepared
-            run.interrupt()
-
-    def reply(hist, cid, slot, model_name, system, mode, *param_values):
-        """Shared generator for Send / Regenerate / Continue: yields (chatbot, history, notice, id, saved)."""
-        try:
-            params = params_from(*param_values)
-            if not cid and mode == "send":  # a new chat is saved with its first message, so the reply
-                cid, saved_update = save(hist, cid, system, model_name)  # and callbacks know its id
-                yield display(hist), hist, "", cid, saved_update
-            stream = service.stream_reply(hist, params, model=model_name or None, system_prompt=system or None,
-                                          chat_id=cid, continue_last=mode == "continue",
-                                          fire_user=mode == "send",
-                                          on_start=lambda run: started(slot, run))
-            for update in stream:
-                if update.result is None:
-                    yield display(update.messages), update.messages, update.notice, cid, gr.update()
-                else:  # the finished reply: save first, so the saved-chats list is current when it shows
-                    new_cid, saved_update = save(update.messages, cid, system, model_name)
-                    yield display(update.messages), update.messages, update.notice, new_cid, saved_update
-        except Exception as exc:  # noqa: BLE001 - shown to the user; the app keeps running
-            log.warning("chat reply failed: %s", exc)
-            yield display(hist), hist, f"⚠️ {exc}", cid, gr.update()
-        finally:
-            slot.pop("run", None)
-
-    outputs = [chatbot, history, notice, chat_id, saved]
-    common = [chat_id, running, model, system_prompt]
-
-    def on_send(text, hist, cid, slot, model_name, system, *param_values):
-        text = (text or "").strip()
-        if not text:
-            yield display(hist), hist, "", cid, gr.update()
-            return
-        hist = list(hist) + [{"role": "user", "content": text}]
-        yield display(hist), hist, "", cid, gr.update()
-        yield from reply(hist, cid, slot, model_name, system, "send", *param_values)
-
-    def on_regenerate(hist, cid, slot, model_name, system, *param_values):
-        try:
-            hist = for_regenerate(hist)
-        except ValueError as exc:
-            yield display(hist), hist, f"⚠️ {exc}", cid, gr.update()
-            return
-        yield from reply(hist, cid, slot, model_name, system, "regenerate", *param_values)
-
-    def on_continue(hist, cid, slot, model_name, system, *param_values):
-        try:
-            check_continuable(hist)
-        except ValueError as exc:
-            yield display(hist), hist, f"⚠️ {exc}", cid, gr.update()
-            return
-        yield from reply(hist, cid, slot, model_name, system, "continue", *param_values)
-
-    # Stop may be pressed before the reply has started (the model may still be loading): it then sets
-    # "stop", which the reply honours as soon as it starts. Each new request first clears the flag.
-    def arm(slot):
-        slot["stop"] = False
-
-    def arm_and_take(text, slot):
-        arm(slot)
-        return "", text  # the box is emptied at once (so the user can type on); the text goes on in a state
-
-    pending = gr.State("")
-    send_inputs = [pending, history, *common, *param_inputs]
-    for trigger in (send.click, message.submit):
-        trigger(arm_and_take, [message, running], [message, pending], queue=False).then(
-            on_send, send_inputs, outputs, show_progress="hidden", concurrency_limit=REPLY_CONCURRENCY)
-    regenerate.click(arm, running, None, queue=False).then(
-        on_regenerate, [history, *common, *param_inputs], outputs, show_progress="hidden",
-        concurrency_limit=REPLY_CONCURRENCY)
-    cont.click(arm, running, None, queue=False).then(
-        on_continue, [history, *common, *param_inputs], outputs, show_progress="hidden",
-        concurrency_limit=REPLY_CONCURRENCY)
-
-    def on_stop(slot):
-        slot["stop"] = True
-        run = slot.get("run")
-        if run is not None:
-            run.interrupt()
-
-    stop.click(on_stop, running, None, queue=False)
-
-    def on_remove_last(hist, cid, system, model_name):
-        hist, text = without_last_exchange(hist)
-        cid, saved_update = save(hist, cid, system, model_name) if hist else (cid, gr.update())
-        return display(hist), hist, "", cid, saved_update, text
-
-    remove_last.click(on_remove_last, [history, chat_id, system_prompt, model],
-                      [*outputs, message], queue=False)
-
-    def on_clear():
-        return [], [], "", None, gr.update(value=None)
-
-    clear.click(on_clear, None, outputs, queue=False)
-    chatbot.clear(on_clear, None, outputs, queue=False)  # the Chatbot's own trash button
-
-    # -- models ----------------------------------------------------------------------------------------
-    def on_refresh_models(current):
-        names = model_choices()
+    # -- models ------------------------------------------------------------------------------------------------
+    def refresh_models(current):
+        names = controller.model_choices()
         return gr.update(choices=names, value=current if current in names else (names[0] if names else None),
-                         info=broken_info())
+                         info=controller.unusable_models_note())
 
-    refresh.click(on_refresh_models, model, model, queue=False)
+    w["refresh_models"].click(refresh_models, w["model"], w["model"], queue=False)
+    w["load"].click(controller.load_model, w["model"], w["model_status"])
+    w["unload"].click(controller.unload_model, w["model"], w["model_status"])
 
-    def on_load(model_name):
-        if not model_name:
-            return "⚠️ Pick a model first (put model folders in models/LLM and press Refresh)."
-        try:
-            info = service.load(model_name)
-        except Exception as exc:  # noqa: BLE001
-            return f"⚠️ {exc}"
-        return (f"Loaded **{info['name']}**: context {info['context_length']} tokens, {info['layers']} layers, "
-                f"{info['heads']} heads / {info['kv_heads']} KV heads, {info['memory_mb']} MB.")
-
-    def on_unload(model_name):
-        try:
-            done = service.unload(model_name)
-        except Exception as exc:  # noqa: BLE001
-            return f"⚠️ {exc}"
-        return f"Unloaded **{model_name}**." if done else f"{model_name or 'No model'} was not loaded."
-
-    load.click(on_load, model, model_status)
-    unload.click(on_unload, model, model_status)
-
-    # -- saved chats ---------------------------------------------------------------------------------------
-    def on_pick(cid, current_cid):
-        if not cid or cid == current_cid:
-            return gr.update(), gr.update(), gr.update(), current_cid, gr.update(), gr.update()
-        try:
-            chat = service.chats.load(cid)
-        except (OSError, ValueError, KeyError) as exc:
-            return gr.update(), gr.update(), f"⚠️ {exc}", current_cid, gr.update(), gr.update()
-        return (display(chat.messages), chat.messages, "", chat.id, chat.system_prompt or gr.update(),
-                gr.update(value=chat.title))
-
-    saved.input(on_pick, [saved, chat_id], [chatbot, history, notice, chat_id, system_prompt, new_title],
-                queue=False)
-    refresh_chats.click(lambda cid: gr.update(choices=chat_choices(), value=cid), chat_id, saved, queue=False)
-
-    def on_rename(cid, title):
-        if not cid:
-            return "⚠️ This chat is not saved yet: send a message first.", gr.update()
-        try:
-            service.chats.rename(cid, title)
-        except (OSError, ValueError, KeyError) as exc:
-            return f"⚠️ {exc}", gr.update()
-        return f"Renamed to “{title.strip()}”.", gr.update(choices=chat_choices(), value=cid)
-
-    rename.click(on_rename, [chat_id, new_title], [notice, saved], queue=False)
-
-    def on_delete(cid):
-        if not cid:
-            return gr.update(), gr.update(), "⚠️ Pick a saved chat to delete.", cid, gr.update()
-        try:
-            service.chats.delete(cid)
-        except (OSError, ValueError, KeyError) as exc:
-            return gr.update(), gr.update(), f"⚠️ {exc}", cid, gr.update()
-        return [], [], "Chat deleted.", None, gr.update(choices=chat_choices(), value=None)
-
-    delete.click(on_delete, chat_id, [chatbot, history, notice, chat_id, saved], queue=False)
+    # -- saved chats -------------------------------------------------------------------------------------------
+    w["saved"].input(lambda chat_id, sess: show(controller.open(sess, chat_id), sess), [w["saved"], session],
+                     view_outputs, queue=False)
+    w["refresh_chats"].click(lambda sess: gr.update(choices=controller.chat_choices(), value=sess.chat_id),
+                             session, w["saved"], queue=False)
+    w["rename"].click(lambda title, sess: show(controller.rename(sess, title or ""), sess), [w["title"], session],
+                      view_outputs, queue=False)
+    w["delete"].click(lambda sess: show(controller.delete(sess), sess), session, view_outputs, queue=False)

@@ -17,7 +17,7 @@ INPAINT_AREAS = ("Whole picture", "Only masked")
 def editor_parts(value) -> tuple:
     """(init image, painted mask or None) from a gr.ImageEditor value: the background is the image; every
     brush layer's painted (non-transparent) pixels form the mask."""
-    from PIL import Image, ImageChops
+    from PIL import ImageChops
     if not value:
         return None, None
     background = value.get("background") if isinstance(value, dict) else value
