@@ -268,7 +268,7 @@ def probe_concurrency(url: str, clients: int) -> dict:
                     errors.append(f"image {i}: {response.status_code} {response.text[:200]}")
                 else:
                     info = json.loads(response.json().get("info", "{}"))
-                    results["image"].append(len(response.json().get("images", [])) > 0 and info is not None)
+                    results["image"].append(bool(info.get("interrupted")))
         except Exception as exc:  # noqa: BLE001
             with lock:
                 errors.append(f"image {i}: {type(exc).__name__}: {exc}")
@@ -284,7 +284,7 @@ def probe_concurrency(url: str, clients: int) -> dict:
         thread.join()
     cut = sum(1 for finish, tokens in results["chat"] if tokens != max_tokens or finish != "length")
     return {"clients": clients, "chats": n_chat, "images": n_image, "interrupt_status": interrupt.status_code,
-            "lost": len(errors), "chats_cut": cut, "seconds": round(time.monotonic() - start, 1),
+            "lost": len(errors), "chats_cut": cut, "images_interrupted": sum(results["image"]), "seconds": round(time.monotonic() - start, 1),
             "errors": errors[:5]}
 
 
@@ -327,17 +327,24 @@ def main() -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         write_all(str(base))
         rows = []
-        servers = [start_server(base, "--api")]
+        bad_dir, conc_dir = root / "bad", root / "concurrent"
+        shutil.copytree(base, bad_dir)
+        shutil.copytree(base, conc_dir)
+        servers = [start_server(bad_dir, "--api")]
 
         def restart():
-            servers.append(start_server(base, "--api"))
+            servers.append(start_server(bad_dir, "--api"))
             return servers[-1]
         try:
             bad = probe_bad_inputs(servers[0], restart)
-            conc = probe_concurrency(servers[-1].url, args.clients)
         finally:
             for server in servers:
                 server.stop()
+        server = start_server(conc_dir, "--api")  # a fresh data dir: nothing the bad inputs did carries over
+        try:
+            conc = probe_concurrency(server.url, args.clients)
+        finally:
+            server.stop()
         c = bad["counts"]
         rows.append(("bad inputs tried", c["tried"]))
         rows.append(("  answered with a clear 4xx", c["clear_4xx"]))
@@ -353,6 +360,7 @@ def main() -> None:
         rows.append(("  interrupt answered", conc["interrupt_status"]))
         rows.append(("  jobs lost", conc["lost"]))
         rows.append(("  chats cut short by the image interrupt", conc["chats_cut"]))
+        rows.append(("  image jobs interrupted (A1111: the current one)", conc["images_interrupted"]))
         rows.append(("  wall seconds", conc["seconds"]))
         login_dir = root / "login"
         shutil.copytree(base, login_dir)
