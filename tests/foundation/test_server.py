@@ -121,3 +121,21 @@ def test_diagnose_prints_report(tmp_path):
     for needle in ("python:", "torch:", "cuda:", "devices:", "xformers:", "llama.cpp:", "packages:", "free disk:",
                    "model files:", "extensions:", "atelier-example", "log (last 200 lines):"):
         assert needle in out.stdout, needle
+
+
+@pytest.mark.parametrize("flags, missing", [
+    (("--listen", "--nowebui", "--api-auth", "u:p"), None),
+    (("--listen", "--nowebui"), "no auth on the API"),
+    (("--listen", "--gradio-auth", "a:b"), None),
+    (("--listen", "--gradio-auth", "a:b", "--api"), "no auth on the API"),
+    (("--listen", "--api", "--api-auth", "u:p"), "no auth on the web UI"),
+    (("--listen", "--api"), "no auth on the web UI and the API"),
+])
+def test_exposure_warning_names_only_what_is_served_without_auth(make_ctx, flags, missing):
+    from modules.exposure import exposure_warning
+    warning = exposure_warning(make_ctx(*flags))
+    if missing is None:
+        assert warning is None
+    else:
+        assert warning.endswith(f"({missing})")
+        assert ("--gradio-auth" in warning) == ("web UI" in missing) and ("--api-auth" in warning) == ("API" in missing)
