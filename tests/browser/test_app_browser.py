@@ -2,7 +2,7 @@
 import httpx
 import pytest
 
-from server_utils import CHROMIUM_ARGS, chromium_path, open_page, start_server
+from server_utils import open_page, start_server
 
 
 @pytest.fixture(scope="module")
@@ -65,36 +65,33 @@ def test_only_output_folders_are_served(server):
         assert httpx.get(f"{srv.url}/gradio_api/file={secret}").status_code in (403, 404), secret
 
 
-def test_login_page_then_the_app(tmp_path):
+def test_login_page_then_the_app(page, tmp_path):
     """With --gradio-auth the browser sees only the login form; a wrong password says so; the right one opens
-    the app, whose queue (the Gradio event stream) then works for the logged-in user."""
-    from playwright.sync_api import sync_playwright
+    the app, whose queue (the Gradio event stream) then works for the logged-in user. (A fresh browser context
+    of the module's Chromium: its own cookies, and one Playwright per process.)"""
     srv = start_server(tmp_path, "--gradio-auth", "alice:wonder")
+    context = page.context.browser.new_context()
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                page.set_default_timeout(60_000)
-                page.goto(srv.url, wait_until="load")
-                page.locator("#login-form").wait_for()
-                assert page.locator("#tabs").count() == 0 and "Word counter" not in page.content()
-                page.fill("#login-username", "alice")
-                page.fill("#login-password", "not-it")
-                page.click("#login-submit")
-                page.locator("#login-error").wait_for()
-                assert "Incorrect username or password" in page.locator("#login-error").inner_text()
-                assert page.locator("#login-username").input_value() == "alice", "the name is kept"
-                page.fill("#login-password", "wonder")
-                page.click("#login-submit")
-                page.wait_for_selector("#tabs", timeout=120_000)
-                page.get_by_role("tab", name="Word counter", exact=True).click()
-                page.locator("#example_text textarea").fill("one two three")
-                page.locator("#example_count").click()
-                page.wait_for_function("document.querySelector('#example_result').innerText.includes('3 words')")
-                page.goto(srv.url + "/logout", wait_until="load")
-                page.locator("#login-form").wait_for()
-            finally:
-                browser.close()
+        login = context.new_page()
+        login.set_default_timeout(60_000)
+        login.goto(srv.url, wait_until="load")
+        login.locator("#login-form").wait_for()
+        assert login.locator("#tabs").count() == 0 and "Word counter" not in login.content()
+        login.fill("#login-username", "alice")
+        login.fill("#login-password", "not-it")
+        login.click("#login-submit")
+        login.locator("#login-error").wait_for()
+        assert "Incorrect username or password" in login.locator("#login-error").inner_text()
+        assert login.locator("#login-username").input_value() == "alice", "the name is kept"
+        login.fill("#login-password", "wonder")
+        login.click("#login-submit")
+        login.wait_for_selector("#tabs", timeout=120_000)
+        login.get_by_role("tab", name="Word counter", exact=True).click()
+        login.locator("#example_text textarea").fill("one two three")
+        login.locator("#example_count").click()
+        login.wait_for_function("document.querySelector('#example_result').innerText.includes('3 words')")
+        login.goto(srv.url + "/logout", wait_until="load")
+        login.locator("#login-form").wait_for()
     finally:
+        context.close()
         srv.stop()
