@@ -240,3 +240,39 @@ def test_exposure_warning_names_only_what_is_served_without_auth(make_ctx, flags
     else:
         assert warning.endswith(f"({missing})")
         assert ("--gradio-auth" in warning) == ("web UI" in missing) and ("--api-auth" in warning) == ("API" in missing)
+
+
+def test_login_gate_closes_websockets_and_keeps_api_routes_open():
+    """The gate in-process: a websocket without a session is closed (1008) before the app sees it; with one it
+    reaches the app; a path our API routes claim passes untouched."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from modules.login import COOKIE, LoginGate, LoginSessions
+
+    async def stream(ws):
+        await ws.accept()
+        await ws.send_text("app data")
+        await ws.close()
+
+    inner = Starlette(routes=[WebSocketRoute("/ws", stream),
+                              Route("/sdapi/v1/ping", lambda request: PlainTextResponse("api"))])
+    sessions = LoginSessions([("alice", "wonder")])
+    gate = LoginGate(inner, sessions=sessions, is_api=lambda scope: scope["path"].startswith("/sdapi/"))
+    client = TestClient(gate)
+    with pytest.raises(WebSocketDisconnect) as closed:
+        with client.websocket_connect("/ws") as ws:
+            ws.receive_text()
+    assert closed.value.code == 1008
+    assert client.get("/sdapi/v1/ping").text == "api"
+    assert client.get("/anything").status_code == 401 and client.get("/").status_code == 200
+    assert sessions.login("alice", "nope") is None and sessions.login("mallory", "wonder") is None
+    huge = client.post("/login", content=b"username=alice&password=" + b"x" * 20_000,
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert huge.status_code == 413
+    client.cookies.set(COOKIE, sessions.login("alice", "wonder"))
+    with client.websocket_connect("/ws") as ws:
+        assert ws.receive_text() == "app data"
