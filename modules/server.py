@@ -2,7 +2,8 @@
 
 The app is our own FastAPI instance with Gradio mounted on it (``gr.mount_gradio_app``), so the API
 routes, their auth and the error handlers do not depend on Gradio internals, and ``--nowebui`` is the
-same app without the mount.
+same app without the mount. With ``--gradio-auth`` the mount sits behind ``modules.login.LoginGate``
+(our login page; nothing of the UI before login); ``--api-auth`` covers the API docs too.
 """
 from __future__ import annotations
 
