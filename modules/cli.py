@@ -34,6 +34,36 @@ def parse_auth(value: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def read_auth_file(path: str | Path) -> list[tuple[str, str]]:
+    """The ``user:password`` entries of a ``--gradio-auth-path`` file (comma or newline separated).
+
+    Raises ``ValueError`` with a one-line message naming the file, the line and the expected form, so
+    ``parse_args`` can print it like an argparse error. The malformed entry itself is not echoed: it may
+    hold a password.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--gradio-auth-path: file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--gradio-auth-path: cannot read {path}: {exc}") from None
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        for item in line.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            user, sep, password = item.partition(":")
+            if not sep or not user.strip() or not password:
+                raise ValueError(f"--gradio-auth-path: {path}, line {number}: malformed entry; expected "
+                                 "user:password (entries separated by commas or newlines)")
+            pairs.append((user.strip(), password))
+    if not pairs:
+        raise ValueError(f"--gradio-auth-path: {path} holds no credentials; expected lines of user:password")
+    return pairs
+
+
 def _port(value: str) -> int:
     try:
         port = int(value)
@@ -124,6 +154,11 @@ def parse_args(argv: Sequence[str] | None = None, extension_dirs: Sequence[Path]
         opts.pytest_args = []
     if opts.nowebui:
         opts.api = True
+    if opts.gradio_auth_path:
+        try:
+            read_auth_file(opts.gradio_auth_path)
+        except ValueError as exc:  # one line and exit code 2, as argparse does for a bad flag value
+            parser.exit(2, f"{parser.prog}: error: {exc}\n")
     opts.preload_problems = problems
     return opts
 
@@ -134,10 +169,10 @@ def auth_list(opts: argparse.Namespace, *, api: bool = False) -> list[tuple[str,
         return parse_auth(opts.api_auth) if opts.api_auth else []
     pairs = parse_auth(opts.gradio_auth) if opts.gradio_auth else []
     if opts.gradio_auth_path:
-        path = Path(opts.gradio_auth_path)
-        if not path.is_file():
-            raise SystemExit(f"--gradio-auth-path: file {path} does not exist")
-        pairs += parse_auth(path.read_text(encoding="utf-8"))
+        try:
+            pairs += read_auth_file(opts.gradio_auth_path)
+        except ValueError as exc:  # the file changed after parse_args checked it
+            raise SystemExit(str(exc)) from None
     return pairs
 
 

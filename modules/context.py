@@ -85,7 +85,7 @@ def build_context(opts: argparse.Namespace, *, raise_callback_errors: bool = Fal
     settings.on_change(lambda key, value: _apply_memory_setting(models, key, value))
     jobs = JobQueue(str(devices.device))
     ctx = AppContext(opts=opts, paths=paths, settings=settings, devices=devices, models=models, jobs=jobs,
-                     callbacks=callbacks, scripts=ScriptRunner(report_error=callbacks.report))
+                     callbacks=callbacks, scripts=ScriptRunner(report_error=callbacks.hook_failed))
     ctx_ref.append(ctx)
     ctx.scripts.context = ctx
     return ctx

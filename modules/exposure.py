@@ -8,8 +8,9 @@ from modules.cli import auth_list
 
 EXPOSED_WARNING = (
     "WARNING: the server is exposed ({how}) and has no login. Anyone who can reach it can use your "
-    "models and read your outputs. Add --gradio-auth user:password (and --api-auth for the API)."
+    "models and read your outputs. Add {advice}."
 )
+_ADVICE = {"web UI": "--gradio-auth user:password", "API": "--api-auth user:password"}
 
 
 def bind_host(opts) -> str:
@@ -19,11 +20,19 @@ def bind_host(opts) -> str:
 
 
 def exposure_warning(ctx) -> str | None:
-    """The warning text when the server is reachable by others without UI auth, else None."""
+    """The warning text when the server is reachable by others and a part it serves has no login, else None.
+
+    Only the parts actually served count: under ``--nowebui`` there is no web UI to protect, and without
+    ``--api`` no API.
+    """
     if not ctx.exposed:
         return None
-    if auth_list(ctx.opts) and (not ctx.opts.api or ctx.opts.api_auth):
+    opts = ctx.opts
+    missing = [part for part, served, protected in (("web UI", not opts.nowebui, bool(auth_list(opts))),
+                                                    ("API", opts.api, bool(opts.api_auth)))
+               if served and not protected]
+    if not missing:
         return None
-    how = "--share" if ctx.opts.share else f"--listen on {bind_host(ctx.opts)}"
-    missing = "web UI" if not auth_list(ctx.opts) else "API"
-    return EXPOSED_WARNING.format(how=how) + f" (no auth on the {missing})"
+    how = "--share" if opts.share else f"--listen on {bind_host(opts)}"
+    advice = " and ".join(f"{_ADVICE[part]} (for the {part})" for part in missing)
+    return EXPOSED_WARNING.format(how=how, advice=advice) + f" (no auth on the {' and the '.join(missing)})"

@@ -2,7 +2,8 @@
 
 The app is our own FastAPI instance with Gradio mounted on it (``gr.mount_gradio_app``), so the API
 routes, their auth and the error handlers do not depend on Gradio internals, and ``--nowebui`` is the
-same app without the mount.
+same app without the mount. With ``--gradio-auth`` the mount sits behind ``modules.login.LoginGate``
+(our login page; nothing of the UI before login); ``--api-auth`` covers the API docs too.
 """
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.routing import Match, Mount
 
 from modules.api.core_routes import build_core_router
 from modules.api.errors import add_api_fallbacks, install_error_handlers
 from modules.cli import auth_list
 from modules.exposure import bind_host, exposure_warning
+from modules.login import LoginGate, LoginSessions
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +50,11 @@ def basic_auth_dependency(credentials: list[tuple[str, str]]):
 def create_app(ctx) -> FastAPI:
     """Build the complete ASGI app for *ctx*: API routes (when ``--api``) and the web UI (unless ``--nowebui``)."""
     opts = ctx.opts
-    app = FastAPI(title="Atelier", docs_url="/docs" if opts.api else None,
-                  redoc_url="/redoc" if opts.api else None, openapi_url="/openapi.json" if opts.api else None)
     deps = [Depends(basic_auth_dependency(auth_list(opts, api=True)))] if opts.api_auth else []
+    # The docs are ours (not FastAPI's defaults) so that --api-auth protects them like every API route.
+    app = FastAPI(title="Atelier", docs_url=None, redoc_url=None, openapi_url=None)
+    if opts.api:
+        _add_docs_routes(app, deps)
 
     @app.get("/internal/ping", dependencies=deps, tags=["system"])
     def ping() -> dict[str, Any]:
@@ -68,10 +74,10 @@ def create_app(ctx) -> FastAPI:
         from modules.ui.app import build_ui
         blocks = build_ui(ctx)
         ui_auth = auth_list(opts)
+        sessions = LoginSessions(ui_auth) if ui_auth else None
         extensions = ctx.extensions
         gr.mount_gradio_app(
-            app, blocks, path="/", auth=ui_auth or None,
-            auth_message="Atelier: log in with the credentials given to --gradio-auth",
+            app, blocks, path="/", auth_dependency=sessions.user if sessions else None,
             allowed_paths=[str(ctx.paths.outputs_dir)],
             blocked_paths=[str(ctx.paths.models_dir), str(ctx.paths.settings_file), str(ctx.paths.logs_dir),
                            str(ctx.paths.chats_dir)],
@@ -79,7 +85,35 @@ def create_app(ctx) -> FastAPI:
             head=_script_tags(extensions.javascript() if extensions else ""),
             show_error=True,
         )
+        if sessions is not None:
+            app.add_middleware(LoginGate, sessions=sessions, is_api=lambda scope: _is_api_path(app, scope),
+                               message="Atelier: log in with the credentials given to --gradio-auth")
     return app
+
+
+def _add_docs_routes(app: FastAPI, deps: list) -> None:
+    """``/openapi.json``, ``/docs`` (Swagger UI) and ``/redoc`` behind the API's own auth dependencies."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    @app.get("/openapi.json", dependencies=deps, include_in_schema=False)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=deps, include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="openapi.json", title="Atelier API")
+
+    @app.get("/redoc", dependencies=deps, include_in_schema=False)
+    def redoc():
+        return get_redoc_html(openapi_url="openapi.json", title="Atelier API")
+
+
+def _is_api_path(app: FastAPI, scope: dict) -> bool:
+    """True when *scope* fully matches one of our own FastAPI routes (path and method), not the Gradio mount.
+
+    A partial match (right path, wrong method: ``HEAD /openapi.json``) does not count, because Starlette
+    then hands the request to the next full match, the Gradio mount at ``/``."""
+    return any(not isinstance(route, Mount) and route.matches(scope)[0] == Match.FULL for route in app.router.routes)
 
 
 UI_CSS = """

@@ -1,8 +1,10 @@
-"""Named, keyword-argument callbacks for extensions and capabilities.
+"""Named, keyword-argument callbacks for extensions and capabilities, and the one error policy for hooks.
 
-A callback that raises is reported (extension and callback name) on the
-Extensions tab and in the log, and the others still run. Under test,
-``raise_errors=True`` re-raises so bugs fail loudly.
+``Callbacks.hook_failed`` is what happens whenever extension code raises - a callback, a script hook,
+``setup()``, a tab's build, a script file's import: the log names the extension and the hook, the
+error is recorded on the extension's error list (shown on the Extensions tab and in diagnostics), and
+under test (``raise_errors=True``) it is re-raised so bugs fail loudly. Otherwise the app goes on and
+the other handlers still run.
 """
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ class Callbacks:
         self._handlers: dict[str, list[tuple[str, Callable[..., Any]]]] = {name: [] for name in CALLBACKS}
         self.errors: list[CallbackError] = []
         self._lock = threading.Lock()
+        self._error_list_for: Callable[[str], list[str] | None] = lambda owner: None
+
+    def bind_extensions(self, error_list_for: Callable[[str], list[str] | None]) -> None:
+        """Tell the policy where an extension's error list is: *error_list_for(owner)*, None if no such one."""
+        self._error_list_for = error_list_for
 
     def add(self, name: str, fn: Callable[..., Any], owner: str = "atelier") -> None:
         if name not in CALLBACKS:
@@ -58,16 +65,25 @@ class Callbacks:
             try:
                 results.append(fn(**kwargs))
             except Exception as exc:  # noqa: BLE001 - an extension must not take the app down
-                self.report(owner, name, exc)
-                if self.raise_errors:
-                    raise
+                self.hook_failed(owner, name, exc)
         return results
 
-    def report(self, owner: str, callback: str, exc: BaseException) -> None:
+    def hook_failed(self, owner: str, hook: str, exc: BaseException) -> None:
+        """The error policy for extension code: log it (extension + hook), record it on the extension's error
+        list and in ``errors``, and re-raise it when ``raise_errors`` (tests). A hook that keeps failing the
+        same way is recorded once (the log still shows every time)."""
         message = f"{type(exc).__name__}: {exc}"
-        log.error("extension %s: callback %s raised %s", owner, callback, message, exc_info=exc)
+        log.error("extension %s: %s raised %s", owner, hook, message, exc_info=exc)
+        entry = f"{hook}: {message}"
         with self._lock:
-            self.errors.append(CallbackError(owner, callback, message))
+            record = CallbackError(owner, hook, message)
+            if record not in self.errors:
+                self.errors.append(record)
+            error_list = self._error_list_for(owner)
+            if error_list is not None and entry not in error_list:
+                error_list.append(entry)
+        if self.raise_errors:
+            raise exc
 
     def errors_for(self, owner: str) -> list[CallbackError]:
         return [e for e in self.errors if e.owner == owner]

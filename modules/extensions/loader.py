@@ -164,6 +164,11 @@ class ExtensionSet:
     def get(self, name: str) -> Extension | None:
         return next((e for e in self.extensions if e.name == name), None)
 
+    def error_list(self, name: str) -> list[str] | None:
+        """The error list of extension *name* (where the hook error policy records), None if there is none."""
+        ext = self.get(name)
+        return ext.errors if ext is not None else None
+
     def enabled(self) -> list[Extension]:
         return [e for e in self.extensions if e.enabled]
 
@@ -195,29 +200,26 @@ def load_extensions(ctx: Any) -> ExtensionSet:
     if ctx.paths.user_extensions_dir.resolve() != ctx.paths.repo_extensions_dir.resolve():
         dirs.append((ctx.paths.user_extensions_dir, "user"))
     exts = discover(dirs, ctx.settings.get("extensions.disabled"), ctx.opts.disable_all_extensions)
+    ctx.extensions = ExtensionSet(exts)
+    ctx.callbacks.bind_extensions(ctx.extensions.error_list)
     for ext in exts:
         if not ext.enabled or ext.errors:
             continue
         for script in ext.files("scripts/*.py"):
-            before = len(ctx.scripts.load_errors)
             module_name = f"atelier_ext_{ext.name}_{script.stem}".replace("-", "_").replace(".", "_")
             try:
                 module = _import_file(script, module_name)
-            except Exception as exc:  # noqa: BLE001
-                ext.errors.append(f"{script.name}: failed to import: {type(exc).__name__}: {exc}")
-                log.error("extension %s: %s failed to import: %s", ext.name, script.name, exc, exc_info=exc)
+            except Exception as exc:  # noqa: BLE001 - the hook error policy records it; the app goes on
+                ctx.callbacks.hook_failed(ext.name, f"importing scripts/{script.name}", exc)
                 continue
             ctx.scripts.load_module(module, owner=ext.name, path=script)
-            ext.errors.extend(m for (_o, _f, m) in ctx.scripts.load_errors[before:])
             setup = getattr(module, "setup", None)
             if callable(setup):
                 try:
                     setup(ExtensionAPI(ext, ctx))
                 except Exception as exc:  # noqa: BLE001
-                    ext.errors.append(f"{script.name}: setup() raised {type(exc).__name__}: {exc}")
-                    log.error("extension %s: setup() raised %s", ext.name, exc, exc_info=exc)
+                    ctx.callbacks.hook_failed(ext.name, f"setup() in scripts/{script.name}", exc)
         ext.loaded = not ext.errors
-    ctx.extensions = ExtensionSet(exts)
     return ctx.extensions
 
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
 
 
 class AlwaysVisible:
@@ -73,11 +71,13 @@ class ScriptRunner:
     """Loads ``scripts/*.py`` files from the repository and from extensions."""
 
     def __init__(self, report_error=None, context: Any = None):
+        """*report_error(owner, hook, exc)* is the app's hook error policy (``Callbacks.hook_failed``); without
+        one (a runner on its own) a failing script hook raises."""
         #: the AppContext handed to every script as ``script.ctx``
         self.context = context
         self.scripts: list[Script] = []
         self.load_errors: list[tuple[str, str, str]] = []  # (owner, file, message)
-        self._report = report_error
+        self._report = report_error or _raise
 
     def load_dir(self, folder: Path, owner: str = "builtin") -> None:
         if not folder.is_dir():
@@ -112,9 +112,8 @@ class ScriptRunner:
                 self.scripts.append(script)
 
     def _load_failed(self, owner: str, path: Path, exc: BaseException) -> None:
-        message = f"{Path(path).name}: {type(exc).__name__}: {exc}"
-        log.error("script %s (%s) failed to load: %s", path, owner, message, exc_info=exc)
-        self.load_errors.append((owner, str(path), message))
+        self.load_errors.append((owner, str(path), f"{Path(path).name}: {type(exc).__name__}: {exc}"))
+        self._report(owner, f"loading script {Path(path).name}", exc)
 
     def alwayson(self, tab: str) -> list[Script]:
         return [s for s in self.scripts if self._safe_show(s, tab) is AlwaysVisible]
@@ -166,18 +165,14 @@ class ScriptRunner:
             try:
                 results.append(getattr(script, hook)(p, *extra, **kwargs))
             except Exception as exc:  # noqa: BLE001
-                if self._report:
-                    self._report(script.owner, f"{script.title()}.{hook}", exc)
-                else:
-                    raise
+                self._report(script.owner, f"script {script.title()!r} {hook}", exc)
         return results
 
     def _safe_show(self, script: Script, tab: str):
         try:
             return script.show(tab)
         except Exception as exc:  # noqa: BLE001
-            if self._report:
-                self._report(script.owner, f"{type(script).__name__}.show", exc)
+            self._report(script.owner, f"script {type(script).__name__} show", exc)
             return False
 
 
@@ -211,3 +206,7 @@ def _type_problem(default: Any, value: Any) -> str | None:
     if isinstance(default, str):
         return None if isinstance(value, str) else f"expected text, got {value!r}"
     return None
+
+
+def _raise(owner: str, hook: str, exc: BaseException) -> None:
+    raise exc

@@ -1,4 +1,4 @@
-"""Llama-2 SentencePiece tokenizer: text <-> ids exactly as transformers' Llama tokenizer, plus streaming.
+"""Llama-2 SentencePiece tokenizer: text <-> ids exactly as the Llama-2 tokenizer, plus streaming.
 
 Two backends, chosen by the files in the model folder:
 
@@ -6,10 +6,12 @@ Two backends, chosen by the files in the model folder:
   present, since it is what transformers' ``LlamaTokenizerFast`` itself runs;
 * ``tokenizer.model`` (SentencePiece protobuf) through the ``sentencepiece`` library. Special and added
   tokens written in the text (``</s>`` in a rendered chat template) are split out first and map to
-  their ids, as transformers does. The dummy-prefix space follows transformers (v5), not raw
-  SentencePiece: it is not added to text that already starts with a space, and with
-  ``legacy: false`` in ``tokenizer_config.json`` (TinyLlama) it is added only at the start of the text,
-  not after special tokens.
+  their ids, as transformers does. The dummy-prefix space follows SentencePiece (and Llama-2's own
+  ``tokenizer.json``, llama.cpp and transformers 4): it is added at the start of the text even when
+  the text already starts with a space (checked against llama.cpp's 46 reference tokenizations of
+  the real Llama-2 vocabulary in ``tests/llm/test_tokenizer.py``; transformers 5 drops it there).
+  With ``legacy: false`` in ``tokenizer_config.json`` (TinyLlama) it is added only at the start of
+  the text, not after special tokens; legacy configs add it after every special token.
 
 The Llama-2 layout is assumed and checked: ``<unk>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then 256
 ``<0xNN>`` byte-fallback pieces, so any text, emoji included, encodes without ``<unk>``.
@@ -200,12 +202,13 @@ class _SentencePieceBackend(_Backend):
                 continue
             if part in self.added:
                 ids.append(self.added[part][0])
-            elif (self.legacy or index == 0) and not part.startswith((" ", SPIECE_UNDERLINE)):
+            elif self.legacy or index == 0:
+                # As SentencePiece itself (and Llama-2's tokenizer.json, llama.cpp, transformers 4): the
+                # dummy-prefix space goes before the text even when it already starts with a space, so
+                # " Hello" is "▁▁Hello" -> [29871, 15043]. Legacy configs do this after special tokens too.
                 ids.extend(self.sp.EncodeAsIds(part))
             else:
-                # As transformers' Metaspace pre-tokenizer: the dummy-prefix space goes before every
-                # piece of text between special tokens (legacy) or only at the very start of the text
-                # (legacy: false), and never where the text already starts with a space.
+                # legacy: false (TinyLlama): no dummy prefix after a special token.
                 ids.extend(self.sp_no_prefix.EncodeAsIds(part))
         return ids
 

@@ -1,14 +1,12 @@
 """Assemble the Gradio Blocks: banners, then one tab per registered TabSpec, in order."""
 from __future__ import annotations
 
-import logging
 
 import gradio as gr
 
 from modules.exposure import exposure_warning
 from modules.ui.state import UiState
 
-log = logging.getLogger(__name__)
 
 
 def build_ui(ctx) -> gr.Blocks:
@@ -26,11 +24,5 @@ def build_ui(ctx) -> gr.Blocks:
                         spec.build(ctx)
                     except Exception as exc:  # noqa: BLE001 - a broken tab is hidden and reported, not fatal
                         tab.visible = False
-                        ctx.callbacks.report(spec.owner, f"tab {spec.id}", exc)
-                        ext = ctx.extensions.get(spec.owner) if ctx.extensions is not None else None
-                        if ext is not None:
-                            ext.errors.append(f"tab {spec.label!r} failed to build: {type(exc).__name__}: {exc}")
-                        log.exception("tab %s (%s) failed to build; it is hidden", spec.id, spec.owner)
-                        if ctx.callbacks.raise_errors:
-                            raise
+                        ctx.callbacks.hook_failed(spec.owner, f"building tab {spec.label!r}", exc)
     return blocks

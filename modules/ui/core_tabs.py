@@ -4,14 +4,10 @@ Gradio-free: the ``build`` functions import Gradio only when the UI is assembled
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from modules.settings import SettingSpec, SettingsSection, number_range
 from modules.tabs import TabSpec, lazy_build
-
-log = logging.getLogger(__name__)
-
 
 def setting_component(spec: SettingSpec, value: Any) -> tuple[str, dict[str, Any]]:
     """The Gradio component (its class name in ``gradio``) and keyword arguments for one setting, built from
@@ -47,20 +43,14 @@ def register_extension_ui(ctx) -> None:
                 if not isinstance(section, SettingsSection):
                     raise TypeError(f"on_ui_settings must return SettingsSection objects, got {type(section).__name__}")
                 ctx.settings.add_section(section)
-        except Exception as exc:  # noqa: BLE001
-            ctx.callbacks.report(owner, "on_ui_settings", exc)
-            _mark_extension_error(ctx, owner, f"on_ui_settings raised {type(exc).__name__}: {exc}")
-            if ctx.callbacks.raise_errors:
-                raise
+        except Exception as exc:  # noqa: BLE001 - the hook error policy records it; the app goes on
+            ctx.callbacks.hook_failed(owner, "on_ui_settings", exc)
     for owner, fn in ctx.callbacks.handlers("on_ui_tabs"):
         try:
             for item in fn(ctx=ctx) or []:
                 ctx.tabs.add(_as_tab(item, owner))
         except Exception as exc:  # noqa: BLE001
-            ctx.callbacks.report(owner, "on_ui_tabs", exc)
-            _mark_extension_error(ctx, owner, f"on_ui_tabs raised {type(exc).__name__}: {exc}")
-            if ctx.callbacks.raise_errors:
-                raise
+            ctx.callbacks.hook_failed(owner, "on_ui_tabs", exc)
 
 
 def _as_tab(item: Any, owner: str) -> TabSpec:
@@ -74,9 +64,3 @@ def _as_tab(item: Any, owner: str) -> TabSpec:
         return TabSpec(id=str(tab_id), label=str(label), build=build, order=500, owner=owner)
     raise TypeError(f"on_ui_tabs must return TabSpec objects or (build, label, id) tuples, got {item!r}")
 
-
-def _mark_extension_error(ctx, owner: str, message: str) -> None:
-    ext = ctx.extensions.get(owner) if ctx.extensions is not None else None
-    if ext is not None:
-        ext.errors.append(message)
-        ext.loaded = False

@@ -63,3 +63,35 @@ def test_only_output_folders_are_served(server):
     assert httpx.get(f"{srv.url}/gradio_api/file={image}").status_code == 200
     for secret in (data / "settings.yaml", data / "logs" / "atelier.log", "/etc/passwd"):
         assert httpx.get(f"{srv.url}/gradio_api/file={secret}").status_code in (403, 404), secret
+
+
+def test_login_page_then_the_app(page, tmp_path):
+    """With --gradio-auth the browser sees only the login form; a wrong password says so; the right one opens
+    the app, whose queue (the Gradio event stream) then works for the logged-in user. (A fresh browser context
+    of the module's Chromium: its own cookies, and one Playwright per process.)"""
+    srv = start_server(tmp_path, "--gradio-auth", "alice:wonder")
+    context = page.context.browser.new_context()
+    try:
+        login = context.new_page()
+        login.set_default_timeout(60_000)
+        login.goto(srv.url, wait_until="load")
+        login.locator("#login-form").wait_for()
+        assert login.locator("#tabs").count() == 0 and "Word counter" not in login.content()
+        login.fill("#login-username", "alice")
+        login.fill("#login-password", "not-it")
+        login.click("#login-submit")
+        login.locator("#login-error").wait_for()
+        assert "Incorrect username or password" in login.locator("#login-error").inner_text()
+        assert login.locator("#login-username").input_value() == "alice", "the name is kept"
+        login.fill("#login-password", "wonder")
+        login.click("#login-submit")
+        login.wait_for_selector("#tabs", timeout=120_000)
+        login.get_by_role("tab", name="Word counter", exact=True).click()
+        login.locator("#example_text textarea").fill("one two three")
+        login.locator("#example_count").click()
+        login.wait_for_function("document.querySelector('#example_result').innerText.includes('3 words')")
+        login.goto(srv.url + "/logout", wait_until="load")
+        login.locator("#login-form").wait_for()
+    finally:
+        context.close()
+        srv.stop()

@@ -16,7 +16,9 @@ EVERY_FLAG = [
 ]
 
 
-def test_every_flag_parses():
+def test_every_flag_parses(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "auth.txt").write_text("a:b\n")
     opts = parse_args(EVERY_FLAG)
     assert opts.listen and opts.share and opts.api and opts.nowebui and opts.lowvram and opts.medvram
     assert opts.server_name == "0.0.0.0" and opts.port == 7861
@@ -64,6 +66,41 @@ def test_auth_path_file(tmp_path):
     opts = parse_args(["--gradio-auth", "carol:three", "--gradio-auth-path", str(f)])
     assert auth_list(opts) == [("carol", "three"), ("alice", "one"), ("bob", "two")]
     assert auth_list(parse_args(["--api-auth", "x:y"]), api=True) == [("x", "y")]
+
+
+@pytest.mark.parametrize("content, line", [("alice:one\nbob\n", 2), ("alice:one, :nopass\n", 1),
+                                           ("\n\ncarol:\n", 3), ("dave:x\r\neve;secret\r\n", 2)])
+def test_malformed_auth_path_file_is_a_one_line_error(tmp_path, capsys, content, line):
+    f = tmp_path / "auth.txt"
+    f.write_bytes(content.encode())
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--gradio-auth-path", str(f)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("launch.py: error: ")
+    assert str(f) in err and f"line {line}" in err and "user:password" in err
+    assert "secret" not in err and "one" not in err.split("error:")[1].replace("done", "")
+
+
+def test_missing_or_empty_auth_path_file_is_a_one_line_error(tmp_path, capsys):
+    for target, needle in ((tmp_path / "absent.txt", "does not exist"), (tmp_path / "empty.txt", "no credentials")):
+        if needle == "no credentials":
+            target.write_text("\n \n")
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--gradio-auth-path", str(target)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and str(target) in err and needle in err
+
+
+def test_malformed_auth_path_file_through_launch_py(tmp_path):
+    f = tmp_path / "auth.txt"
+    f.write_text("alice:one\nbroken\n")
+    out = subprocess.run([sys.executable, "launch.py", "--skip-install", "--data-dir", str(tmp_path / "d"),
+                          "--gradio-auth-path", str(f)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"launch.py: error: --gradio-auth-path: {f}, line 2: malformed "
+                                               "entry; expected user:password (entries separated by commas or "
+                                               "newlines)"]
 
 
 def test_help_lists_every_flag_with_help():

@@ -137,3 +137,104 @@ def test_install_py_is_run(tmp_path):
     problems = loader.run_installers(exts)
     assert (folder / "installed.txt").read_text() == "yes"
     assert len(problems) == 1 and "bad-installer" in problems[0] and "3" in problems[0]
+
+
+FAILING_HOOKS = '''
+from modules.extensions.scripts import Script, AlwaysVisible
+from modules.tabs import TabSpec
+
+class BadProcess(Script):
+    def title(self): return "Bad process"
+    def show(self, tab): return AlwaysVisible
+    def process(self, p, **kw): raise RuntimeError("process boom")
+
+class BadShow(Script):
+    def title(self): return "Bad show"
+    def show(self, tab): raise RuntimeError("show boom")
+
+class BadTitle(Script):
+    def title(self): raise RuntimeError("title boom")
+
+def broken_tab(ctx):
+    raise RuntimeError("build boom")
+
+def setup(ext):
+    ext.on("on_chat_message", lambda **kw: 1 / 0)
+    ext.on("on_ui_settings", lambda ctx: (_ for _ in ()).throw(RuntimeError("settings boom")))
+    ext.on("on_ui_tabs", lambda ctx: [TabSpec("bad_tab", "Bad tab", broken_tab)])
+'''
+
+
+@pytest.fixture
+def hooks_data(tmp_path):
+    d = tmp_path / "hooks-data"
+    write_ext(d, "hooky", FAILING_HOOKS)
+    write_ext(d, "setup-raises", "def setup(ext):\n    raise ValueError('setup boom')\n")
+    write_ext(d, "import-raises", "raise ImportError('import boom')\n")
+    return d
+
+
+def test_hook_failed_logs_records_on_the_extension_and_reraises_under_test(caplog):
+    from modules.extensions.callbacks import Callbacks
+    errors = {"ext-a": []}
+    callbacks = Callbacks()
+    callbacks.bind_extensions(errors.get)
+    with caplog.at_level("ERROR"):
+        callbacks.hook_failed("ext-a", "on_image_saved", OSError("disk full"))
+        callbacks.hook_failed("ext-a", "on_image_saved", OSError("disk full"))   # the same failure again
+        callbacks.hook_failed("nobody", "on_image_saved", OSError("disk full"))  # no such extension: log only
+    assert errors["ext-a"] == ["on_image_saved: OSError: disk full"], "recorded once on the extension's list"
+    assert [(e.owner, e.callback) for e in callbacks.errors] == [("ext-a", "on_image_saved"), ("nobody", "on_image_saved")]
+    assert sum("extension ext-a: on_image_saved raised OSError: disk full" in r.getMessage() for r in caplog.records) == 2
+    strict = Callbacks(raise_errors=True)
+    strict.bind_extensions(errors.get)
+    with pytest.raises(OSError, match="quota"):
+        strict.hook_failed("ext-a", "on_image_saved", OSError("quota"))
+    assert "on_image_saved: OSError: quota" in errors["ext-a"], "recorded before it is re-raised"
+
+
+def test_every_extension_hook_failure_lands_on_the_extensions_tab(make_ctx, hooks_data):
+    pytest.importorskip("gradio")
+    from modules.ui.app import build_ui
+    from modules.ui.tabs.extensions import _rows
+    ctx = make_ctx(data_dir=hooks_data, extensions=True)
+    ctx.callbacks.fire("on_chat_message", role="user", content="x", chat_id="c", model="m", ctx=ctx)
+    p = {"prompt": "cat"}
+    ctx.scripts.call("process", "txt2img", p, {})
+    ctx.scripts.selectable("txt2img")
+    build_ui(ctx)
+    hooky = ctx.extensions.get("hooky").errors
+    for needle in ("on_chat_message: ZeroDivisionError", "script 'Bad process' process: RuntimeError: process boom",
+                   "script BadShow show: RuntimeError: show boom", "loading script main.py: RuntimeError: title boom",
+                   "on_ui_settings: RuntimeError: settings boom",
+                   "building tab 'Bad tab': RuntimeError: build boom"):
+        assert any(e.startswith(needle) for e in hooky), (needle, hooky)
+    assert ctx.extensions.get("setup-raises").errors == ["setup() in scripts/main.py: ValueError: setup boom"]
+    assert ctx.extensions.get("import-raises").errors == ["importing scripts/main.py: ImportError: import boom"]
+    rows = {r[0]: r for r in _rows(ctx)}
+    assert rows["hooky"][2] == "error" and "process boom" in rows["hooky"][3] and "build boom" in rows["hooky"][3]
+
+
+HOOK_SOURCES = {"setup-raises": ("def setup(ext):\n    raise ValueError('setup boom')\n", "setup boom"),
+                "import-raises": ("raise ImportError('import boom')\n", "import boom"),
+                "hooky": (FAILING_HOOKS, "title boom")}
+
+
+@pytest.mark.parametrize("name", sorted(HOOK_SOURCES))
+def test_hook_errors_are_reraised_under_test(tmp_path, name):
+    import webui
+    from modules.cli import parse_args
+    source, message = HOOK_SOURCES[name]
+    write_ext(tmp_path / "d", name, source)
+    with pytest.raises(Exception, match=message):
+        webui.prepare(parse_args(["--data-dir", str(tmp_path / "d")]), raise_callback_errors=True)
+
+
+def test_script_hooks_reraise_with_a_strict_policy(tmp_path):
+    from modules.extensions.callbacks import Callbacks
+    from modules.extensions.scripts import ScriptRunner
+    (tmp_path / "s.py").write_text(FAILING_HOOKS.replace("class BadTitle(Script):", "class BadTitle:"))
+    runner = ScriptRunner(report_error=Callbacks(raise_errors=True).hook_failed)
+    runner.load_file(tmp_path / "s.py", owner="x")
+    with pytest.raises(RuntimeError, match="show boom"):
+        runner.selectable("txt2img")

@@ -23,7 +23,8 @@ def build(ctx) -> None:
         gr.Markdown("Extension installs and changes are **locked** because the server is exposed "
                     "(`--listen` or `--share`). Restart without them, or with `--enable-insecure-extension-access`.",
                     elem_id="extensions_locked")
-    gr.Dataframe(value=_rows(ctx), headers=HEADERS, interactive=False, elem_id="extensions_table", wrap=True)
+    # a callable value is re-read on every page load, so errors raised by hooks since start-up show too
+    gr.Dataframe(value=lambda: _rows(ctx), headers=HEADERS, interactive=False, elem_id="extensions_table", wrap=True)
     names = [e.name for e in ctx.extensions.extensions] if ctx.extensions else []
     enabled = [e.name for e in ctx.extensions.extensions if e.enabled] if ctx.extensions else []
     with gr.Group():
