@@ -1,7 +1,10 @@
-"""Device, dtype and attention-backend choice, plus memory readings.
+"""Device, dtype, attention-backend and CPU-thread choice, plus the one free-memory reading.
 
 Nothing here touches the GPU at import time: :func:`choose_devices` is called
-once from ``main`` and the result travels in the app context.
+once from ``main`` and the result travels in the app context. The device worker
+calls :meth:`Devices.setup_worker_thread` once when it starts; nothing toggles
+torch's thread count afterwards (a thread whose first torch call falls into such
+a toggle would keep the toggled count for good).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ class Devices:
     #: "none", "medvram" or "lowvram": how hard to offload to CPU between uses
     offload: str = "none"
     notes: tuple[str, ...] = ()
+    #: torch intra-op threads for device work on the CPU (decode, prefill, diffusion), set once per worker
+    cpu_threads: int = 0
 
     @property
     def is_cpu(self) -> bool:
@@ -38,21 +43,35 @@ class Devices:
         return psutil.virtual_memory().total
 
     def free_memory(self) -> int:
-        """Measured free bytes: the driver's free memory plus PyTorch's cached-but-unused blocks on CUDA,
-        available RAM elsewhere (MPS shares system memory)."""
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            stats = torch.cuda.memory_stats(self.device)
-            reserved_unused = stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0)
-            return free + max(0, reserved_unused)
-        return psutil.virtual_memory().available
+        return free_memory(self.device)
+
+    def setup_worker_thread(self) -> None:
+        """Give the calling (worker) thread the configured torch thread count; called once per worker.
+
+        ``torch.set_num_threads`` also sets the count that every thread started later begins with, so
+        calling it once here, and nowhere around forward passes, gives every thread the same count.
+        """
+        if self.cpu_threads > 0 and torch.get_num_threads() != self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)
 
     def describe(self) -> dict:
         return {
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-            "attention": self.attention, "offload": self.offload,
+            "attention": self.attention, "offload": self.offload, "cpu_threads": self.cpu_threads,
             "total_memory": self.total_memory(), "free_memory": self.free_memory(),
         }
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Measured free bytes on *device*, the one reading every memory decision uses: the driver's free
+    memory plus PyTorch's cached-but-unused blocks on CUDA, available RAM elsewhere (MPS shares it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        stats = torch.cuda.memory_stats(device)
+        reserved_unused = stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0)
+        return free + max(0, reserved_unused)
+    return psutil.virtual_memory().available
 
 
 def xformers_available() -> bool:
@@ -103,4 +122,7 @@ def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool
     offload = "lowvram" if lowvram else "medvram" if medvram else "none"
     for note in notes:
         log.warning(note)
-    return Devices(device=dev, dtype=dtype, attention=attention, offload=offload, notes=tuple(notes))
+    # torch's own default (one thread per physical core) is the fastest decode on the 2-core dev machine:
+    # see modules/llm/cpu_threading.py for the measurement against splitting matmuls over extra threads.
+    return Devices(device=dev, dtype=dtype, attention=attention, offload=offload, notes=tuple(notes),
+                   cpu_threads=torch.get_num_threads())

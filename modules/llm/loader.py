@@ -35,7 +35,8 @@ class LoadedLLM:
 
     def memory_bytes(self) -> int:
         """Bytes held by the weights (a tied embedding counted once)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        from modules.weight_bytes import weight_bytes
+        return weight_bytes(self.model)
 
     @property
     def device(self) -> torch.device:
