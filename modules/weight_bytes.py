@@ -69,13 +69,15 @@ def weight_bytes(obj: Any) -> int:
     return tensors_bytes(found)
 
 
-def _safetensors_bytes(path: Path, dtype: torch.dtype | None) -> int:
+def _safetensors_bytes(path: Path, dtype: torch.dtype | None, ignore_prefixes: tuple[str, ...]) -> int:
     """Bytes the tensors of one safetensors file take once loaded (floating ones cast to *dtype*)."""
     from safetensors import safe_open
     target = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
     total = 0
     with safe_open(str(path), framework="pt") as f:
         for name in f.keys():
+            if ignore_prefixes and name.startswith(ignore_prefixes):
+                continue
             piece = f.get_slice(name)
             numel = 1
             for dim in piece.get_shape():
@@ -86,20 +88,36 @@ def _safetensors_bytes(path: Path, dtype: torch.dtype | None) -> int:
     return total
 
 
-def estimate_load_bytes(path: str | Path, dtype: torch.dtype | None = None) -> int:
+def _loaded_files(folder: Path) -> list[Path]:
+    """The weight files a load of *folder* reads: per directory, the plain safetensors files when there are
+    any (diffusers and transformers prefer them to ``.bin``, and to ``.fp16.`` variants), else all of them."""
+    by_dir: dict[Path, list[Path]] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES:
+            by_dir.setdefault(p.parent, []).append(p)
+    out = []
+    for files in by_dir.values():
+        plain = [p for p in files if p.suffix == ".safetensors" and "." not in p.stem]
+        out += plain or files
+    return out
+
+
+def estimate_load_bytes(path: str | Path, dtype: torch.dtype | None = None, *,
+                        ignore_prefixes: tuple[str, ...] = ()) -> int:
     """Bytes loading the weights at *path* (a file, or a folder of them) will take on the device.
 
     Safetensors files are estimated from their headers, floating tensors at *dtype* (an fp16 file loaded in
-    fp32 takes twice its size); other weight files, and a safetensors file whose header cannot be read, by
-    their file size. Never raises for a broken file: the load itself reports what is wrong with it.
+    fp32 takes twice its size), skipping tensors named with *ignore_prefixes* (e.g. the EMA copy in an SD
+    checkpoint, which is not loaded); other weight files, and a safetensors file whose header cannot be
+    read, by their file size. Never raises for a broken file: the load itself reports what is wrong with it.
     """
     root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
-                                                  and p.suffix in WEIGHT_SUFFIXES) if root.is_dir() else []
+    files = [root] if root.is_file() else _loaded_files(root) if root.is_dir() else []
     total = 0
     for file in files:
         try:
-            total += _safetensors_bytes(file, dtype) if file.suffix == ".safetensors" else file.stat().st_size
+            total += (_safetensors_bytes(file, dtype, ignore_prefixes) if file.suffix == ".safetensors"
+                      else file.stat().st_size)
         except Exception as exc:  # noqa: BLE001 - a corrupt header: fall back to the file size
             log.debug("cannot read the safetensors header of %s (%s); estimating by file size", file, exc)
             try:

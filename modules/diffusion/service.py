@@ -104,8 +104,7 @@ class DiffusionService:
         info = self.find(query)
         self.ctx.settings.set("sd.sd_model_checkpoint", info.title)
         if load:
-            job = self.ctx.jobs.submit(lambda job: self._switch_to(info), name=f"load {info.title}")
-            job.result()
+            self.ctx.jobs.call(lambda job: self._switch_to(info), name=f"load {info.title}")
         return info.title
 
     def _switch_to(self, info) -> None:
@@ -133,13 +132,15 @@ class DiffusionService:
     # -- models -------------------------------------------------------------------------
     def _lease(self, info):
         from modules.diffusion.loading import load_sd_model
+        from modules.weight_bytes import estimate_load_bytes
         ctx = self.ctx
 
         def load():
             return load_sd_model(info, device=ctx.devices.device, dtype=ctx.devices.dtype,
                                  allow_unsafe_pickle=bool(getattr(ctx.opts, "allow_unsafe_pickle", False)))
 
-        size = _path_size(Path(info.filename))
+        # the EMA copy and training leftovers in a full checkpoint are not loaded (see loading.py)
+        size = estimate_load_bytes(info.filename, ctx.devices.dtype, ignore_prefixes=("model_ema.", "loss."))
         return ctx.models.acquire("sd:" + info.title, load, kind="diffusion", size_bytes=size,
                                   meta={"title": info.title, "filename": info.filename})
 
@@ -277,8 +278,3 @@ class DiffusionService:
                       vae_name=getattr(sd, "vae_name", None), device=ctx.devices.device, dtype=ctx.devices.dtype)
             return process_images(run, p)
 
-
-def _path_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))

@@ -50,10 +50,18 @@ def test_estimate_load_bytes_reads_safetensors_headers(tmp_path):
     assert estimate_load_bytes(tmp_path / "m.safetensors") == 64 * 32 * 2 + 80
     assert estimate_load_bytes(tmp_path / "m.safetensors", torch.float32) == 64 * 32 * 4 + 80, \
         "an fp16 file loaded in fp32 takes twice its size; integer tensors keep theirs"
+    save_file({"model_ema.w": torch.zeros(64, 32)}, tmp_path / "ema.safetensors")
+    assert estimate_load_bytes(tmp_path / "ema.safetensors", ignore_prefixes=("model_ema.",)) == 0
+    unet = tmp_path / "pipe" / "unet"
+    unet.mkdir(parents=True)
+    save_file({"w": torch.zeros(8, 8)}, unet / "diffusion_pytorch_model.safetensors")
+    save_file({"w": torch.zeros(8, 8, dtype=torch.float16)}, unet / "diffusion_pytorch_model.fp16.safetensors")
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"x" * 1000)
+    assert estimate_load_bytes(tmp_path / "pipe") == 8 * 8 * 4, "only the files a load reads count"
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "broken.safetensors").write_bytes(b"\xff" * 100)
-    assert estimate_load_bytes(tmp_path, torch.float32) == 64 * 32 * 4 + 80 + 100, \
-        "a folder sums its weight files; a broken header counts its file size and never raises"
+    assert estimate_load_bytes(tmp_path / "sub", torch.float32) == 100, \
+        "a broken header counts its file size and never raises"
 
 
 def test_lease_keeps_model_and_loads_once():
