@@ -122,7 +122,7 @@ def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool
     offload = "lowvram" if lowvram else "medvram" if medvram else "none"
     for note in notes:
         log.warning(note)
-    # torch's own default (one thread per physical core) is the fastest decode on the 2-core dev machine:
-    # see modules/llm/cpu_threading.py for the measurement against splitting matmuls over extra threads.
+    # torch's own default: one thread per physical core. Whether LLM decode also splits its matmuls over
+    # that many threads is measured in modules/llm/cpu_threading.py (setting llm.cpu_row_parallel).
     return Devices(device=dev, dtype=dtype, attention=attention, offload=offload, notes=tuple(notes),
                    cpu_threads=torch.get_num_threads())

@@ -168,6 +168,8 @@ class ModelManager:
         self._reserved = 0
         #: slots admitted for loads in flight (counted against max_loaded)
         self._reserved_slots = 0
+        #: admissions in flight per thread (a loader that acquires another model never waits for itself)
+        self._in_flight: dict[int, int] = {}
         #: evictions whose memory is being given back (gc, empty_cache) right now
         self._releasing = 0
         self._leak_watch: list[tuple[str, weakref.ref]] = []
@@ -202,7 +204,6 @@ class ModelManager:
         if len(set(keys)) != len(keys):
             raise ValueError(f"acquire_all: each model may be requested once, got {keys}")
         holder = threading.get_ident()
-        leases: list[Lease] = []
         with self._cv:
             self._wait_until_idle(keys)
             to_load = [r for r in requests if r.key not in self._entries]
@@ -212,17 +213,34 @@ class ModelManager:
             pinned = {r.key: self._pin(self._entries[r.key], holder) for r in requests if r.key in self._entries}
             to_move = [self._entries[k] for k in pinned if not self._entries[k].on_device]
             needed = sum(max(0, r.size_bytes or 0) for r in to_load) + sum(e.size for e in to_move)
+            busy = [r.key for r in to_load] + [e.key for e in to_move]
+            for key in busy:  # from now on other acquirers of these keys wait for this one
+                self._busy[key] = "loading" if key not in pinned else "moving to the device"
             try:
                 self._admit(needed, slots=len(to_load), keep=set(keys), holder=holder)
             except BaseException:
+                for key in busy:
+                    self._busy.pop(key, None)
+                self._cv.notify_all()
                 for lease in pinned.values():
                     lease.release()
                 raise
             self._reserved += needed
             self._reserved_slots += len(to_load)
-            for key in [r.key for r in to_load] + [e.key for e in to_move]:
-                self._busy[key] = "loading" if key not in pinned else "moving to the device"
+            self._in_flight[holder] = self._in_flight.get(holder, 0) + 1
         loaded: dict[str, Lease] = {}
+        try:
+            return self._load_and_move(requests, to_load, to_move, pinned, loaded, needed, holder)
+        finally:
+            with self._cv:
+                left = self._in_flight.pop(holder, 1) - 1
+                if left:
+                    self._in_flight[holder] = left
+                self._cv.notify_all()
+
+    def _load_and_move(self, requests: list[ModelRequest], to_load: list[ModelRequest], to_move: list[ModelEntry],
+                       pinned: dict[str, Lease], loaded: dict[str, Lease], needed: int, holder: int) -> list[Lease]:
+        """Outside the lock: move parked models back and run the loaders admitted by :meth:`acquire_all`."""
         try:
             for entry in to_move:
                 started = time.perf_counter()
@@ -251,9 +269,7 @@ class ModelManager:
             for lease in list(pinned.values()) + list(loaded.values()):
                 lease.release()
             raise
-        for r in requests:
-            leases.append(pinned.get(r.key) or loaded[r.key])
-        return leases
+        return [pinned.get(r.key) or loaded[r.key] for r in requests]
 
     def is_loaded(self, key: str) -> bool:
         with self._lock:
@@ -320,8 +336,8 @@ class ModelManager:
             short_memory, short_slots = self._over(needed, slots)
             if not (short_memory or short_slots):
                 return
-            if self._reserved or self._reserved_slots or self._releasing:
-                self._cv.wait()
+            if self._releasing or any(n for h, n in self._in_flight.items() if h != holder):
+                self._cv.wait()  # loads in flight elsewhere: their bytes are counted twice until they finish
                 continue
             victims = sorted((e for e in self._entries.values()
                               if e.leases == 0 and e.key not in keep and e.key not in self._busy

@@ -18,7 +18,7 @@ def settings_section() -> SettingsSection:
     return SettingsSection("llm", "Chat / LLM", [
         SettingSpec("llm.default_model", "", "Default LLM (folder name in models/LLM; empty = first found)", str),
         SettingSpec("llm.cpu_row_parallel", ROW_PARALLEL_DEFAULT, "CPU decode: split matrix products over threads "
-                    "by rows (models loaded afterwards; off by measurement, see docs/performance.md)", bool),
+                    "by rows (models loaded afterwards; on by measurement, see docs/performance.md)", bool),
         SettingSpec("llm.system_prompt", DEFAULT_SYSTEM_PROMPT, "Default system prompt", str),
         SettingSpec("llm.max_new_tokens", 512, "Max new tokens per reply", int, minimum=1, maximum=32768),
         SettingSpec("llm.temperature", 0.7, "Temperature (0 = greedy)", float, minimum=0, maximum=5),

@@ -10,9 +10,13 @@ the same with one or two intra-op threads (2 x 5632 x 2048 fp32 GEMV on the 2-co
 either way, against 52 GB/s for one unsplit 2-thread product).
 
 Whether :class:`RowParallel` earns its place is measured with ``benchmarks/llm_decode.py`` (the 1.1B
-shape, batch-1 decode, with and without it in the same rounds); see ``docs/performance.md`` for the
-figures behind the default :data:`ROW_PARALLEL_DEFAULT`. The setting ``llm.cpu_row_parallel`` turns it on
-for models loaded afterwards.
+shape, batch-1 decode, with and without it in the same rounds); ``docs/performance.md`` has the tables
+behind the default :data:`ROW_PARALLEL_DEFAULT`. In short, on the shared 2-core dev machine
+(``python benchmarks/llm_decode.py --rounds 3 --skip-hf``, 2026-12-01): on a quiet machine the two are
+within 4% (5.60 vs 5.80 tok/s), and whenever other processes compete for the cores the row-parallel
+product is 2-3x faster (5.59 vs 2.84, 2.62 vs 1.37, 2.46 vs 0.81 tok/s), because its blocks are claimed
+dynamically while an OpenMP team waits at a barrier for its slowest thread. The setting
+``llm.cpu_row_parallel`` switches it for models loaded afterwards.
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: off: on the 2-core dev machine batch-1 decode of the 1.1B shape was not faster with it (docs/performance.md)
-ROW_PARALLEL_DEFAULT = False
+#: on: faster batch-1 decode of the 1.1B shape in 4 of 5 measured rounds on the 2-core dev machine
+#: (median 2.62 vs 1.37 tok/s over both runs in docs/performance.md); 4% slower only when the machine is idle
+ROW_PARALLEL_DEFAULT = True
 
 
 def row_parallel_threads(enabled: bool, cpu_threads: int) -> int:

@@ -87,7 +87,8 @@ def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     """Load a Hugging Face Llama folder: config, tokenizer and template first (cheap, fail fast), then weights.
 
     row_parallel_threads: on CPU, split decode matmuls over this many threads
-    (:class:`~modules.llm.cpu_threading.RowParallel`); 1, the default, leaves them to torch.
+    (:class:`~modules.llm.cpu_threading.RowParallel`); 1 leaves them to torch. The service passes the
+    ``llm.cpu_row_parallel`` setting's choice.
     files: the folder's :func:`read_llm_files`, when the caller has it already (the tokenizer is then shared).
     """
     from modules.llm.checkpoint import load_model

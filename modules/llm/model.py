@@ -146,7 +146,8 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        from modules.weight_bytes import tensors_bytes
+        return tensors_bytes(self.k + self.v)
 
 
 class Attention(nn.Module):
@@ -238,7 +239,7 @@ class Llama(nn.Module):
 
     def use_row_parallel(self, threads: int | None) -> None:
         """Split small-batch CPU matmuls over ``threads`` threads (see
-        :class:`~modules.llm.cpu_threading.RowParallel`); None or 1: off (the default, by measurement)."""
+        :class:`~modules.llm.cpu_threading.RowParallel`); None or 1: off. The service attaches it per the ``llm.cpu_row_parallel`` setting."""
         if self.row_parallel is not None:
             self.row_parallel.close()
         self.row_parallel = RowParallel(threads) if threads and threads > 1 else None

@@ -350,3 +350,19 @@ def test_failed_load_releases_its_reservation():
     assert mm.budget_free() == 100 * MB, "nothing stays reserved for a load that failed"
     mm.acquire("y", lambda: linear(1), size_bytes=80 * MB).release()
     assert mm.is_loaded("y") and not mm.is_loaded("x")
+
+
+def test_a_loader_may_acquire_another_model_without_waiting_for_itself():
+    """A bundle whose loader leases a shared part (e.g. a text encoder) must not wait for its own load."""
+    mm = make_manager(capacity_mb=1000)
+    result = []
+
+    def outer():
+        with mm.acquire("inner", lambda: linear(1), size_bytes=MB) as inner:
+            return torch.nn.Sequential(inner)
+
+    t = threading.Thread(target=lambda: result.append(mm.acquire("outer", outer, size_bytes=MB)))
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and result and mm.is_loaded("inner")
+    result[0].release()
