@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modules.llm.config import LlamaConfig  # noqa: E402
 from modules.llm.model import Llama  # noqa: E402
+from modules.weight_bytes import tensors_bytes  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -185,8 +186,7 @@ def main() -> None:
           f"{args.rounds} interleaved rounds (median reported)")
     started = time.perf_counter()
     config, ours, hf = build_models(args.layers, with_hf=not args.skip_hf)
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
-                       if "embed_tokens" not in n)
+    weight_bytes = tensors_bytes(p for n, p in ours.named_parameters() if "embed_tokens" not in n)
     print(f"models built in {time.perf_counter() - started:.0f} s: {ours.num_parameters():,} parameters, "
           f"{weight_bytes / 1e9:.3f} GB of weights read per decode step")
 

@@ -83,7 +83,7 @@ def build_context(opts: argparse.Namespace, *, raise_callback_errors: bool = Fal
                           max_loaded=settings.get("memory.max_loaded_models"), offload=devices.offload,
                           on_loaded=on_loaded)
     settings.on_change(lambda key, value: _apply_memory_setting(models, key, value))
-    jobs = JobQueue(str(devices.device))
+    jobs = JobQueue(str(devices.device), on_worker_start=devices.setup_worker_thread)
     ctx = AppContext(opts=opts, paths=paths, settings=settings, devices=devices, models=models, jobs=jobs,
                      callbacks=callbacks, scripts=ScriptRunner(report_error=callbacks.hook_failed))
     ctx_ref.append(ctx)

@@ -1,7 +1,10 @@
-"""Device, dtype and attention-backend choice, plus memory readings.
+"""Device, dtype, attention-backend and CPU-thread choice, plus the one free-memory reading.
 
 Nothing here touches the GPU at import time: :func:`choose_devices` is called
-once from ``main`` and the result travels in the app context.
+once from ``main`` and the result travels in the app context. The device worker
+calls :meth:`Devices.setup_worker_thread` once when it starts; nothing toggles
+torch's thread count afterwards (a thread whose first torch call falls into such
+a toggle would keep the toggled count for good).
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ class Devices:
     #: whether --xformers was given (diagnostics say why it is not in use when *attention* is "sdpa")
     xformers_requested: bool = False
 
+    #: torch intra-op threads for device work on the CPU (decode, prefill, diffusion), set once per worker
+    cpu_threads: int = 0
+
     def __post_init__(self):
         if self.vae_dtype is None:
             self.vae_dtype = self.dtype
@@ -47,20 +53,22 @@ class Devices:
         return psutil.virtual_memory().total
 
     def free_memory(self) -> int:
-        """Measured free bytes: the driver's free memory plus PyTorch's cached-but-unused blocks on CUDA,
-        available RAM elsewhere (MPS shares system memory)."""
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            stats = torch.cuda.memory_stats(self.device)
-            reserved_unused = stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0)
-            return free + max(0, reserved_unused)
-        return psutil.virtual_memory().available
+        return free_memory(self.device)
+
+    def setup_worker_thread(self) -> None:
+        """Give the calling (worker) thread the configured torch thread count; called once per worker.
+
+        ``torch.set_num_threads`` also sets the count that every thread started later begins with, so
+        calling it once here, and nowhere around forward passes, gives every thread the same count.
+        """
+        if self.cpu_threads > 0 and torch.get_num_threads() != self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)
 
     def describe(self) -> dict:
         return {
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "vae dtype": str(self.vae_dtype).replace("torch.", ""),
-            "attention": self.attention_report(), "offload": self.offload,
+            "attention": self.attention_report(), "offload": self.offload, "cpu_threads": self.cpu_threads,
             "total_memory": self.total_memory(), "free_memory": self.free_memory(),
         }
 
@@ -72,6 +80,18 @@ class Devices:
             why = "not installed" if not xformers_available() else f"unusable on {self.device.type} (it needs CUDA)"
             return f"xformers requested but {why}: using PyTorch SDPA"
         return "PyTorch SDPA"
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Measured free bytes on *device*, the one reading every memory decision uses: the driver's free
+    memory plus PyTorch's cached-but-unused blocks on CUDA, available RAM elsewhere (MPS shares it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        stats = torch.cuda.memory_stats(device)
+        reserved_unused = stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0)
+        return free + max(0, reserved_unused)
+    return psutil.virtual_memory().available
 
 
 def xformers_available() -> bool:
@@ -132,5 +152,7 @@ def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool
     offload = "lowvram" if lowvram else "medvram" if medvram else "none"
     for note in notes:
         log.warning(note)
+    # torch's own default: one thread per physical core. Whether LLM decode also splits its matmuls over
+    # that many threads is measured in modules/llm/cpu_threading.py (setting llm.cpu_row_parallel).
     return Devices(device=dev, dtype=dtype, attention=attention, offload=offload, notes=tuple(notes),
-                   vae_dtype=vae_dtype, xformers_requested=bool(xformers))
+                   vae_dtype=vae_dtype, xformers_requested=bool(xformers), cpu_threads=torch.get_num_threads())

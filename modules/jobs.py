@@ -182,9 +182,13 @@ class Job:
 class JobQueue:
     """FIFO of jobs for one device, run by one worker thread."""
 
-    def __init__(self, name: str = "cpu", *, max_batch: int = 8):
+    def __init__(self, name: str = "cpu", *, max_batch: int = 8,
+                 on_worker_start: Callable[[], None] | None = None):
+        """*on_worker_start* runs once in the worker thread before its first job (the device's thread setup:
+        :meth:`modules.devices.Devices.setup_worker_thread`)."""
         self.name = name
         self.max_batch = max_batch
+        self._on_worker_start = on_worker_start
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._running: list[Job] = []
@@ -205,6 +209,22 @@ class JobQueue:
         which returns one result per job (or raises, failing them all)."""
         return self._put(Job(None, name, batch_key=batch_key, payload=payload, run_batch=run_batch, kind=kind,
                              owner=owner))
+
+    def call(self, fn: Callable[[Job], Any], *, name: str = "job", timeout: float | None = None) -> Any:
+        """Run *fn* on the worker and return its result (device work, e.g. loading a model, belongs there).
+
+        Called from inside a job (the worker thread itself) it runs at once: queueing it would wait for the
+        job that is waiting for it.
+        """
+        if self.in_worker:
+            job = Job(fn, name)
+            return fn(job)
+        return self.submit(fn, name=name).result(timeout)
+
+    @property
+    def in_worker(self) -> bool:
+        """True in this queue's worker thread."""
+        return threading.current_thread() is self._worker
 
     def take_waiting(self, batch_key: str, limit: int) -> list[Job]:
         """Claim up to *limit* jobs with *batch_key* that are waiting at the head of the queue (for
@@ -262,6 +282,11 @@ class JobQueue:
         self._running.append(job)
 
     def _loop(self) -> None:
+        if self._on_worker_start is not None:
+            try:
+                self._on_worker_start()
+            except Exception:  # noqa: BLE001 - a failed thread setup must not leave the queue without a worker
+                log.exception("job queue %s: worker setup failed; running with torch's defaults", self.name)
         while True:
             with self._cv:
                 while not self._waiting and not self._closed:

@@ -88,14 +88,9 @@ class SDModel:
     attention: str = "sdpa"
 
     def memory_bytes(self) -> int:
-        seen, total = set(), 0
-        for component in self.pipe.components.values():
-            if isinstance(component, torch.nn.Module):
-                for t in list(component.parameters()) + list(component.buffers()):
-                    if t.data_ptr() not in seen:
-                        seen.add(t.data_ptr())
-                        total += t.numel() * t.element_size()
-        return total
+        """Bytes of the pipeline's weights (shared tensors counted once)."""
+        from modules.weight_bytes import weight_bytes
+        return weight_bytes(self.pipe)
 
     def to(self, device) -> "SDModel":
         """Move the pipeline (the model manager calls this to park idle models on CPU). Under lowvram the

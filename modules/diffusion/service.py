@@ -150,8 +150,7 @@ class DiffusionService:
         self.ctx.settings.set("sd.sd_model_checkpoint", info.title)
         if load:
             try:
-                job = self.ctx.jobs.submit(lambda job: self._switch_to(info), name=f"load {info.title}")
-                job.result()
+                self.ctx.jobs.call(lambda job: self._switch_to(info), name=f"load {info.title}")
             except BaseException as exc:
                 self.ctx.settings.set("sd.sd_model_checkpoint", previous)
                 if isinstance(exc, _SWITCH_ERRORS):
@@ -186,6 +185,7 @@ class DiffusionService:
     # -- models -------------------------------------------------------------------------
     def _lease(self, info):
         from modules.diffusion.loading import load_sd_model
+        from modules.weight_bytes import estimate_load_bytes
         ctx = self.ctx
 
         def load():
@@ -194,7 +194,8 @@ class DiffusionService:
                                  vae_dtype=ctx.devices.vae_dtype, attention=ctx.devices.attention,
                                  offload=ctx.devices.offload)
 
-        size = _path_size(Path(info.filename))
+        # the EMA copy and training leftovers in a full checkpoint are not loaded (see loading.py)
+        size = estimate_load_bytes(info.filename, ctx.devices.dtype, ignore_prefixes=("model_ema.", "loss."))
         return ctx.models.acquire("sd:" + info.title, load, kind="diffusion", size_bytes=size,
                                   meta={"title": info.title, "filename": info.filename})
 
@@ -396,8 +397,3 @@ class CheckedParams:
     checkpoint: Any  # checkpoints.CheckpointInfo
     vae: str  # the SD VAE setting for this job: Automatic, None or a file name
 
-
-def _path_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))

@@ -22,6 +22,7 @@ import torch
 
 from modules.llm.config import LlamaConfig
 from modules.llm.model import Llama
+from modules.weight_bytes import tensors_bytes
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def save_hf_folder(model: Llama, out_dir: str | Path, tokenizer_dir: str | Path 
         save_file(shard, str(out / name), metadata=metadata)
         for key, tensor in shard.items():
             weight_map[key] = name
-            total += tensor.numel() * tensor.element_size()
+            total += tensors_bytes([tensor])
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
@@ -254,7 +255,7 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensors_bytes([tensor])
         if shards[-1] and size + nbytes > max_bytes:
             shards.append({})
             size = 0

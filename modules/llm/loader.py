@@ -35,7 +35,8 @@ class LoadedLLM:
 
     def memory_bytes(self) -> int:
         """Bytes held by the weights (a tied embedding counted once)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        from modules.weight_bytes import weight_bytes
+        return weight_bytes(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -50,34 +51,59 @@ class LoadedLLM:
         return self.config.max_position_embeddings
 
 
-def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             allow_unsafe_pickle: bool = False, cpu_threads: int | None = None,
-             attention: str = "sdpa") -> LoadedLLM:
-    """Load a Hugging Face Llama folder: config, tokenizer and template first (cheap, fail fast), then weights.
+@dataclass
+class LLMFiles:
+    """What a model folder says besides its weights: config, tokenizer, chat template, generation defaults.
 
-    cpu_threads: on CPU, split decode matmuls over this many threads (:class:`~modules.llm.model.RowParallel`);
-    default ``torch.get_num_threads()``; 1 turns it off. attention: "sdpa" or "xformers" (``--xformers``).
+    Cheap to read (no weights), so prompts can be tokenized and planned in the caller's thread while the
+    weights load, and run, on the device worker only.
     """
-    from modules.llm.checkpoint import load_model
+    name: str
+    path: Path
+    config: LlamaConfig
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    generation_config: dict[str, Any] = field(default_factory=dict)
 
+
+def read_llm_files(path: str | Path) -> LLMFiles:
+    """Config, tokenizer, template and generation config of a Hugging Face Llama folder (fails fast)."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"LLM folder {folder} does not exist; models go in models/LLM/<name>/")
-    started = time.perf_counter()
     config = LlamaConfig.from_json_file(folder / "config.json")
     tokenizer = Tokenizer.from_dir(folder)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
                          f"vocab_size is {config.vocab_size}; the tokenizer files belong to another model")
-    template = load_chat_template(folder)
-    generation_config = _read_generation_config(folder / "generation_config.json")
+    return LLMFiles(name=folder.name, path=folder, config=config, tokenizer=tokenizer,
+                    template=load_chat_template(folder),
+                    generation_config=_read_generation_config(folder / "generation_config.json"))
+
+
+def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             allow_unsafe_pickle: bool = False, row_parallel_threads: int = 1,
+             files: LLMFiles | None = None, attention: str = "sdpa") -> LoadedLLM:
+    """Load a Hugging Face Llama folder: config, tokenizer and template first (cheap, fail fast), then weights.
+
+    row_parallel_threads: on CPU, split decode matmuls over this many threads
+    (:class:`~modules.llm.cpu_threading.RowParallel`); 1 leaves them to torch. The service passes the
+    ``llm.cpu_row_parallel`` setting's choice.
+    files: the folder's :func:`read_llm_files`, when the caller has it already (the tokenizer is then shared).
+    attention: "sdpa" or "xformers" (``--xformers``).
+    """
+    from modules.llm.checkpoint import load_model
+
+    folder = Path(path)
+    started = time.perf_counter()
+    files = files or read_llm_files(folder)
     model = load_model(folder, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,
-                       config=config)
+                       config=files.config)
     model.use_attention(attention)
-    if torch.device(device).type == "cpu":
-        model.use_row_parallel(cpu_threads if cpu_threads is not None else torch.get_num_threads())
-    llm = LoadedLLM(name=folder.name, path=folder, config=config, model=model, tokenizer=tokenizer,
-                    template=template, generation_config=generation_config)
+    if torch.device(device).type == "cpu" and row_parallel_threads > 1:
+        model.use_row_parallel(row_parallel_threads)
+    llm = LoadedLLM(name=folder.name, path=folder, config=files.config, model=model, tokenizer=files.tokenizer,
+                    template=files.template, generation_config=files.generation_config)
     log.info("Loaded LLM %s (%.1fM parameters, %s, %s) in %.1f s", folder.name, model.num_parameters() / 1e6,
              str(dtype).replace("torch.", ""), device, time.perf_counter() - started)
     return llm

@@ -18,16 +18,12 @@ instead of materialising H copies (8x less KV memory and bandwidth for TinyLlama
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modules.llm.config import LlamaConfig
+from modules.llm.cpu_threading import RowParallel, project
 
 #: SDPA grew ``enable_gqa`` in torch 2.5 (it is a builtin without an inspectable signature, hence the
 #: docstring check); older versions get K/V expanded per group instead.
@@ -150,112 +146,8 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
-class RowParallel:
-    """Small-batch matrix products split by weight rows over CPU threads (decode is bandwidth-bound).
-
-    Decoding streams every weight once per token. MKL's fp32 GEMV does not spread over two cores
-    (measured ~17 GB/s with 1 or 2 threads on the 2-core dev machine, where a 2-thread read reaches
-    ~31 GB/s), so here the weights are cut into contiguous row blocks (views, no copies) that the
-    calling thread and ``threads - 1`` helpers take one at a time, each running a one-thread product
-    (~26 GB/s). Blocks are claimed dynamically, so a helper the OS is slow to schedule on a busy
-    machine costs nothing: the caller takes the remaining blocks itself. Linears that read the same
-    input (q/k/v, gate/up) are cut together, so a layer costs four hand-offs. During such a forward
-    pass torch runs with one intra-op thread (:meth:`Llama.forward` sets it and restores it after), so
-    other torch work in this process meanwhile runs single-threaded; larger inputs (prefill) use
-    PyTorch's own threading unchanged.
-    """
-
-    def __init__(self, threads: int, max_tokens: int = 16, min_rows: int = 1024, blocks_per_thread: int = 2):
-        self.threads, self.max_tokens, self.min_rows = threads, max_tokens, min_rows
-        self.blocks = threads * blocks_per_thread
-        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="llm-gemv")
-
-    def applies(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.numel() // x.shape[-1] <= self.max_tokens
-
-    def _cut(self, modules: tuple[nn.Linear, ...], total: int) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
-        """Row blocks of the modules' stacked weights, about total/blocks rows each: (module, rows, bias)."""
-        pieces, offset = [], 0
-        for index, module in enumerate(modules):
-            n = module.weight.shape[0]
-            for b in range(self.blocks):
-                lo = max(offset, b * total // self.blocks) - offset
-                hi = min(offset + n, (b + 1) * total // self.blocks) - offset
-                if hi > lo:
-                    bias = module.bias[lo:hi] if module.bias is not None else None
-                    pieces.append((index, module.weight[lo:hi], bias))
-            offset += n
-        return pieces
-
-    def linears(self, x: torch.Tensor, modules: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
-        """``[m(x) for m in modules]``, with row blocks computed by whichever thread is free."""
-        total = sum(m.weight.shape[0] for m in modules)
-        if total < self.min_rows or not self.applies(x):
-            return [m(x) for m in modules]
-        work = _Blocks(self._cut(modules, total), x, torch.is_inference_mode_enabled())
-        for _ in range(self.threads - 1):
-            self._pool.submit(work.run, True)
-        mine = work.run(False)
-        for _ in range(len(work.pieces) - mine):          # wait only for blocks a helper took
-            work.finished.acquire()
-        if work.error is not None:
-            raise work.error
-        outputs: list[list[torch.Tensor]] = [[] for _ in modules]
-        for (index, _, _), y in zip(work.pieces, work.results):
-            outputs[index].append(y)
-        return [o[0] if len(o) == 1 else torch.cat(o, dim=-1) for o in outputs]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
-
-
-class _Blocks:
-    """One call's row blocks, claimed one by one by the caller and the helper threads."""
-
-    def __init__(self, pieces, x: torch.Tensor, inference: bool):
-        self.pieces, self.x, self.inference = pieces, x, inference
-        self.results: list[torch.Tensor | None] = [None] * len(pieces)
-        self._next = itertools.count()                     # next() on a count is atomic under the GIL
-        self.finished = threading.Semaphore(0)             # released once per block a helper finishes
-        self.error: BaseException | None = None
-
-    def run(self, helper: bool) -> int:
-        """Compute blocks until none is left; return how many this thread did."""
-        done = 0
-        # Grad and inference modes are thread-local: use the caller's.
-        with torch.inference_mode() if self.inference else torch.no_grad():
-            for i in iter(self._next.__next__, None):
-                if i >= len(self.pieces):
-                    break
-                _, weight, bias = self.pieces[i]
-                if not helper:
-                    self.results[i] = F.linear(self.x, weight, bias)
-                else:
-                    try:
-                        self.results[i] = F.linear(self.x, weight, bias)
-                    except BaseException as exc:           # handed to the caller, which re-raises it
-                        self.error = exc
-                    self.finished.release()
-                done += 1
-        return done
-
-
-def project(x: torch.Tensor, modules: tuple[nn.Linear, ...], row_parallel: RowParallel | None) -> list[torch.Tensor]:
-    """Apply each linear to ``x``, split over threads when a :class:`RowParallel` is attached."""
-    return row_parallel.linears(x, modules) if row_parallel is not None else [m(x) for m in modules]
-
-
-@contextlib.contextmanager
-def _intra_op_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        from modules.weight_bytes import tensors_bytes
+        return tensors_bytes(self.k + self.v)
 
 
 class Attention(nn.Module):
@@ -370,7 +262,8 @@ class Llama(nn.Module):
         self.row_parallel: RowParallel | None = None
 
     def use_row_parallel(self, threads: int | None) -> None:
-        """Split small-batch CPU matmuls over ``threads`` threads (see :class:`RowParallel`); None or 1: off."""
+        """Split small-batch CPU matmuls over ``threads`` threads (see
+        :class:`~modules.llm.cpu_threading.RowParallel`); None or 1: off. The service attaches it per the ``llm.cpu_row_parallel`` setting."""
         if self.row_parallel is not None:
             self.row_parallel.close()
         self.row_parallel = RowParallel(threads) if threads and threads > 1 else None
@@ -383,12 +276,6 @@ class Llama(nn.Module):
             raise ValueError(f"unknown attention backend {backend!r}: use 'sdpa' or 'xformers'")
         for block in self.model.layers:
             block.self_attn.attention_backend = backend
-
-    def _threads_for(self, x: torch.Tensor):
-        """One intra-op thread per caller while RowParallel does the threading (restored afterwards)."""
-        if self.row_parallel is None or not self.row_parallel.applies(x):
-            return contextlib.nullcontext()
-        return _intra_op_threads(1)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())   # parameters() yields a tied tensor once
@@ -418,16 +305,14 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)                                       # (B, T, D)
         cos, sin = self.rotary(positions, x.dtype)                                   # (B, 1, T, hd)
         mask = self._attention_mask(B, T, past, key_mask, x.device)                  # (B, 1, T, S) | None
-        with self._threads_for(x):
-            for i, block in enumerate(self.model.layers):
-                x = block(x, cos, sin, mask, cache, i)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length = past + T
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
-        with self._threads_for(x):
-            logits = project(x, (self.lm_head,), self.row_parallel)[0]
+        logits = project(x, (self.lm_head,), self.row_parallel)[0]
         return logits.float()                                                        # (B, T|1, V)
 
     @staticmethod

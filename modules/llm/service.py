@@ -3,7 +3,10 @@
 ``ctx.llm`` is one :class:`LLMService`. It
 
 * lists the model folders in ``models/LLM`` and loads / unloads them through the shared model manager
-  (key ``llm:<name>``); generation holds a lease for the whole batch, so a model in use is never evicted;
+  (key ``llm:<name>``), always on the device worker (the job queue), like every other load; generation
+  holds a lease for the whole batch, so a model in use is never evicted;
+* reads each folder's tokenizer, template and config without its weights (:meth:`LLMService.files`), so
+  prompts are tokenized and planned in the caller's thread and nothing there waits for, or does, device work;
 * turns a chat (system prompt + turns) into prompt tokens with the model's chat template, dropping the
   oldest turns when the history does not fit the context (the system prompt is always kept) and saying
   so in the returned :class:`ChatRun`;
@@ -102,6 +105,8 @@ class LLMService:
         self._current: str | None = None
         self._engines: dict[str, LLMEngine] = {}
         self._reported_broken: set[tuple[str, str]] = set()  # (folder, reason) already logged once
+        #: LLMFiles per model name, with the signature of the files they were read from
+        self._files: dict[str, tuple[tuple, Any]] = {}
 
     # -- models ------------------------------------------------------------------------------------------
     @property
@@ -141,35 +146,72 @@ class LLMService:
         available = ", ".join(self.model_names()) or "none"
         raise ModelNotFound(f"no LLM model named {name!r} in {self.models_dir} (available: {available})")
 
+    def files(self, name: str) -> Any:
+        """The :class:`~modules.llm.loader.LLMFiles` of model *name* (config, tokenizer, template; no weights),
+        read once and again only when those files change. Raises ModelNotFound / ModelUnusable."""
+        from modules.llm.loader import read_llm_files
+        path = Path(self._entry(name)["path"])
+        signature = _files_signature(path)
+        with self._lock:
+            cached = self._files.get(name)
+            if cached is not None and cached[0] == signature:
+                return cached[1]
+        try:
+            files = read_llm_files(path)
+        except (ValueError, FileNotFoundError, KeyError, OSError) as exc:
+            raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
+        with self._lock:
+            self._files[name] = (signature, files)
+        return files
+
     def acquire(self, name: str) -> Any:
-        """A model-manager lease on model *name* (loaded on first use). Release it when done."""
-        if self.ctx.models.is_loaded(self.model_key(name)):
+        """A model-manager lease on model *name* (loaded on first use). Release it when done.
+
+        The load, and the move back of a model parked by --medvram, run on the device worker: called from
+        any other thread this queues that work and waits for it.
+        """
+        if not self.ctx.jobs.in_worker:
+            return self.ctx.jobs.call(lambda job: self._lease(name), name=f"load {name}")
+        return self._lease(name)
+
+    def _lease(self, name: str) -> Any:
+        """On the device worker: lease *name*, loading it (with room made first) when it is not in memory."""
+        from modules.llm.cpu_threading import row_parallel_threads
+        from modules.weight_bytes import estimate_load_bytes
+        key = self.model_key(name)
+        if self.ctx.models.is_loaded(key):
             try:  # already in memory: no need to scan the folder again
-                return self.ctx.models.acquire(self.model_key(name), kind="llm")
+                return self.ctx.models.acquire(key, kind="llm")
             except KeyError:
                 pass  # evicted in between; load it below
-        entry = self._entry(name)
-        path = Path(entry["path"])
+        files = self.files(name)
+        path = Path(files.path)
+        devices = self.ctx.devices
+        threads = row_parallel_threads(bool(self.ctx.settings.get("llm.cpu_row_parallel")), devices.cpu_threads)
 
         def load() -> Any:
             from modules.llm.loader import load_llm
             try:
-                return load_llm(path, self.ctx.devices.device, self.ctx.devices.dtype,
+                return load_llm(path, devices.device, devices.dtype, files=files, row_parallel_threads=threads,
                                 allow_unsafe_pickle=bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False)),
-                                attention=self.ctx.devices.attention)
+                                attention=devices.attention)
             except (ValueError, OSError, KeyError) as exc:
                 raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
 
-        return self.ctx.models.acquire(self.model_key(name), load, kind="llm", size_bytes=_folder_weight_bytes(path),
+        return self.ctx.models.acquire(key, load, kind="llm", size_bytes=estimate_load_bytes(path, devices.dtype),
                                        meta={"name": name, "path": str(path)})
 
     def load(self, name: str) -> dict[str, Any]:
-        """Load model *name* (if needed) and make it the current model; returns a description of it."""
-        lease = self.acquire(name)
-        try:
-            info = describe(lease.model)
-        finally:
-            lease.release()
+        """Load model *name* (if needed, on the device worker) and make it the current model; returns a
+        description of it."""
+        def work(job: Any) -> dict[str, Any]:
+            lease = self._lease(name)
+            try:
+                return describe(lease.model)
+            finally:
+                lease.release()
+
+        info = self.ctx.jobs.call(work, name=f"load {name}")
         with self._lock:
             self._current = name
         return info
@@ -271,12 +313,8 @@ class LLMService:
         params = (params or self.default_params()).validate()
         check_messages(messages)
         name = self.resolve_model(model)
-        lease = self.acquire(name)
-        try:
-            plan = self.plan_chat_prompt(lease.model, messages, system_prompt=system_prompt,
-                                         max_new_tokens=params.max_new_tokens, continue_last=continue_last)
-        finally:
-            lease.release()
+        plan = self.plan_chat_prompt(self.files(name), messages, system_prompt=system_prompt,
+                                     max_new_tokens=params.max_new_tokens, continue_last=continue_last)
         if fire_user and messages[-1].get("role") == "user" and not continue_last:
             self.fire_message("user", messages[-1]["content"], chat_id, name)
         request = GenerationRequest(plan.ids, params, label=f"chat {chat_id or ''}".strip(),
@@ -321,25 +359,16 @@ class LLMService:
         """Queue a plain completion of *prompt* (text, or token ids); returns (handle, model name)."""
         params = (params or self.default_params()).validate()
         name = self.resolve_model(model)
-        lease = self.acquire(name)
-        try:
-            llm = lease.model
-            ids = list(prompt) if isinstance(prompt, list) else llm.tokenizer.encode(prompt, add_bos=add_bos)
-            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < llm.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {llm.config.vocab_size}), got {bad[:5]}")
-            ctx_len = context_length(llm)
-        finally:
-            lease.release()
-        check_prompt_fits(len(ids), ctx_len)
+        llm = self.files(name)
+        ids = list(prompt) if isinstance(prompt, list) else llm.tokenizer.encode(prompt, add_bos=add_bos)
+        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < llm.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {llm.config.vocab_size}), got {bad[:5]}")
+        check_prompt_fits(len(ids), context_length(llm))
         return self.engine(name).submit(GenerationRequest(ids, params, label="completion"), owner=owner), name
 
     def count_tokens(self, text: str, model: str | None = None) -> int:
-        lease = self.acquire(self.resolve_model(model))
-        try:
-            return len(lease.model.tokenizer.encode(text, add_bos=False))
-        finally:
-            lease.release()
+        return len(self.files(self.resolve_model(model)).tokenizer.encode(text, add_bos=False))
 
     def fire_message(self, role: str, content: str, chat_id: str | None, model: str | None) -> None:
         self.ctx.callbacks.fire("on_chat_message", role=role, content=content, chat_id=chat_id, model=model,
@@ -395,9 +424,14 @@ def describe(llm: Any) -> dict[str, Any]:
             "memory_mb": round(llm.memory_bytes() / 2**20, 1)}
 
 
-def _folder_weight_bytes(path: Path) -> int:
-    """Size of the weight files: what loading will need, so memory can be freed first."""
-    total = 0
-    for pattern in ("*.safetensors", "*.bin"):
-        total += sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
-    return total
+def _files_signature(folder: Path) -> tuple:
+    """(name, size, mtime) of the files :func:`~modules.llm.loader.read_llm_files` reads: changes when they do."""
+    out = []
+    for name in ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                 "special_tokens_map.json", "generation_config.json", "chat_template.jinja"):
+        try:
+            st = (folder / name).stat()
+            out.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((name, None, None))
+    return tuple(out)

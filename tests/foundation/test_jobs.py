@@ -216,3 +216,25 @@ def test_owners_of_ui_sessions_users_and_api_clients():
     assert api_owner(basic, api_auth=False) == "api"  # unchecked credentials are no identity
     assert api_owner({"authorization": "Basic !!"}, api_auth=True) == "api"
     assert api_owner({}, api_auth=True) == "api"
+
+
+def test_worker_thread_setup_runs_once_in_the_worker_before_the_first_job():
+    calls = []
+    queue = JobQueue("setup", on_worker_start=lambda: calls.append(threading.current_thread().name))
+    try:
+        assert queue.submit(lambda job: threading.current_thread().name).result(5) == "jobs-setup"
+        queue.submit(lambda job: None).result(5)
+        assert calls == ["jobs-setup"]
+    finally:
+        queue.shutdown()
+
+
+def test_call_runs_on_the_worker_and_inline_from_inside_a_job(q):
+    """Device work from any thread goes to the worker; a job that needs more device work (a script switching
+    checkpoints) runs it inline instead of queueing behind itself for ever."""
+    assert q.call(lambda job: threading.current_thread().name, timeout=5) == "jobs-test"
+    nested = q.submit(lambda job: q.call(lambda inner: (threading.current_thread().name, q.in_worker)))
+    assert nested.result(5) == ("jobs-test", True)
+    assert not q.in_worker
+    with pytest.raises(ValueError, match="bad"):
+        q.call(lambda job: (_ for _ in ()).throw(ValueError("bad")), timeout=5)

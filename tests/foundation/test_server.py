@@ -1,5 +1,4 @@
 """The real server in a subprocess: API auth, shared routes, exposure warning, share failure, bad start-ups."""
-import base64
 import json
 import re
 import shutil

@@ -2,6 +2,7 @@
 import threading
 
 import pytest
+import torch
 
 from modules.llm.engine import PromptTooLong
 from modules.llm.sampling import SamplingParams
@@ -173,3 +174,75 @@ def test_abandoned_stream_interrupts_the_reply(service):
     stream.close()  # what Gradio does when the browser tab goes away
     result = runs[0].result(60)
     assert result.finish_reason == "interrupted" and result.completion_tokens < 200
+
+
+def test_models_load_on_the_device_worker_and_prompts_need_no_weights(ctx, service):
+    """Every load runs on the job queue's worker, never in the caller's thread; counting tokens and planning
+    a prompt read only the tokenizer, so they load nothing."""
+    loaded_in = []
+    ctx.callbacks.add("on_model_loaded", lambda **kw: loaded_in.append(threading.current_thread().name),
+                      owner="test")
+    assert service.count_tokens("Hello there") > 0
+    assert ctx.models.loaded("llm") == [], "counting tokens does not load the weights"
+    run = service.chat([{"role": "user", "content": "Hello!"}], greedy(3))
+    assert run.result(60).completion_tokens <= 3
+    assert loaded_in == [ctx.jobs._worker.name], f"loaded in {loaded_in}, not on the worker"
+    service.unload(MODEL)
+    service.load(MODEL)
+    assert loaded_in[-1] == ctx.jobs._worker.name
+    service.unload(MODEL)
+
+
+def test_row_parallel_setting_changes_the_loaded_model(ctx, service):
+    """``llm.cpu_row_parallel`` (on by default, by measurement) attaches the row-parallel GEMV to models
+    loaded afterwards; either way greedy decoding gives the same tokens."""
+    ctx.devices.cpu_threads = max(2, ctx.devices.cpu_threads)
+    prompt = [{"role": "user", "content": "Once upon a time"}]
+    texts = {}
+    for enabled in (False, True):
+        ctx.settings.set("llm.cpu_row_parallel", enabled)
+        lease = service.acquire(MODEL)
+        try:
+            rp = lease.model.model.row_parallel
+            assert (rp is not None) is enabled and (rp is None or rp.threads == ctx.devices.cpu_threads)
+        finally:
+            lease.release()
+        texts[enabled] = service.chat(prompt, greedy(8, ignore_eos=True)).result(60).text
+        service.unload(MODEL)
+    assert texts[False] == texts[True]
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch running with at least two threads")
+def test_threads_started_during_and_after_decode_get_the_configured_count(ctx, service):
+    """torch.set_num_threads is never toggled around a forward pass: a thread whose first torch call happens
+    in the middle of a decode step (here: started from a forward hook) or after generation gets the
+    configured thread count. Before, decode set one thread for each step, and such a thread kept one."""
+    configured = ctx.devices.cpu_threads
+    ctx.settings.set("llm.cpu_row_parallel", True)  # the mode that used to toggle the count
+    seen = {}
+
+    def fresh_thread_count(label):
+        t = threading.Thread(target=lambda: seen.setdefault(label, torch.get_num_threads()))
+        t.start()
+        t.join()
+
+    calls = []
+
+    def on_layer_output(*_):  # runs inside Llama.forward, on the worker
+        calls.append(1)
+        if len(calls) == 2:  # the first decode step after the prefill
+            fresh_thread_count("during")
+
+    lease = service.acquire(MODEL)
+    try:
+        hook = lease.model.model.model.layers[0].register_forward_hook(on_layer_output)
+    finally:
+        lease.release()
+    try:
+        service.chat([{"role": "user", "content": "Hi"}], greedy(4, ignore_eos=True)).result(60)
+    finally:
+        hook.remove()
+    fresh_thread_count("after")
+    assert seen == {"during": configured, "after": configured}
+    assert ctx.jobs.call(lambda job: torch.get_num_threads()) == configured, "the worker has the configured count"
+    service.unload(MODEL)
