@@ -147,8 +147,8 @@ def test_llm_attention_uses_xformers_when_chosen(monkeypatch, fixture_data_dir):
     calls: list = []
     fake_xformers(monkeypatch, calls)
     folder = next(p for p in (fixture_data_dir / "models" / "LLM").iterdir() if p.is_dir())
-    sdpa = load_llm(folder, cpu_threads=1)
-    xf = load_llm(folder, cpu_threads=1, attention="xformers")
+    sdpa = load_llm(folder)
+    xf = load_llm(folder, attention="xformers")
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.no_grad():
         expected, got = sdpa.model(ids), xf.model(ids)
