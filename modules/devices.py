@@ -42,10 +42,6 @@ class Devices:
         if self.vae_dtype is None:
             self.vae_dtype = self.dtype
 
-    @property
-    def is_cpu(self) -> bool:
-        return self.device.type == "cpu"
-
     def total_memory(self) -> int:
         """Bytes of memory models on this device can use."""
         if self.device.type == "cuda":
