@@ -91,20 +91,37 @@ def ensure_chromium() -> None:
               "'sudo apt-get install chromium' (Debian/Ubuntu).", flush=True)
 
 
-def run_tests(pytest_args: list[str]) -> int:
-    install_requirements(REPO / "requirements.txt")
-    install_requirements(REPO / "requirements-test.txt")
-    ensure_chromium()
+def run_tests(pytest_args: list[str], *, install: bool = True) -> int:
+    """Run pytest (on *pytest_args*, default ``tests``) and return its exit code; first install the runtime
+    and test requirements and Chromium unless *install* is False (``--run-tests --skip-install``)."""
+    if install:
+        install_requirements(REPO / "requirements.txt")
+        install_requirements(REPO / "requirements-test.txt")
+        ensure_chromium()
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(pytest_args or ["tests"])]
     print("launch.py:", " ".join(command), flush=True)
     return subprocess.run(command, cwd=REPO).returncode
+
+
+def prepare_environment(opts, extensions, *, install=install_requirements, installers=None) -> bool:
+    """Install what ``requirements.txt`` lists and is missing, then run the enabled extensions'
+    ``install.py``; nothing at all under ``--skip-install``. Returns whether it installed.
+
+    *install* and *installers* are the two steps (injectable, so a test can see which ran)."""
+    if opts.skip_install:
+        return False
+    if installers is None:
+        from modules.extensions.loader import run_installers as installers
+    install(REPO / "requirements.txt")
+    installers([e for e in extensions if e.enabled])
+    return True
 
 
 def main(argv: list[str]) -> None:
     check_python()
     sys.path.insert(0, str(REPO))
     from modules.cli import parse_args, preparse
-    from modules.extensions.loader import discover, run_installers
+    from modules.extensions.loader import discover
     from modules.paths import Paths
 
     pre = preparse(argv)
@@ -114,10 +131,8 @@ def main(argv: list[str]) -> None:
     opts = parse_args(argv, extension_dirs=[e.path for e in extensions])
 
     if opts.run_tests:
-        raise SystemExit(run_tests(opts.pytest_args))
-    if not opts.skip_install:
-        install_requirements(REPO / "requirements.txt")
-        run_installers([e for e in extensions if e.enabled])
+        raise SystemExit(run_tests(opts.pytest_args, install=not opts.skip_install))
+    prepare_environment(opts, extensions)
     if opts.diagnose:
         import webui
         from modules import diagnostics

@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--medvram", action="store_true",
                      help="offload whole models: idle models are parked in CPU RAM between uses")
     dev.add_argument("--lowvram", action="store_true",
-                     help="offload submodules: weights stay in CPU RAM and each layer is moved to the device "
-                          "only for its part of the forward pass (slowest, least device memory)")
+                     help="offload submodules: Stable Diffusion's weights stay in CPU RAM and each layer is moved "
+                          "to the device only for its part of the forward pass (slowest, least device memory); "
+                          "language models are offloaded whole, as with --medvram")
     dev.add_argument("--xformers", action="store_true",
                      help="use xformers memory-efficient attention (diffusion and LLM) when installed")
 
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--enable-insecure-extension-access", action="store_true",
                      help="allow extension installs and changes even when the server is exposed")
     ext.add_argument("--allow-unsafe-pickle", action="store_true",
-                     help="allow loading pickled .ckpt/.bin files (with torch weights_only=True)")
+                     help="allow loading pickled model files (.ckpt/.bin/.pt/.pth: checkpoints, LLM weights, "
+                          "embeddings, upscalers), still with torch weights_only=True")
 
     misc = p.add_argument_group("maintenance")
     misc.add_argument("--diagnose", action="store_true", help="print the diagnostics report and exit")

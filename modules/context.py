@@ -54,7 +54,7 @@ class AppContext:
     @property
     def exposed(self) -> bool:
         """True when the server is reachable from other machines (--listen or --share)."""
-        return bool(self.opts.listen or self.opts.share or (self.opts.server_name not in (None, "", "127.0.0.1", "localhost")))
+        return bool(self.opts.listen or self.opts.share or (self.opts.server_name not in (None, "", "127.0.0.1", "localhost", "::1")))
 
     @property
     def extension_changes_allowed(self) -> bool:

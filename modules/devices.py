@@ -42,10 +42,6 @@ class Devices:
         if self.vae_dtype is None:
             self.vae_dtype = self.dtype
 
-    @property
-    def is_cpu(self) -> bool:
-        return self.device.type == "cpu"
-
     def total_memory(self) -> int:
         """Bytes of memory models on this device can use."""
         if self.device.type == "cuda":
@@ -102,6 +98,24 @@ def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
+def offload_notes(offload: str, device: torch.device) -> list[str]:
+    """What --medvram / --lowvram can and cannot do on *device*, said at start-up so neither flag is
+    silently a no-op: on the CPU the weights already live in RAM, so there is nothing to offload to."""
+    if offload == "none":
+        return []
+    if device.type == "cpu":
+        if offload == "medvram":
+            return ["--medvram has no effect on the CPU: models already live in RAM (it parks idle models "
+                    "off an accelerator); leave it out"]
+        return ["--lowvram saves no memory on the CPU (the weights already live in RAM) and makes Stable "
+                "Diffusion slower: it still moves each layer's weights in for its part of the forward pass; "
+                "leave it out"]
+    if offload == "lowvram":
+        return ["--lowvram: Stable Diffusion moves each layer to the device only for its part of the forward "
+                "pass; language models are offloaded whole between uses, as with --medvram"]
+    return []
+
+
 def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool = False,
                    medvram: bool = False, lowvram: bool = False, no_half: bool = False,
                    no_half_vae: bool = False) -> Devices:
@@ -150,6 +164,7 @@ def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool
             why = "not installed" if not xformers_available() else f"unusable on {dev.type} (it needs CUDA)"
             notes.append(f"--xformers: xformers requested but {why}: using PyTorch SDPA attention")
     offload = "lowvram" if lowvram else "medvram" if medvram else "none"
+    notes.extend(offload_notes(offload, dev))
     for note in notes:
         log.warning(note)
     # torch's own default: one thread per physical core. Whether LLM decode also splits its matmuls over

@@ -16,9 +16,6 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 #: Model folders A1111 users expect, plus ``LLM`` for language models.
 MODEL_FOLDERS = ("Stable-diffusion", "Lora", "VAE", "embeddings", "LLM", "ESRGAN")
 
-#: Output folders (the only files the web server may serve).
-OUTPUT_FOLDERS = ("txt2img-images", "img2img-images", "txt2img-grids", "img2img-grids", "extras-images")
-
 
 class DataDirError(RuntimeError):
     """The data dir cannot be created or written to."""
@@ -54,11 +51,6 @@ class Paths:
     @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
-
-    def output_dir(self, kind: str) -> Path:
-        if kind not in OUTPUT_FOLDERS:
-            raise ValueError(f"unknown output folder {kind!r}; expected one of {', '.join(OUTPUT_FOLDERS)}")
-        return self.outputs_dir / kind
 
     @property
     def user_extensions_dir(self) -> Path:
@@ -99,9 +91,6 @@ class Paths:
     def inside_data(self, path: str | os.PathLike) -> bool:
         """True when *path* (after resolving links and ``..``) lies in the data dir."""
         return _is_within(Path(path), self.data_dir)
-
-    def inside_outputs(self, path: str | os.PathLike) -> bool:
-        return _is_within(Path(path), self.outputs_dir)
 
     def resolve_in_data(self, relative: str | os.PathLike) -> Path:
         """Join *relative* onto the data dir and refuse anything that escapes it."""

@@ -161,8 +161,13 @@ def start_share_tunnel(host: str, port: int) -> None:
     threading.Thread(target=run, name="share-tunnel", daemon=True).start()
 
 
-def serve(ctx, app: FastAPI) -> None:
-    """Run the server until interrupted."""
+def start(ctx, app: FastAPI, *, open_browser=None):
+    """Start serving *app* in a background thread and return ``(server, thread)`` once it listens.
+
+    Binds ``--server-name`` / ``--listen``'s address on ``--port``, logs the exposure warning, fires
+    ``on_app_started``, opens the ``--share`` tunnel and, with ``--autolaunch`` and a web UI, opens the
+    local URL with *open_browser* (default ``webbrowser.open``; a parameter so tests can see the call).
+    """
     import uvicorn
 
     opts = ctx.opts
@@ -188,8 +193,16 @@ def serve(ctx, app: FastAPI) -> None:
     if opts.share:
         start_share_tunnel(host, opts.port)
     if opts.autolaunch and not opts.nowebui:
-        import webbrowser
-        webbrowser.open(f"http://{shown}:{opts.port}")
+        if open_browser is None:
+            import webbrowser
+            open_browser = webbrowser.open
+        open_browser(f"http://{shown}:{opts.port}")
+    return server, thread
+
+
+def serve(ctx, app: FastAPI) -> None:
+    """Run the server until interrupted."""
+    server, thread = start(ctx, app)
     try:
         while thread.is_alive():
             thread.join(0.5)

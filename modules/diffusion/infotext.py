@@ -160,11 +160,6 @@ def _split_legacy_sampler(res: dict[str, Any]) -> None:
             return
 
 
-def lora_hashes(res: dict[str, Any]) -> dict[str, str]:
-    """``Lora hashes`` of a parsed infotext as {name: hash}."""
-    return _hash_map(res.get("Lora hashes", ""))
-
-
 def _hash_map(value: str) -> dict[str, str]:
     out = {}
     for item in str(value or "").split(","):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from modules.diffusion.images import HR_UPSCALERS, RESIZE_MODES
@@ -289,11 +289,3 @@ class Processed:
 
     def js(self) -> str:
         return json.dumps(self.info(), ensure_ascii=False, default=str)
-
-
-def params_dict(p: GenerationParams) -> dict[str, Any]:
-    """The request echoed back as ``parameters`` (images left out: they are in ``images``)."""
-    data = asdict(p.copy(init_images=[], mask=None, runner=None))
-    data.pop("extra_generation_params", None)
-    data.pop("runner", None)
-    return data

@@ -115,12 +115,6 @@ class StyleStore:
         self._write(styles)
         return new
 
-    def delete_style(self, name: str) -> None:
-        styles = self.load()
-        if not any(s.name == name for s in styles):
-            raise StyleError(f"unknown style {name!r}")
-        self._write([s for s in styles if s.name != name])
-
     def _write(self, styles: list[PromptStyle]) -> None:
         columns = list(FIELDS) + sorted({k for s in styles for k in s.extra} - set(FIELDS))
         buf = io.StringIO()

@@ -84,6 +84,3 @@ class Callbacks:
                 error_list.append(entry)
         if self.raise_errors:
             raise exc
-
-    def errors_for(self, owner: str) -> list[CallbackError]:
-        return [e for e in self.errors if e.owner == owner]

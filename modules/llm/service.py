@@ -233,9 +233,6 @@ class LLMService:
         name = self._current
         return name if name and self.ctx.models.is_loaded(self.model_key(name)) else None
 
-    def loaded_models(self) -> list[str]:
-        return [e.get("name") or e["key"].removeprefix("llm:") for e in self.ctx.models.loaded("llm")]
-
     def resolve_model(self, name: str | None = None) -> str:
         """The model a request means: the one named, else the current one, else the default setting, else the
         only/first available one. Raises ModelNotFound when there is none."""

@@ -16,10 +16,6 @@ import gradio as gr
 from modules.diffusion.processing import GenerationParams
 from modules.job_owner import ui_owner
 
-#: GenerationParams field -> infotext-facing label, for the PNG Info "Send to" buttons.
-FORM_FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height", "cfg_scale",
-               "seed", "batch_size", "n_iter", "denoising_strength")
-
 
 @dataclass
 class GenerationForm:
