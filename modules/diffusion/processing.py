@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -122,6 +123,16 @@ class InvalidGenerationParams(ValueError):
         self.problems = list(problems)
         super().__init__("Invalid generation parameters: " + "; ".join(self.problems))
 
+    @property
+    def errors(self) -> dict[str, str]:
+        """Each problem by the field it names (problems read ``field=value: fix``), for the API's ``errors``."""
+        out: dict[str, str] = {}
+        for problem in self.problems:
+            head, sep, _rest = problem.partition("=")
+            field = head.strip() if sep and re.fullmatch(r"[\w.\[\]'\"]+", head.strip()) else "request"
+            out[field] = problem if field not in out else out[field] + "; " + problem
+        return out
+
 
 def _whole(value: Any, low: int, high: int) -> bool:
     """A whole number (not a bool, which JSON clients send by mistake) within [low, high]."""
@@ -180,9 +191,11 @@ def parameter_problems(p: GenerationParams, *, samplers: list[str] | None = None
         bad("scheduler", p.scheduler, f"unknown schedule type; valid: {', '.join(schedules)}")
     if not _number(p.denoising_strength, 0, 1):
         bad("denoising_strength", p.denoising_strength, "must be a number from 0 to 1")
+    if p.enable_hr and not _number(p.hr_scale, 1, 8):
+        bad("hr_scale", p.hr_scale, "must be a number from 1 to 8")
+    elif not _number(p.hr_scale, 0, 8):  # unused without enable_hr, but never a nonsense value
+        bad("hr_scale", p.hr_scale, "must be a number from 1 to 8 (it is used with enable_hr)")
     if p.enable_hr:
-        if not _number(p.hr_scale, 1, 8):
-            bad("hr_scale", p.hr_scale, "must be a number from 1 to 8")
         if p.hr_upscaler not in HR_UPSCALERS:
             bad("hr_upscaler", p.hr_upscaler, f"unknown upscaler; valid: {', '.join(HR_UPSCALERS)}")
         for name in ("hr_resize_x", "hr_resize_y"):

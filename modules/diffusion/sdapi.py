@@ -70,6 +70,49 @@ def check_field_types(data: dict[str, Any]) -> None:
         raise RequestError("; ".join(f"{k}: {v}" for k, v in errors.items()), errors=errors)
 
 
+#: A1111 request fields Atelier has no feature behind, with the values that mean "off" (A1111's defaults, which
+#: clients such as webuiapi always send). Any other value is a 422 naming the field, never silently ignored.
+UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
+    "restore_faces": ((False,), "Atelier has no face restoration"),
+    "tiling": ((False,), "tiling (seamless textures) is not implemented"),
+    "s_churn": ((0,), "sampler noise parameters (s_churn, s_tmin, s_tmax, s_noise) are not implemented"),
+    "s_tmin": ((0,), "sampler noise parameters (s_churn, s_tmin, s_tmax, s_noise) are not implemented"),
+    "s_tmax": ((0, float("inf")), "sampler noise parameters (s_churn, s_tmin, s_tmax, s_noise) are not implemented"),
+    "s_noise": ((1,), "sampler noise parameters (s_churn, s_tmin, s_tmax, s_noise) are not implemented"),
+    "s_min_uncond": ((0,), "s_min_uncond (skipping the negative prompt early) is not implemented"),
+    "initial_noise_multiplier": ((1,), "initial_noise_multiplier is not implemented"),
+    "hr_checkpoint_name": (("", "Use same checkpoint"), "hires fix with another checkpoint is not implemented"),
+    "hr_sampler_name": (("", "Use same sampler"), "hires fix with another sampler is not implemented"),
+    "hr_scheduler": (("", "Use same scheduler"), "hires fix with another scheduler is not implemented"),
+    "hr_prompt": (("",), "a separate hires-fix prompt is not implemented"),
+    "hr_negative_prompt": (("",), "a separate hires-fix negative prompt is not implemented"),
+    "refiner_checkpoint": (("", "None"), "the SDXL refiner is not implemented"),
+    "refiner_switch_at": ((0,), "the SDXL refiner is not implemented"),
+    "disable_extra_networks": ((False,), "disable_extra_networks is not implemented"),
+    "firstphase_width": ((0,), "firstphase_width/height (old hires fix) are not implemented: use hr_scale"),
+    "firstphase_height": ((0,), "firstphase_width/height (old hires fix) are not implemented: use hr_scale"),
+}
+
+
+def check_unsupported_fields(data: dict[str, Any]) -> None:
+    """RequestError (422) naming each A1111 field that asks for something Atelier does not do."""
+    errors = {}
+    for name, (off, why) in UNSUPPORTED_FIELDS.items():
+        value = data.get(name)
+        if value is None or any(_same(value, v) for v in off):
+            continue
+        errors[name] = f"{why}; send {off[0]!r} or leave it out (got {value!r:.60})"
+    if errors:
+        raise RequestError("; ".join(f"{k}: {v}" for k, v in errors.items()), errors=errors)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal JSON values, where a boolean equals only a boolean (``0 == False`` in Python)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
 def json_type(value: Any) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
             dict: "object"}.get(type(value), type(value).__name__)
@@ -154,6 +197,7 @@ def params_from_request(req: dict[str, Any], *, img2img: bool):
     if not isinstance(req, dict):
         raise RequestError("the request body must be a JSON object")
     check_field_types(req)
+    check_unsupported_fields(req)
     data = dict(req)
     if data.get("infotext"):
         base = params_from_infotext(parse_generation_parameters(str(data["infotext"])))
@@ -232,12 +276,14 @@ def build_router(ctx) -> APIRouter:
             return error_response(exc.status, exc.error, exc.detail, exc.errors)
         except Exception as exc:  # noqa: BLE001 - a failed job is reported; the server keeps serving
             from modules.api.client_errors import classify
+            from modules.diffusion.processing import InvalidGenerationParams
             status, error, detail = classify(exc)
             if isinstance(exc, ValueError) and status == 422:
                 error = "Invalid generation parameters"
             if status >= 500:
                 log.exception("generation failed")
-            return error_response(status, error, detail)
+            fields = exc.errors if isinstance(exc, InvalidGenerationParams) else None
+            return error_response(status, error, detail, fields)
         send = req.get("send_images", True) if isinstance(req, dict) else True
         images = [encode_png(img, img.info.get("parameters")) for img in processed.images] if send else []
         return {"images": images, "parameters": _echo(req), "info": processed.js()}

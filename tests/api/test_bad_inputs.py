@@ -50,6 +50,12 @@ def _openai_error(r, status, param=None):
     ({"prompt": "x", "cfg_scale": "7"}, "cfg_scale"),
     ({"prompt": "a \ud800 cat"}, "prompt"),
     ({"prompt": "x", "override_settings": {"sd_model_checkpoint": 123}}, "override_settings.sd_model_checkpoint"),
+    ({"prompt": "x", "restore_faces": True}, "restore_faces"),  # no face restoration: not silently ignored
+    ({"prompt": "x", "restore_faces": 3}, "restore_faces"),
+    ({"prompt": "x", "tiling": "x"}, "tiling"),
+    ({"prompt": "x", "s_noise": 0.5}, "s_noise"),
+    ({"prompt": "x", "hr_prompt": "another prompt"}, "hr_prompt"),
+    ({"prompt": "x", "hr_scale": -2}, "hr_scale"),  # unused without enable_hr, still never nonsense
 ])
 def test_txt2img_type_errors_are_422_naming_the_field(app_env, payload, field):
     _ctx, client, _data = app_env
@@ -162,3 +168,15 @@ def test_wrong_method_is_405_and_validation_errors_have_the_shape(app_env):
     _sd_error(client.post("/sdapi/v1/options", json=[1, 2]), 422)
     _sd_error(client.get("/sdapi/v1/progress", params={"skip_current_image": "maybe"}), 422, "skip_current_image")
     _sd_error(client.get("/sdapi/v1/no-such-route"), 404)
+
+
+def test_a1111_defaults_for_unsupported_fields_are_accepted():
+    """What webuiapi sends on every call (restore_faces False, s_noise 1, hr_checkpoint_name None ...) stays valid."""
+    import inspect
+
+    import webuiapi
+
+    from modules.diffusion.sdapi import check_unsupported_fields
+    defaults = {k: v.default for k, v in inspect.signature(webuiapi.WebUIApi.txt2img).parameters.items()}
+    defaults.update({k: v.default for k, v in inspect.signature(webuiapi.WebUIApi.img2img).parameters.items()})
+    check_unsupported_fields({k: v for k, v in defaults.items() if v is not inspect.Parameter.empty})
