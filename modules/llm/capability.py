@@ -17,8 +17,9 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 def settings_section() -> SettingsSection:
     return SettingsSection("llm", "Chat / LLM", [
         SettingSpec("llm.default_model", "", "Default LLM (folder name in models/LLM; empty = first found)", str),
-        SettingSpec("llm.cpu_row_parallel", ROW_PARALLEL_DEFAULT, "CPU decode: split matrix products over threads "
-                    "by rows (models loaded afterwards; on by measurement, see docs/performance.md)", bool),
+        SettingSpec("llm.cpu_row_parallel", ROW_PARALLEL_DEFAULT,
+                    "CPU decode: split matrix products over threads by rows (models loaded afterwards; off by "
+                    "measurement on an idle machine, see docs/performance.md)", bool),
         SettingSpec("llm.system_prompt", DEFAULT_SYSTEM_PROMPT, "Default system prompt", str),
         # ranges are what SamplingParams.validate and the OpenAI API accept; the Chat sliders are built from them
         SettingSpec("llm.max_new_tokens", 512, "Max new tokens per reply", int, minimum=1, maximum=32768, step=1),

@@ -11,12 +11,13 @@ either way, against 52 GB/s for one unsplit 2-thread product).
 
 Whether :class:`RowParallel` earns its place is measured with ``benchmarks/llm_decode.py`` (the 1.1B
 shape, batch-1 decode, with and without it in the same rounds); ``docs/performance.md`` has the tables
-behind the default :data:`ROW_PARALLEL_DEFAULT`. In short, on the shared 2-core dev machine
-(``python benchmarks/llm_decode.py --rounds 3 --skip-hf``, 2026-12-01): on a quiet machine the two are
-within 4% (5.60 vs 5.80 tok/s), and whenever other processes compete for the cores the row-parallel
-product is 2-3x faster (5.59 vs 2.84, 2.62 vs 1.37, 2.46 vs 0.81 tok/s), because its blocks are claimed
-dynamically while an OpenMP team waits at a barrier for its slowest thread. The setting
-``llm.cpu_row_parallel`` switches it for models loaded afterwards.
+behind the default :data:`ROW_PARALLEL_DEFAULT`. In short, on the 2-core dev machine with nothing else
+running (``python benchmarks/llm_decode.py --rounds 3 --skip-hf``, 2026-12-01, read bandwidth 31 GB/s)
+torch's own threading decodes at 6.59-6.72 tok/s and the row-parallel product at 5.36-5.59 tok/s, so it is
+**off** by default. While other processes compete for the cores the row-parallel product was 2-3x faster
+(2.62 vs 1.37, 2.46 vs 0.81 tok/s), because its blocks are claimed dynamically while an OpenMP team
+waits at a barrier for its slowest thread; a machine that is always busy may want the setting
+``llm.cpu_row_parallel`` on (it applies to models loaded afterwards).
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: on: faster batch-1 decode of the 1.1B shape in 4 of 5 measured rounds on the 2-core dev machine
-#: (median 2.62 vs 1.37 tok/s over both runs in docs/performance.md); 4% slower only when the machine is idle
-ROW_PARALLEL_DEFAULT = True
+#: off: on the quiet 2-core dev machine torch's threading decodes the 1.1B shape 20% faster (6.69 vs 5.57
+#: tok/s, median of 3 interleaved rounds, docs/performance.md); row-parallel only wins when the cores are busy
+ROW_PARALLEL_DEFAULT = False
 
 
 def row_parallel_threads(enabled: bool, cpu_threads: int) -> int:

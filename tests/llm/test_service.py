@@ -194,7 +194,7 @@ def test_models_load_on_the_device_worker_and_prompts_need_no_weights(ctx, servi
 
 
 def test_row_parallel_setting_changes_the_loaded_model(ctx, service):
-    """``llm.cpu_row_parallel`` (on by default, by measurement) attaches the row-parallel GEMV to models
+    """``llm.cpu_row_parallel`` (off by default, by measurement) attaches the row-parallel GEMV to models
     loaded afterwards; either way greedy decoding gives the same tokens."""
     ctx.devices.cpu_threads = max(2, ctx.devices.cpu_threads)
     prompt = [{"role": "user", "content": "Once upon a time"}]
