@@ -1,0 +1,31 @@
+"""``python -m modules.training <command> ...`` (also under ``torchrun``): one command line for the Train tab,
+the tests and people. Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int``;
+only commands that exist are listed."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: command name -> module implementing it
+COMMANDS: dict[str, str] = {
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modules.training", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        command = sub.add_parser(name, help=(module.__doc__ or "").strip().split("\n")[0])
+        module.add_arguments(command)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
