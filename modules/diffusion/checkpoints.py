@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -141,14 +142,26 @@ def cached_digest(path: str | os.PathLike, cache_dir: str | os.PathLike | None,
         return known
     digest = compute(path)
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / HASH_CACHE_FILE
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache = _read_cache(cache_file)
-        cache[_cache_key(path, tag)] = {"sha256": digest, "signature": _signature(path)}
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_file)  # atomic: a concurrent reader sees the old or the new file
+        _remember(Path(cache_dir) / HASH_CACHE_FILE, _cache_key(path, tag),
+                  {"sha256": digest, "signature": _signature(path)})
     return digest
+
+
+def _remember(cache_file: Path, key: str, entry: dict) -> None:
+    """Add *entry* to the JSON cache file atomically. Every writer (any thread, any process) writes its own
+    temporary file and renames it into place, so a concurrent reader sees the old or the new file and two
+    writers never rename each other's file away; at worst one entry is lost and computed again later."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=cache_file.name + ".", suffix=".tmp", dir=cache_file.parent)
+    try:
+        cache = _read_cache(cache_file)  # read as late as possible: keeps entries other writers just added
+        cache[key] = entry
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(cache, out, indent=1)
+        os.replace(tmp, cache_file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def model_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> str:

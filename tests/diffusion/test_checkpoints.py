@@ -157,3 +157,35 @@ def test_fixtures_are_byte_identical_across_runs(fixture_data_dir, tmp_path):
     assert len(ours) > 20
     theirs = digests(fixture_data_dir, [fixture_data_dir / Path(p).relative_to(tmp_path) for p in fresh])
     assert ours == theirs
+
+
+def test_hash_cache_survives_concurrent_writers(tmp_path):
+    """Regression (issue 7 probe): parallel requests hashing different files in one process all renamed the same
+    ``model_hashes.<pid>.tmp``; the losers failed with FileNotFoundError (a 500 on txt2img)."""
+    import json
+    import threading
+
+    from modules.diffusion.checkpoints import HASH_CACHE_FILE, cached_digest
+    files = []
+    for i in range(16):
+        f = tmp_path / f"m{i}.bin"
+        f.write_bytes(bytes([i]) * 1024)
+        files.append(f)
+    errors, start = [], threading.Barrier(16)
+
+    def hash_one(f):
+        start.wait()
+        try:
+            for _ in range(5):
+                cached_digest(f, tmp_path / "cache", lambda p: p.name, tag=str(_))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hash_one, args=(f,)) for f in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    json.loads((tmp_path / "cache" / HASH_CACHE_FILE).read_text())  # whole, valid JSON
+    assert not list((tmp_path / "cache").glob("*.tmp"))
