@@ -226,7 +226,14 @@ def probe_corrupt_files(data_dir: Path) -> dict:
                       ("POST", "/v1/chat/completions", {"model": "tiny-llama-gqa", "max_tokens": 4,
                                                         "messages": [{"role": "user", "content": "hi"}]})]
             for method, path, body in checks:
-                response = client.request(method, path, json=body)
+                try:
+                    response = client.request(method, path, json=body)
+                except httpx.TransportError as exc:
+                    failures.append(f"{method} {path}: no answer ({type(exc).__name__})")
+                    if server.process.poll() is not None:
+                        failures.append(f"the server died: {server.log()[-300:]}")
+                        return {"broken_files": written, "failures": failures}
+                    continue
                 if response.status_code != 200:
                     failures.append(f"{method} {path}: {response.status_code} {response.text[:200]}")
             models = client.get("/v1/models").json().get("data", [])
