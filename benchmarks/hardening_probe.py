@@ -252,7 +252,8 @@ def probe_concurrency(url: str, clients: int) -> dict:
 
     n_chat = clients * 3 // 4
     n_image = clients - n_chat
-    max_tokens = 24
+    max_tokens = 160
+    streaming = threading.Semaphore(0)  # released once per chat when its first tokens arrive
     results: dict[str, list] = {"chat": [], "image": []}
     errors: list[str] = []
     lock = threading.Lock()
@@ -264,8 +265,11 @@ def probe_concurrency(url: str, clients: int) -> dict:
                 model="tiny-llama-gqa", messages=[{"role": "user", "content": f"Tell me a story {i}"}],
                 max_tokens=max_tokens, stream=True, temperature=0.8, seed=i,
                 extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
-            finish, tokens = None, None
+            finish, tokens, first = None, None, True
             for chunk in stream:
+                if first and chunk.choices and chunk.choices[0].delta.content:
+                    streaming.release()
+                    first = False
                 if chunk.choices and chunk.choices[0].finish_reason:
                     finish = chunk.choices[0].finish_reason
                 if chunk.usage:
@@ -295,7 +299,9 @@ def probe_concurrency(url: str, clients: int) -> dict:
     start = time.monotonic()
     for thread in threads:
         thread.start()
-    time.sleep(1.5)
+    for _ in range(n_chat):  # interrupt while every chat is streaming (and image jobs are queued or running)
+        if not streaming.acquire(timeout=120):
+            break
     interrupt = httpx.post(url + "/sdapi/v1/interrupt", timeout=30)
     for thread in threads:
         thread.join()
@@ -335,7 +341,10 @@ def probe_login(data_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--only", choices=("bad", "corrupt", "concurrent", "login"), action="append",
+                        help="run only these parts (repeatable; default: all)")
     args = parser.parse_args()
+    parts = set(args.only or ("bad", "corrupt", "concurrent", "login"))
     from modules.fixtures import write_all
 
     root = Path(tempfile.mkdtemp(prefix="atelier-probe-"))
@@ -343,55 +352,63 @@ def main() -> None:
         base = root / "base"
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         write_all(str(base))
-        rows = []
-        bad_dir, conc_dir = root / "bad", root / "concurrent"
-        shutil.copytree(base, bad_dir)
-        shutil.copytree(base, conc_dir)
-        servers = [start_server(bad_dir, "--api")]
+        rows, details = [], []
+        if "bad" in parts:
+            bad_dir = root / "bad"
+            shutil.copytree(base, bad_dir)
+            servers = [start_server(bad_dir, "--api")]
 
-        def restart():
-            servers.append(start_server(bad_dir, "--api"))
-            return servers[-1]
-        try:
-            bad = probe_bad_inputs(servers[0], restart)
-        finally:
-            for server in servers:
+            def restart():
+                servers.append(start_server(bad_dir, "--api"))
+                return servers[-1]
+            try:
+                bad = probe_bad_inputs(servers[0], restart)
+            finally:
+                for server in servers:
+                    server.stop()
+            c = bad["counts"]
+            rows.append(("bad inputs tried", c["tried"]))
+            rows.append(("  answered with a clear 4xx", c["clear_4xx"]))
+            rows.append(("  answered 200 with a warning naming it (A1111)", c["warned"]))
+            rows.append(("  4xx without the field / error shape", c["unclear_4xx"]))
+            rows.append(("  5xx", c["5xx"]))
+            rows.append(("  accepted (2xx)", c["accepted"]))
+            details += bad["problems"]
+        if "corrupt" in parts:
+            corrupt_dir = root / "corrupt"
+            shutil.copytree(base, corrupt_dir)
+            corrupt = probe_corrupt_files(corrupt_dir)
+            rows.append(("broken model files written", corrupt["broken_files"]))
+            rows.append(("  listing/refresh/generation failures", len(corrupt["failures"])))
+            details += corrupt["failures"]
+        if "concurrent" in parts:
+            conc_dir = root / "concurrent"  # a fresh data dir: nothing the bad inputs did carries over
+            shutil.copytree(base, conc_dir)
+            server = start_server(conc_dir, "--api")
+            try:
+                conc = probe_concurrency(server.url, args.clients)
+            finally:
                 server.stop()
-        server = start_server(conc_dir, "--api")  # a fresh data dir: nothing the bad inputs did carries over
-        try:
-            conc = probe_concurrency(server.url, args.clients)
-        finally:
-            server.stop()
-        c = bad["counts"]
-        rows.append(("bad inputs tried", c["tried"]))
-        rows.append(("  answered with a clear 4xx", c["clear_4xx"]))
-        rows.append(("  answered 200 with a warning naming it (A1111)", c["warned"]))
-        rows.append(("  4xx without the field / error shape", c["unclear_4xx"]))
-        rows.append(("  5xx", c["5xx"]))
-        rows.append(("  accepted (2xx)", c["accepted"]))
-        corrupt_dir = root / "corrupt"
-        shutil.copytree(base, corrupt_dir)
-        corrupt = probe_corrupt_files(corrupt_dir)
-        rows.append(("broken model files written", corrupt["broken_files"]))
-        rows.append(("  listing/refresh/generation failures", len(corrupt["failures"])))
-        rows.append((f"concurrent clients ({conc['chats']} chats, {conc['images']} txt2img)", conc["clients"]))
-        rows.append(("  interrupt answered", conc["interrupt_status"]))
-        rows.append(("  jobs lost", conc["lost"]))
-        rows.append(("  chats cut short by the image interrupt", conc["chats_cut"]))
-        rows.append(("  image jobs interrupted (A1111: the current one)", conc["images_interrupted"]))
-        rows.append(("  wall seconds", conc["seconds"]))
-        login_dir = root / "login"
-        shutil.copytree(base, login_dir)
-        login = probe_login(login_dir)
-        rows.append(("routes fetched before login", login["paths"]))
-        rows.append(("  routes leaking names/prompts/ids", len(login["leaks"])))
-        rows.append(("  login then app works", login["login_works"]))
+            rows.append((f"concurrent clients ({conc['chats']} chats, {conc['images']} txt2img)", conc["clients"]))
+            rows.append(("  interrupt answered", conc["interrupt_status"]))
+            rows.append(("  jobs lost", conc["lost"]))
+            rows.append(("  chats cut short by the image interrupt", conc["chats_cut"]))
+            rows.append(("  image jobs interrupted (A1111: the current one)", conc["images_interrupted"]))
+            rows.append(("  wall seconds", conc["seconds"]))
+            details += conc["errors"]
+        if "login" in parts:
+            login_dir = root / "login"
+            shutil.copytree(base, login_dir)
+            login = probe_login(login_dir)
+            rows.append(("routes fetched before login", login["paths"]))
+            rows.append(("  routes leaking names/prompts/ids", len(login["leaks"])))
+            rows.append(("  login then app works", login["login_works"]))
+            details += login["leaks"]
         width = max(len(r[0]) for r in rows)
         print(f"| {'probe'.ljust(width)} | result |")
         print(f"|{'-' * (width + 2)}|--------|")
         for name, value in rows:
             print(f"| {name.ljust(width)} | {value} |")
-        details = bad["problems"] + corrupt["failures"] + conc["errors"] + login["leaks"]
         if details:
             print("\nDetails:")
             for line in details:
