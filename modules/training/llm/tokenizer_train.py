@@ -76,6 +76,10 @@ def train_tokenizer(texts_or_files: Iterable[str | os.PathLike], vocab_size: int
         )
     except RuntimeError as exc:
         message = str(exc)
+        if "smaller than required_chars" in message:
+            raise TokenizerTrainingError(
+                f"vocab_size={vocab_size} leaves no room: the corpus has more distinct characters than fit beside "
+                f"the special and byte pieces (SentencePiece says {message.strip()!r}). Raise vocab_size.") from exc
         if "Vocabulary size" in message or "vocab_size" in message:
             raise TokenizerTrainingError(
                 f"The corpus is too small for vocab_size={vocab_size} ({len(lines)} lines): SentencePiece says "
