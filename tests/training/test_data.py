@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_corpus import write_corpus
 
 from modules.llm.tokenizer import Tokenizer
 from modules.training.llm.data import DataError, DataSource, Mixture, PackedDataset, build_dataset
 from modules.training.llm.documents import iter_documents, resolve_weights
 from modules.training.llm.tokenizer_train import train_tokenizer
-from training_corpus import write_corpus
 
 SEQ = 16
 
@@ -96,7 +96,7 @@ def test_build_is_deterministic_per_seed(corpus, tok, tmp_path):
     a = build_dataset(sources(corpus), tok, SEQ, tmp_path / "a", val_fraction=0.2, seed=0)
     b = build_dataset(sources(corpus), tok, SEQ, tmp_path / "b", val_fraction=0.2, seed=0)
     c = build_dataset(sources(corpus), tok, SEQ, tmp_path / "c", val_fraction=0.2, seed=5)
-    read = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*.bin"))}  # noqa: E731
+    read = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*.bin"))}
     assert read(a) == read(b)
     assert read(a) != read(c)          # another seed holds out other documents
 

@@ -7,11 +7,15 @@ import random
 from pathlib import Path
 
 import pytest
+from training_corpus import prose, write_corpus
 
 from modules.llm.tokenizer import Tokenizer
-from modules.training.llm.tokenizer_train import (TokenizerTrainingError, copy_tokenizer, tokenizer_fingerprint,
-                                                  train_tokenizer)
-from training_corpus import prose, write_corpus
+from modules.training.llm.tokenizer_train import (
+    TokenizerTrainingError,
+    copy_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
 
 SAMPLES = ["Hello world", "The quick brown fox jumps over the lazy dog.",
            "def add(a, b):\n    return a + b\n", "Numbers 12345 and émoji 🎨 and 中文", "line one\n\nline three"]
@@ -58,7 +62,7 @@ def test_deterministic_for_a_seed(tmp_path):
     a = train_tokenizer(texts, 400, tmp_path / "a", seed=0, max_sentences=100)
     b = train_tokenizer(texts, 400, tmp_path / "b", seed=0, max_sentences=100)
     c = train_tokenizer(texts, 400, tmp_path / "c", seed=1, max_sentences=100)
-    model = lambda folder: (folder / "tokenizer.model").read_bytes()  # noqa: E731
+    model = lambda folder: (folder / "tokenizer.model").read_bytes()
     assert model(a) == model(b)
     assert model(a) != model(c)
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b) != tokenizer_fingerprint(c)

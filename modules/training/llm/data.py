@@ -28,9 +28,12 @@ import math
 import os
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from modules.training.llm.documents import DataError, DataSource, iter_documents, resolve_weights, source_files
 from modules.training.llm.tokenizer_train import tokenizer_fingerprint

@@ -54,10 +54,9 @@ def dataset_dir(paths, name: str) -> Path:
 def prepare(config: DataConfig, paths, *, overwrite: bool = False) -> dict:
     """Tokenizer, then dataset, then ``config.yaml``; returns a summary with the measured tokens/s."""
     out = dataset_dir(paths, config.name)
-    if (out / "meta.json").exists():
-        if not overwrite:
-            raise DataError(f"dataset {config.name!r} already exists in {out}; pass --overwrite to rebuild it, or "
-                            "choose another name (name=...)")
+    if (out / "meta.json").exists() and not overwrite:
+        raise DataError(f"dataset {config.name!r} already exists in {out}; pass --overwrite to rebuild it, or "
+                        "choose another name (name=...)")
     for source in config.sources:      # every path problem before any slow work
         source_files(source)
     if (out / "meta.json").exists():
