@@ -10,6 +10,7 @@ import sys
 
 #: command name -> module implementing it
 COMMANDS: dict[str, str] = {
+    "pretrain": "modules.training.llm.pretrain_command",
 }
 
 
