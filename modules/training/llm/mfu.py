@@ -6,8 +6,9 @@ FLOPs per trained token (forward + backward = 3 x forward)::
 
 * ``6 * N``: every weight is used in one multiply-add (2 FLOPs) per token forward and two backward.
   The **Atelier/torchtitan/nanochat convention** takes N *without the input embedding* (a lookup, not a
-  matmul) but *with* the output head (a real matmul); with tied embeddings that tensor is dropped once,
-  as torchtitan does. **TinyLlama's convention** (lit-gpt ``estimate_flops``) counts every parameter, so
+  matmul) but *with* the output head (a real matmul). With tied embeddings the one shared tensor is the
+  output head and is counted (torchtitan drops it there, under-counting a real matmul; FlopCounterMode
+  sides with us), so both conventions coincide for tied models. **TinyLlama's convention** (lit-gpt ``estimate_flops``) counts every parameter, so
   it is 6 x (vocab x d) higher per token; both are logged so figures compare with its paper.
 * ``12 * L * H * hd * T``: attention scores ``q k^T`` and the weighted sum ``p v`` are each 2 * T * hd FLOPs
   per head per token forward (4 * T * H * hd), x3 with backward. The full T x T square is counted - causal
@@ -57,7 +58,10 @@ GPU_FP32_PEAKS: tuple[tuple[str, float], ...] = (
 
 
 def non_embedding_parameters(config: LlamaConfig) -> int:
-    """N for the Atelier/torchtitan convention: all parameters minus the input embedding."""
+    """N for the Atelier/torchtitan convention: all parameters minus the input embedding (a tied embedding
+    is the output head too, so it stays)."""
+    if config.tie_word_embeddings:
+        return config.num_parameters()
     return config.num_parameters() - config.vocab_size * config.hidden_size
 
 

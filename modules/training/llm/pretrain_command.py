@@ -60,7 +60,6 @@ def run_pretrain(config_path: str | None, overrides: list[str], *, data_dir: str
     if resume:
         run = open_run_dir(resume)
         config = load_config(config_path, overrides, world_size=world_size, base=run.read_config())
-        run.write_config(config.to_dict())
     else:
         config = load_config(config_path, overrides, world_size=world_size)
         if not config.run_name:
@@ -73,6 +72,8 @@ def run_pretrain(config_path: str | None, overrides: list[str], *, data_dir: str
     trainer = Pretrainer(config, data, run, resume=bool(resume), tokenizer_dir=tokenizer_dir,
                          tokenizer_hash=getattr(data, "tokenizer_hash", None), on_log=on_log,
                          should_stop=should_stop, world_size=world_size)
+    if resume:                       # only once the checkpoint is known to fit the (changed) config
+        run.write_config(config.to_dict())
     return trainer.train()
 
 
