@@ -215,10 +215,8 @@ def config_from_dict(cls: type, data: dict[str, Any], *, source: str = "", world
             kwargs[key] = converted
         else:
             problems.append(f"{key} must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})")
-    if problems:
-        raise ConfigError(problems, source)
-    config = cls(**kwargs)
-    problems = config.problems(world_size=world_size)
+    config = cls(**kwargs)                     # the well-typed keys, so their values are checked too
+    problems += config.problems(world_size=world_size)
     if problems:
         raise ConfigError(problems, source)
     return config
