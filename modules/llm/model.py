@@ -260,6 +260,8 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight   # one tensor, counted and saved once
         self.rotary = RotaryEmbedding(config)
         self.row_parallel: RowParallel | None = None
+        #: training only: recompute each block in the backward pass instead of storing its activations
+        self.activation_checkpointing = False
 
     def use_row_parallel(self, threads: int | None) -> None:
         """Split small-batch CPU matmuls over ``threads`` threads (see
@@ -305,8 +307,13 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)                                       # (B, T, D)
         cos, sin = self.rotary(positions, x.dtype)                                   # (B, 1, T, hd)
         mask = self._attention_mask(B, T, past, key_mask, x.device)                  # (B, 1, T, S) | None
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            if recompute:
+                from torch.utils.checkpoint import checkpoint
+                x = checkpoint(block, x, cos, sin, mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length = past + T
         if last_only:

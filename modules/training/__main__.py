@@ -11,6 +11,7 @@ import sys
 #: command name -> module implementing it
 COMMANDS: dict[str, str] = {
     "prepare-data": "modules.training.llm.prepare_data",
+    "pretrain": "modules.training.llm.pretrain_command",
 }
 
 
