@@ -10,6 +10,7 @@ import sys
 
 #: command name -> module implementing it
 COMMANDS: dict[str, str] = {
+    "eval": "modules.training.llm.eval_command",
 }
 
 
