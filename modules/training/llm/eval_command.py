@@ -178,7 +178,7 @@ def load_for_eval(model_folder: Path | None, checkpoint: Path | None, *, device:
     config_folder = _first_with(("config.json",), checkpoint, model_folder)
     tokenizer_folder = _first_with(("tokenizer.model", "tokenizer.json"), checkpoint, model_folder)
     if config_folder is None or tokenizer_folder is None:
-        lacking = "config.json" if config_folder is None else "a tokenizer"
+        lacking = "config.json" if config_folder is None else "tokenizer (tokenizer.model or tokenizer.json)"
         raise EvalError(f"--checkpoint {checkpoint} has no {lacking}; also give --model NAME, the model whose "
                         "architecture and tokenizer the run trains")
     try:
@@ -279,8 +279,9 @@ def format_table(entry: dict) -> str:
             rows.append((task["task"], f"{task['items']} items", "", "", f"{task['acc']:.4f}",
                          f"{task['acc_norm']:.4f}"))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [f"Evaluation of {source} ({entry['settings']['dtype']}, {entry['settings']['device']}, "
-             f"{entry['seconds']:.1f} s)",
+    settings = entry["settings"]
+    title = f"Evaluation of {source} ({settings['dtype']}, {settings['device']}, {entry['seconds']:.1f} s)"
+    lines = [title,
              "  ".join(h.ljust(w) for h, w in zip(header, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
