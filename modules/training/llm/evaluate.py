@@ -172,26 +172,25 @@ def perplexity(model: Llama, tokenizer: Tokenizer, text: str | Sequence[str], se
     """
     seq_len = _check_max_len(model, seq_len)
     documents = [text] if isinstance(text, str) else list(text)
-    total_nll, tokens, n_bytes, words, windows, scored_docs = 0.0, 0, 0, 0, 0, 0
+    requests, tokens, n_bytes, words, scored_docs = [], 0, 0, 0, 0
     for document in documents:
         ids = tokenizer.encode(document, add_bos=False)
         if not ids:
             continue
-        requests = rolling_windows(ids, tokenizer.bos_id, seq_len, context_len)
-        total_nll -= sum(ll for ll, _ in loglikelihoods(model, requests, max_len=seq_len,
-                                                        batch_size=batch_size))
+        # every document's windows go into one request list, so short documents share batches
+        requests += rolling_windows(ids, tokenizer.bos_id, seq_len, context_len)
         tokens += len(ids)
         n_bytes += len(document.encode("utf-8"))
         words += len(re.split(r"\s+", document))       # lm-eval's word count for word_perplexity
-        windows += len(requests)
         scored_docs += 1
     if not tokens:
         raise EvalError("the text to score is empty; give held-out text with at least one token")
+    total_nll = -sum(ll for ll, _ in loglikelihoods(model, requests, max_len=seq_len, batch_size=batch_size))
     return {
         "ppl": math.exp(total_nll / tokens), "nll": total_nll / tokens, "tokens": tokens, "bytes": n_bytes,
         "words": words, "bits_per_byte": total_nll / (n_bytes * math.log(2)),
         "byte_perplexity": math.exp(total_nll / n_bytes), "word_perplexity": math.exp(total_nll / words),
-        "documents": scored_docs, "windows": windows, "seq_len": seq_len, "context_len": context_len,
+        "documents": scored_docs, "windows": len(requests), "seq_len": seq_len, "context_len": context_len,
     }
 
 
