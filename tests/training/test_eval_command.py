@@ -82,6 +82,16 @@ def test_a_file_that_is_not_a_history_is_left_alone(data, capsys):
     assert json.loads(aside[0].read_text())["evaluations"][0]["tasks"][0]["kind"] == "ppl"
 
 
+def test_results_that_cannot_be_written_are_still_printed_and_the_error_says_why(data, capsys):
+    (data / "training").mkdir()
+    (data / "training" / "eval").write_text("a file where the results folder should be")
+    assert run_eval(data, "--model", "tiny-llama-gqa", "--task", f"ppl:{data.parent / 'held.txt'}") == 1
+    captured = capsys.readouterr()
+    assert "ppl:held.txt" in captured.out
+    assert "cannot write the results to" in captured.err and "the figures are above" in captured.err
+    assert (data / "training" / "eval").read_text() == "a file where the results folder should be"
+
+
 def write_checkpoint(data, model_template, seed=5, **overrides):
     """A run's checkpoint folder with trained-looking weights: config.json + model.safetensors, no tokenizer."""
     config = LlamaConfig(**{**FIXTURE_MODELS["tiny-llama-gqa"], **overrides})

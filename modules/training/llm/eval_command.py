@@ -58,17 +58,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result, path = evaluate(args)
+        result, target = evaluate(args)
     except EvalError as exc:
         print(f"eval: error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(result))
+    print(format_table(result))     # shown before writing: a full disk does not lose the figures
+    try:
+        path = append_result(target, result)
+    except OSError as exc:
+        print(f"eval: error: cannot write the results to {target} ({exc.strerror or exc}); free space or fix "
+              "the folder's permissions and run again (the figures are above)", file=sys.stderr)
+        return 1
     print(f"\nResults written to {path}")
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
-    """Check every input, load the model, run the tasks, store the result; returns (result, JSON path)."""
+    """Check every input, load the model, run the tasks; returns (result entry, the JSON file it belongs in)."""
     from modules.paths import Paths
 
     # 1. Check inputs (files before the model: a bad line costs a second, not a model load)
@@ -110,14 +116,13 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                         **figures})
         log.info("%s:%s done in %.1f s", kind, path, time.perf_counter() - task_started)
 
-    # 4. Store
+    # 4. The entry to store
     entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **identity,
              "settings": {"device": str(device), "dtype": args.dtype, "seq_len": seq_len or
                           model.config.max_position_embeddings, "rolling_context": args.rolling_context,
                           "add_bos": not args.no_bos, "batch_size": args.batch_size},
              "seconds": round(time.perf_counter() - started, 3), "tasks": results}
-    target = result_path(paths.data_dir, model_folder, checkpoint)
-    return entry, append_result(target, entry)
+    return entry, result_path(paths.data_dir, model_folder, checkpoint)
 
 
 # ---------------------------------------------------------------------------------------- inputs
