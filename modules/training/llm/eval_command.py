@@ -1,4 +1,4 @@
-"""``eval``: perplexity and multiple-choice accuracy of a model or a training checkpoint, kept per checkpoint.
+"""Evaluate: perplexity and multiple-choice accuracy of a model or a training checkpoint, kept per checkpoint.
 
     python -m modules.training eval --model NAME_OR_PATH --task ppl:FILE --task mc:FILE
                                     [--checkpoint RUN_DIR/checkpoints/step-N] [--data-dir DIR]
