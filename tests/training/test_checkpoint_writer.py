@@ -1,7 +1,5 @@
 """Atomic checkpoints: kill -9 mid-write and a full disk leave the previous checkpoint whole."""
 import errno
-import json
-import os
 import signal
 import subprocess
 import sys
