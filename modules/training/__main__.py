@@ -1,6 +1,7 @@
-"""``python -m modules.training <command> ...`` (also under ``torchrun``): one command line for the Train tab,
-the tests and people. Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int``;
-only commands that exist are listed."""
+"""Atelier's training commands (``python -m modules.training COMMAND --help`` for each).
+
+One command line for the Train tab, the tests and people. Each command is a module with
+``add_arguments(parser)`` and ``run(args) -> int``; only commands that exist are listed."""
 from __future__ import annotations
 
 import argparse
