@@ -7,9 +7,22 @@ import random
 
 import pytest
 
-from modules.shapes.vocabulary import (BASE_SHAPES, COLOURS, HELD_OUT_SHAPES, PALETTE, POSITION_CELLS, POSITIONS,
-                                       SHAPES, STYLES, CaptionError, Scene, ShapeObject, caption, parse_caption,
-                                       sample_scene)
+from modules.shapes.vocabulary import (
+    BASE_SHAPES,
+    COLOURS,
+    HELD_OUT_SHAPES,
+    PALETTE,
+    POSITION_CELLS,
+    POSITIONS,
+    SHAPES,
+    STYLES,
+    CaptionError,
+    Scene,
+    ShapeObject,
+    caption,
+    parse_caption,
+    sample_scene,
+)
 
 
 def test_documented_captions_parse_to_their_scenes_and_write_back_identically():
