@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "prepare-data": "modules.training.llm.prepare_data",
     "pretrain": "modules.training.llm.pretrain_command",
     "eval": "modules.training.llm.eval_command",
+    "make-sft-data": "modules.training.llm.sft_synthetic",
 }
 
 
