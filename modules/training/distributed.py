@@ -130,8 +130,7 @@ def process_group(device_type: str, *, timeout_s: float = 600.0) -> Iterator[Dis
     if not launched_by_torchrun() or not dist.is_available():
         yield Distributed()
         return
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
     backend = "nccl" if device_type == "cuda" else "gloo"
     owned = not dist.is_initialized()
     if owned:
