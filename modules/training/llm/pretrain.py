@@ -482,8 +482,10 @@ class Pretrainer:
         state_text = json.dumps(state, indent=2, default=_json_default) + "\n"
         # collectives first, on every rank in the same order; then rank 0 alone writes the folder
         rng_states = self.dist.gather_objects(rng_state())
-        weights = parallel.full_weights(self.model)
-        optimizer_state = parallel.full_optimizer_state(self.model, self.optimizer)
+        sharded = parallel.is_fsdp(self.model)              # FSDP: gathering is itself a collective
+        weights = parallel.full_weights(self.model) if sharded or self.dist.is_main else None
+        optimizer_state = parallel.full_optimizer_state(self.model, self.optimizer) \
+            if sharded or self.dist.is_main else None
 
         def write(folder: Path) -> None:
             save_file(weights_for_saving(self.model, weights), str(folder / "model.safetensors"),
