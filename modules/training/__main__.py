@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from modules.training.distributed import quiet_other_ranks
+    quiet_other_ranks()               # under torchrun only rank 0 logs progress
     return int(modules[args.command].run(args) or 0)
 
 

@@ -58,6 +58,9 @@ class PretrainConfig:
     precision: str = "auto"
     activation_checkpointing: bool = False
     device: str = "auto"
+    #: under torchrun: ddp (a whole model per process; CPU/gloo or CUDA/nccl) or fsdp (sharded; CUDA only).
+    #: A single process (no torchrun) trains the one model either way.
+    parallel: str = "ddp"
     eval_every: int = 100
     eval_batches: int = 10
     #: a checkpoint every this many tokens (0: only at milestones, on stop and at the end)
@@ -103,6 +106,7 @@ class PretrainConfig:
             out.append(f"grad_clip must be > 0, got {self.grad_clip}")
         if self.precision not in ("auto", "fp32", "bf16"):
             out.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        out.extend(self._parallel_problems())
         if self.max_steps is None and self.max_tokens is None:
             out.append("set max_steps or max_tokens: how long the run trains")
         if self.max_steps is not None and self.max_tokens is not None:
@@ -117,13 +121,25 @@ class PretrainConfig:
         if per_micro > 0 and self.global_batch_tokens % per_micro:
             out.append(f"global_batch_tokens ({self.global_batch_tokens}) must be a multiple of micro_batch x "
                        f"processes x seq_len = {self.micro_batch} x {world_size} x {self.seq_len} = {per_micro}; "
-                       f"try {max(per_micro, self.global_batch_tokens // per_micro * per_micro)}")
+                       f"try {max(per_micro, self.global_batch_tokens // per_micro * per_micro)}"
+                       + (" (or another --nproc-per-node)" if world_size > 1 else ""))
         if not self.data:
             out.append("data is required: the packed dataset folder made by the dataset builder")
         if self.run_name and (os.sep in self.run_name or self.run_name.startswith(".")):
             out.append(f"run_name {self.run_name!r} must be a plain folder name (no '/' and no leading '.')")
         out.extend(self._model_problems())
         return out
+
+    def _parallel_problems(self) -> list[str]:
+        if self.parallel not in ("ddp", "fsdp"):
+            return [f"parallel must be ddp or fsdp, got {self.parallel!r}"]
+        if self.parallel == "fsdp":
+            import torch
+            on_cpu = self.device.startswith("cpu") or (self.device == "auto" and not torch.cuda.is_available())
+            if on_cpu:
+                return ["parallel=fsdp shards the model over CUDA GPUs (NCCL) and this run trains on the CPU; "
+                        "use parallel=ddp (gloo) on the CPU, or device=cuda on a GPU machine"]
+        return []
 
     def _model_problems(self) -> list[str]:
         from modules.llm.config import PRESETS, LlamaConfig

@@ -9,6 +9,13 @@ Data comes from any object with the training-data protocol (:class:`TrainingData
 LongTensor (n, seq_len + 1), ``val_batches(n)`` -> iterable of those, ``state_dict()`` / ``load_state_dict()``
 (the read position; JSON-serialisable). The packed-dataset ``Mixture`` is one.
 
+Multi-process (``torchrun --nproc-per-node N``): the model is wrapped by DDP (FSDP2 on CUDA with
+``parallel: fsdp``, see parallel.py), each rank reads its slice of every global batch (the data object is
+made for its rank), gradients are all-reduced once per optimizer step (``no_sync`` on the other
+micro-steps), and the logged loss is the mean over every rank, so the curve equals a single process with the
+same global batch. Only rank 0 writes the run folder; every rank restores the same checkpoint on resume, each
+with its own RNG state (``rng.pt`` is rank 0's, ``rng-rank-R.pt`` the others').
+
 Exact resume: a checkpoint holds the weights (safetensors), the optimizer state, the scheduler step, every
 RNG state (torch, CUDA, python, numpy) and the data position, so a run killed after step k and resumed
 makes the same updates as one never interrupted: on CPU in fp32 with a fixed seed the final weights are
@@ -34,7 +41,9 @@ from modules.llm.config import LlamaConfig
 from modules.llm.model import Llama
 from modules.training.checkpoints import CheckpointWriter, latest_checkpoint, read_marker
 from modules.training.config import PretrainConfig
+from modules.training.distributed import Distributed
 from modules.training.llm import mfu as mfu_lib
+from modules.training.llm import parallel
 from modules.training.metrics import MetricsLog, truncate_after
 from modules.training.run_dir import RunDir
 
@@ -108,13 +117,27 @@ def cpu_supports_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
+    """The training device; under torchrun on GPUs, the rank's own ``cuda:<local_rank>``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"device={name} was asked for but torch sees no CUDA GPU; use device=cpu or auto")
+    if device.type == "cuda" and dist is not None and dist.active:
+        return dist.device("cuda")
     return device
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+
+
+def rank_rng_file(rank: int) -> str:
+    """Rank 0's RNG file keeps the single-process name, so checkpoints resume with any process count."""
+    return "rng.pt" if rank == 0 else f"rng-rank-{rank}.pt"
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -200,10 +223,13 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} in the data state is not JSON-serialisable")
 
 
-def weights_for_saving(model: Llama) -> dict[str, torch.Tensor]:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def weights_for_saving(model: Llama, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (``state``: gathered full weights; default: ``model``'s own)."""
+    if state is None:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = dict(state)
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     return state
 
 
@@ -214,30 +240,31 @@ class Pretrainer:
     def __init__(self, config: PretrainConfig, data: TrainingData, run: RunDir, *, resume: bool = False,
                  tokenizer_dir: str | Path | None = None, tokenizer_hash: str | None = None,
                  on_log: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                 rank: int = 0, world_size: int = 1):
-        if world_size != 1:
-            raise TrainingError("multi-process training (torchrun) is not supported by this build yet; "
-                                "run a single process")
+                 dist: Distributed | None = None):
         self.config, self.data, self.run = config, data, run
-        self.rank, self.world_size = rank, world_size
+        self.dist = dist or Distributed()
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.on_log, self.should_stop = on_log, should_stop
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
         self.tokenizer_hash = tokenizer_hash or tokenizer_fingerprint(self.tokenizer_dir)
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, self.dist)
+        if config.parallel == "fsdp" and self.dist.active and self.device.type != "cuda":
+            raise TrainingError("parallel=fsdp needs CUDA GPUs (one per process); on the CPU use parallel=ddp")
         self.autocast_dtype = resolve_precision(config.precision, self.device)
         self.total_steps = config.total_steps()
-        self.accum = config.grad_accum_steps(world_size)
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        np.random.seed(config.seed % 2 ** 32)
+        self.accum = config.grad_accum_steps(self.world_size)
+        seed_all(config.seed)            # the same on every rank: every rank builds the same initial weights
 
         self.model_config = config.model_config()
         self._check_tokenizer()
         self.model = self._build_model().to(self.device)
         self.model.activation_checkpointing = config.activation_checkpointing
+        if self.rank:
+            seed_all(config.seed + self.rank)      # from here on each rank draws its own random numbers
+        self.train_model = parallel.wrap_model(self.model, config.parallel, self.dist, self.device)
         self.optimizer, self.optimizer_kind = build_optimizer(self.model, config, self.device)
         self.step, self.tokens = 0, 0
-        self.writer = CheckpointWriter(run.checkpoints, keep_last=config.keep_last)
+        self.writer = CheckpointWriter(run.checkpoints, keep_last=config.keep_last) if self.dist.is_main else None
         self.resumed_from: Path | None = None
         if resume:
             self._resume()
@@ -275,22 +302,33 @@ class Pretrainer:
         if problems:
             raise TrainingError(f"Cannot resume from {checkpoint}: " + "; and ".join(problems) +
                                 ". Resume with the run's own config.yaml and data, or start a new run.")
+        saved_format, wanted = state.get("optimizer_format", "ids"), parallel.optimizer_format(self.model)
+        if saved_format != wanted:
+            how = {"names": "under torchrun with parallel=fsdp", "ids": "with parallel=ddp or in one process"}
+            raise TrainingError(f"Cannot resume from {checkpoint}: it was written by a run with FSDP "
+                                f"sharding {'on' if saved_format == 'names' else 'off'}; resume it "
+                                f"{how[saved_format]}.")
         from safetensors.torch import load_file
         weights = load_file(str(checkpoint / "model.safetensors"), device=str(self.device))
         if self.model_config.tie_word_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-        with torch.no_grad():
-            for name, tensor in self.model.state_dict().items():
-                tensor.copy_(weights[name])
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
-        set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+        parallel.load_weights(self.model, weights)
+        parallel.load_optimizer_state(self.model, self.optimizer,
+                                      torch.load(checkpoint / "optimizer.pt", map_location=self.device,
+                                                 weights_only=True))
+        rng_file = checkpoint / rank_rng_file(self.rank)
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:                              # the run was saved with fewer processes
+            log.warning("%s has no RNG state for rank %d; seeding it from the seed and step", checkpoint, self.rank)
+            seed_all(self.config.seed + self.rank + 1_000_003 * state["step"])
         self.data.load_state_dict(state["data"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.resumed_from = checkpoint
-        dropped = truncate_after(self.run.metrics_file, self.step)
-        log.info("resumed %s at step %d (%d tokens); %d metric lines after it dropped",
-                 checkpoint, self.step, self.tokens, dropped)
+        if self.dist.is_main:
+            dropped = truncate_after(self.run.metrics_file, self.step)
+            log.info("resumed %s at step %d (%d tokens) on %d process(es); %d metric lines after it dropped",
+                     checkpoint, self.step, self.tokens, self.world_size, dropped)
 
     # ---------------------------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
@@ -299,17 +337,21 @@ class Pretrainer:
         flops_token_tl = mfu_lib.flops_per_token(self.model_config, config.seq_len, "tinyllama")
         peak_dtype = self.autocast_dtype or torch.float32
         peak, peak_source = mfu_lib.peak_flops(self.device, peak_dtype)
-        metrics = MetricsLog(self.run.metrics_file, tensorboard_dir=self.run.root / "tensorboard")
+        # only rank 0 writes metrics (and TensorBoard); the other ranks compute the same records and drop them
+        metrics = MetricsLog(self.run.metrics_file, tensorboard_dir=self.run.root / "tensorboard") \
+            if self.dist.is_main else None
         last_checkpoint = self.resumed_from
         finished = self.step >= self.total_steps
         try:
             if not finished:
-                metrics.log({"kind": "start", "step": self.step, "tokens": self.tokens,
+                self._log(metrics, {"kind": "start", "step": self.step, "tokens": self.tokens,
                              "parameters": self.model.num_parameters(), "flops_per_token": flops_token,
                              "flops_per_token_tinyllama": flops_token_tl, "peak_flops": peak,
                              "peak_source": peak_source, "precision": str(peak_dtype).replace("torch.", ""),
                              "optimizer": self.optimizer_kind, "grad_accum": self.accum,
                              "total_steps": self.total_steps, "device": str(self.device),
+                             "processes": self.world_size,
+                             "parallel": self.config.parallel if self.dist.active else "none",
                              "resumed_from": str(self.resumed_from) if self.resumed_from else None})
             # throughput counts training time only (not validation or checkpoint writing)
             window_seconds, window_tokens = 0.0, 0
@@ -326,16 +368,14 @@ class Pretrainer:
                               "mfu": mfu_lib.mfu(tps, flops_token, peak, self.world_size),
                               "mfu_tinyllama": mfu_lib.mfu(tps, flops_token_tl, peak, self.world_size),
                               "time": time.time()}
-                    metrics.log(record)
-                    self._notify(record)
+                    self._log(metrics, record, notify=True)
                     window_seconds, window_tokens = 0.0, 0
                 if config.eval_every and step % config.eval_every == 0:
                     record = {"kind": "val", "step": step, "tokens": self.tokens, "val_loss": self.evaluate(),
                               "time": time.time()}
-                    metrics.log(record)
-                    self._notify(record)
+                    self._log(metrics, record, notify=True)
                 milestone = self._crossed_milestone()
-                stop = self.should_stop is not None and self.should_stop()
+                stop = self.should_stop is not None and self.dist.any(self.should_stop())
                 if milestone or self._save_due() or stop:
                     last_checkpoint = self.save_checkpoint(milestone=milestone)
                 if stop:
@@ -345,11 +385,18 @@ class Pretrainer:
                 if last_checkpoint is None or read_marker(last_checkpoint)["step"] != self.step:
                     last_checkpoint = self.save_checkpoint(milestone=False)
                 final = self.write_final()
-                metrics.log({"kind": "end", "step": self.step, "tokens": self.tokens, "final": str(final)})
+                self._log(metrics, {"kind": "end", "step": self.step, "tokens": self.tokens, "final": str(final)})
             return TrainResult(self.run.root, self.step, self.tokens, finished,
                                self.run.final if finished else None, last_checkpoint)
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
+
+    def _log(self, metrics: MetricsLog | None, record: dict, *, notify: bool = False) -> None:
+        if metrics is not None:
+            metrics.log(record)
+            if notify:
+                self._notify(record)
 
     def _optimizer_step(self) -> tuple[float, float, float]:
         config, model = self.config, self.model
@@ -357,13 +404,15 @@ class Pretrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             batch = self.data.next_batch(config.micro_batch).to(self.device, non_blocking=True)
-            loss = self._loss(batch)
-            (loss / self.accum).backward()
+            # gradients are all-reduced once per optimizer step, on its last micro-step
+            with parallel.gradient_sync(self.train_model, micro == self.accum - 1):
+                loss = self._loss(batch, self.train_model)
+                (loss / self.accum).backward()
             loss_sum += loss.detach()
-        loss_value = float(loss_sum) / self.accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        loss_value = float(self.dist.all_reduce(loss_sum)) / (self.accum * self.world_size)
+        grad_norm = parallel.clip_gradients(model, config.grad_clip)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             value = loss_value if what == "loss" else grad_norm
@@ -380,26 +429,29 @@ class Pretrainer:
         self.tokens += config.global_batch_tokens
         return loss_value, grad_norm, lr
 
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+    def _loss(self, batch: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            logits = self.model(inputs)
+            logits = module(inputs)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over up to ``eval_batches`` held-out batches (the data's validation split)."""
+        """Mean loss over up to ``eval_batches`` held-out batches (the data's validation split). With N
+        processes each rank takes its slice of every global batch of N x micro_batch sequences, so
+        ``eval_batches`` micro-batches are split over the ranks and the mean is taken over all of them."""
         self.model.eval()
-        total, count = 0.0, 0
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)       # loss sum, batch count
         try:
             for batch in self.data.val_batches(self.config.micro_batch):
-                total += float(self._loss(batch.to(self.device)))
-                count += 1
-                if count >= self.config.eval_batches:
+                totals[0] += self._loss(batch.to(self.device), self.model).double()
+                totals[1] += 1
+                if int(totals[1]) * self.world_size >= self.config.eval_batches:
                     break
         finally:
             self.model.train()
+        total, count = self.dist.all_reduce(totals).tolist()
         return total / count if count else float("nan")
 
     def _crossed_milestone(self) -> bool:
@@ -425,18 +477,30 @@ class Pretrainer:
                  "scheduler": {"kind": "warmup_cosine", "step": self.step, "total_steps": self.total_steps,
                                "lr": lr_at(max(0, self.step - 1), self.config, self.total_steps)},
                  "data": self.data.state_dict(), "architecture": architecture(self.model_config),
-                 "tokenizer": self.tokenizer_hash, "config": self.config.to_dict()}
+                 "tokenizer": self.tokenizer_hash, "config": self.config.to_dict(),
+                 "processes": self.world_size, "optimizer_format": parallel.optimizer_format(self.model)}
         state_text = json.dumps(state, indent=2, default=_json_default) + "\n"
+        # collectives first, on every rank in the same order; then rank 0 alone writes the folder
+        rng_states = self.dist.gather_objects(rng_state())
+        sharded = parallel.is_fsdp(self.model)              # FSDP: gathering is itself a collective
+        weights = parallel.full_weights(self.model) if sharded or self.dist.is_main else None
+        optimizer_state = parallel.full_optimizer_state(self.model, self.optimizer) \
+            if sharded or self.dist.is_main else None
 
         def write(folder: Path) -> None:
-            save_file(weights_for_saving(self.model), str(folder / "model.safetensors"), metadata={"format": "pt"})
-            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-            torch.save(rng_state(), folder / "rng.pt")
+            save_file(weights_for_saving(self.model, weights), str(folder / "model.safetensors"),
+                      metadata={"format": "pt"})
+            torch.save(optimizer_state, folder / "optimizer.pt")
+            for rank, states in enumerate(rng_states):
+                torch.save(states, folder / rank_rng_file(rank))
             (folder / "trainer_state.json").write_text(state_text, encoding="utf-8")
 
-        path = self.writer.save(self.step, write, tokens=self.tokens, milestone=milestone)
-        log.info("checkpoint %s (%d tokens)", path, self.tokens)
-        return path
+        def save() -> Path:
+            path = self.writer.save(self.step, write, tokens=self.tokens, milestone=milestone)
+            log.info("checkpoint %s (%d tokens)", path, self.tokens)
+            return path
+
+        return self.dist.on_main(save, share_result=True)
 
     def write_final(self) -> Path:
         """``final/``: an HF folder (config, safetensors, tokenizer) for transformers and the Chat tab."""
@@ -444,13 +508,23 @@ class Pretrainer:
 
         from modules.llm.checkpoint import save_hf_folder
         final = self.run.final
-        tmp = final.with_name("final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         config = self.model_config
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                       "max_length": config.max_position_embeddings}
-        save_hf_folder(self.model, tmp, self.tokenizer_dir, generation_config=generation)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.replace(final)
+        if parallel.is_fsdp(self.model):                    # gather the shards (every rank takes part)
+            weights = parallel.full_weights(self.model)
+            model = parallel.plain_copy(self.model, weights) if weights is not None else None
+        else:
+            model = self.model
+
+        def write() -> Path:
+            tmp = final.with_name("final.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_hf_folder(model, tmp, self.tokenizer_dir, generation_config=generation)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.replace(final)
+            return final
+
+        self.dist.on_main(write)
         return final

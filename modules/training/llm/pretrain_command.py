@@ -6,17 +6,29 @@
 With ``--resume`` the run's own ``config.yaml`` is the base (``--config`` and overrides may change anything
 but the architecture and tokenizer: e.g. ``max_steps=`` to train longer); the latest complete checkpoint
 restores weights, optimizer, scheduler, RNG and data position.
+
+The same command under torchrun trains data-parallel (DDP; FSDP on CUDA with ``parallel=fsdp``)::
+
+    torchrun --nproc-per-node 2 -m modules.training pretrain --config FILE.yaml [key=value ...]
+
+``global_batch_tokens`` stays the batch of one optimizer step over all processes (it must divide by
+micro_batch x processes x seq_len); each rank reads its own slice of it; only rank 0 writes the run folder
+and logs. SIGINT or SIGTERM (Ctrl-C; torchrun forwards its own) stops at the end of the current step with
+a checkpoint, so ``--resume`` continues exactly where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
 from modules.training.checkpoints import CheckpointWriteError
 from modules.training.config import ConfigError, PretrainConfig, load_config, world_size_from_env
-from modules.training.run_dir import RunDirError, create_run_dir, default_run_name, open_run_dir
+from modules.training.distributed import PeerFailed, process_group
+from modules.training.run_dir import RunDir, RunDirError, create_run_dir, default_run_name, open_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +56,8 @@ def open_training_data(config: PretrainConfig, *, rank: int = 0, world_size: int
 
 
 def resolve_tokenizer_dir(config: PretrainConfig, data) -> Path | None:
-    for candidate in (config.tokenizer, getattr(data, "tokenizer_dir", None),
+    dataset = getattr(data, "dataset", None)            # a Mixture over a PackedDataset
+    for candidate in (config.tokenizer, getattr(data, "tokenizer_dir", None), getattr(dataset, "tokenizer_dir", None),
                       Path(config.data) / "tokenizer" if config.data else None, config.init_from):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
@@ -54,27 +67,65 @@ def resolve_tokenizer_dir(config: PretrainConfig, data) -> Path | None:
 def run_pretrain(config_path: str | None, overrides: list[str], *, data_dir: str | Path, resume: str | None = None,
                  open_data: Callable = open_training_data, on_log=None, should_stop=None):
     """Config -> run folder -> :class:`~modules.training.llm.pretrain.Pretrainer` -> result (the CLI's body,
-    also called by the Train tab and the tests with their own ``open_data``)."""
-    from modules.training.llm.pretrain import Pretrainer
+    also called by the Train tab and the tests with their own ``open_data``).
+
+    ``open_data(config)`` makes the training data; under torchrun it is called as ``open_data(config,
+    rank=..., world_size=...)`` and must return this rank's part (a data object that cannot take them
+    would have every rank train on the same batches, so that fails loudly instead)."""
+    from modules.training.llm.pretrain import Pretrainer, resolve_device
     world_size = world_size_from_env()
     if resume:
         run = open_run_dir(resume)
         config = load_config(config_path, overrides, world_size=world_size, base=run.read_config())
     else:
         config = load_config(config_path, overrides, world_size=world_size)
-        if not config.run_name:
-            config.run_name = default_run_name()
         run = None
-    data = open_data(config)
-    tokenizer_dir = resolve_tokenizer_dir(config, data)
-    if run is None:
-        run = create_run_dir(data_dir, config.run_name, config.to_dict())
-    trainer = Pretrainer(config, data, run, resume=bool(resume), tokenizer_dir=tokenizer_dir,
-                         tokenizer_hash=getattr(data, "tokenizer_hash", None), on_log=on_log,
-                         should_stop=should_stop, world_size=world_size)
-    if resume:                       # only once the checkpoint is known to fit the (changed) config
-        run.write_config(config.to_dict())
-    return trainer.train()
+    with process_group(resolve_device(config.device).type) as dist:
+        if not config.run_name:                   # one name for every rank (the clocks may tick apart)
+            config.run_name = dist.broadcast_object(default_run_name())
+        data = open_data(config, rank=dist.rank, world_size=dist.world_size) if dist.active else open_data(config)
+        tokenizer_dir = resolve_tokenizer_dir(config, data)
+        if run is None:
+            root = dist.on_main(lambda: create_run_dir(data_dir, config.run_name, config.to_dict()).root,
+                                share_result=True)
+            run = RunDir(Path(root))
+        trainer = Pretrainer(config, data, run, resume=bool(resume), tokenizer_dir=tokenizer_dir,
+                             tokenizer_hash=getattr(data, "tokenizer_hash", None), on_log=on_log,
+                             should_stop=should_stop, dist=dist)
+        if resume:                       # only once the checkpoint is known to fit the (changed) config
+            dist.on_main(lambda: run.write_config(config.to_dict()))
+        return trainer.train()
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM ask the run to stop after the current step (with a checkpoint); a second one
+    gets the default behaviour (the process ends at once). Installed only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("%s: stopping after this step with a checkpoint (again to quit at once)",
+                    signal.Signals(signum).name)
+        self.requested.set()
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self) -> bool:
+        return self.requested.is_set()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,9 +144,15 @@ def run(args: argparse.Namespace) -> int:
         elif record["kind"] == "val":
             log.info("step %d  val loss %.4f", record["step"], record["val_loss"])
 
+    from modules.training.llm.documents import DataError
     try:
-        result = run_pretrain(args.config, args.overrides, data_dir=data_dir, resume=args.resume, on_log=show)
-    except (ConfigError, RunDirError, TrainingError, CheckpointWriteError) as exc:
+        with StopOnSignal() as stop:
+            result = run_pretrain(args.config, args.overrides, data_dir=data_dir, resume=args.resume, on_log=show,
+                                  should_stop=stop)
+    except PeerFailed as exc:              # rank 0 reports the error itself
+        log.debug("%s", exc)
+        return 2
+    except (ConfigError, RunDirError, TrainingError, CheckpointWriteError, DataError) as exc:
         log.error("%s", exc)
         return 2
     if result.finished:
