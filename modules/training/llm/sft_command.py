@@ -59,8 +59,8 @@ def run_sft(config_path: str | None, overrides: list[str], *, data_dir: str | Pa
     from modules.llm.config import LlamaConfig
     context = LlamaConfig.from_json_file(base_dir / "config.json").max_position_embeddings
     if config.seq_len > context:
-        raise ConfigError([f"seq_len {config.seq_len} is longer than the model's context ({context} tokens); "
-                           f"use seq_len={context} or less (0 means the context)"])
+        raise ConfigError([(f"seq_len {config.seq_len} is longer than the model's context ({context} tokens); "
+                            f"use seq_len={context} or less (0 means the context)")])
     seq_len = config.seq_len or context
     examples = build_examples(read_conversations(config.data), tokenizer, template, seq_len, source=config.data)
     val = build_examples(read_conversations(config.val_data), tokenizer, template, seq_len,
