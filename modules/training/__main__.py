@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "prepare-data": "modules.training.llm.prepare_data",
     "pretrain": "modules.training.llm.pretrain_command",
+    "sft": "modules.training.llm.sft_command",
     "eval": "modules.training.llm.eval_command",
     "make-sft-data": "modules.training.llm.sft_synthetic",
 }
