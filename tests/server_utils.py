@@ -73,7 +73,7 @@ def start_server(data_dir: str | os.PathLike, *extra_args: str, timeout: float =
 
 
 @contextlib.contextmanager
-def open_page(url: str, *, width: int = 1400, height: int = 1000, timeout_ms: int = 60_000):
+def open_page(url: str, *, width: int = 1400, height: int = 1000, timeout_ms: int = 120_000):
     """Debian's Chromium, headless, driven by Playwright (never ``playwright install``), on *url* once the
     page has loaded. Timeouts are generous: CI machines have two busy cores."""
     from playwright.sync_api import sync_playwright
