@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+from playwright.sync_api import expect
 
 from server_utils import CHROMIUM_ARGS, chromium_path, start_server
 
@@ -231,8 +232,13 @@ def test_saved_chat_reload_rename_delete(browser, server):
     try:
         pick(page, "#chat_saved", title)
         page.wait_for_function(f"document.querySelectorAll('{BOTS}').length === 1", timeout=30000)
+        title_box = page.locator("#chat_title textarea, #chat_title input").first
+        # the opened chat fills the title box: wait for that before typing, or the two can interleave
+        # (seen on a loaded machine: "Robot chat (…)Robot story (…)")
+        expect(title_box).to_have_value(title, timeout=30000)
         new_title = unique("Robot story")
-        page.locator("#chat_title textarea, #chat_title input").first.fill(new_title)
+        title_box.fill(new_title)
+        expect(title_box).to_have_value(new_title, timeout=30000)
         page.locator("#chat_rename").click()
         page.wait_for_function("document.querySelector('#chat_notice').innerText.includes('Renamed')",
                                timeout=30000)
