@@ -40,6 +40,16 @@ MAX_LISTED_FILES = 500
 #: the hyper-parameters the tab shows, all with PretrainConfig's defaults (TinyLlama's recipe)
 HYPER_PARAMETERS = ("seq_len", "micro_batch", "global_batch_tokens", "lr", "min_lr", "warmup_steps", "max_steps",
                     "weight_decay", "grad_clip", "eval_every", "log_every", "save_every_tokens", "seed")
+#: the tab's model sizes: a preset of modules.llm.config.PRESETS with LlamaConfig fields overridden. The
+#: vocabulary always comes from the dataset's tokenizer, so the counts below are for a 4096-piece one.
+SIZES: dict[str, tuple[str, dict[str, int]]] = {
+    "tiny-gqa": ("tiny-gqa", {}),                                           # ~0.4M: tests, smoke runs
+    "small-5m": ("tiny-gqa", dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)),
+    "medium-30m": ("tiny-gqa", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)),
+    "tinyllama-1.1b": ("tinyllama-1.1b", {}),                               # TinyLlama-1.1B's shape
+}
 #: held-out sequences scored by Evaluate at most (keeps it to seconds on a CPU)
 EVAL_MAX_SEQUENCES = 256
 
@@ -139,9 +149,45 @@ class TrainController:
                         folders.add(str(rel.parent) + "/")
         return sorted(folders) + sorted(found)
 
-    def preset_choices(self) -> list[str]:
-        from modules.llm.config import PRESETS
-        return sorted(PRESETS)
+    @staticmethod
+    def size_choices() -> list[str]:
+        return list(SIZES)
+
+    def size_overrides(self, size: str, dataset: str | None = None) -> list[str]:
+        """``model_preset=`` and ``model.*=`` overrides of a size; the vocabulary is the dataset's."""
+        if size not in SIZES:
+            raise TrainTabError(f"Unknown size {size!r}; pick one of {', '.join(SIZES)}.")
+        preset, fields = SIZES[size]
+        out = [f"model_preset={preset}", *(f"model.{k}={v}" for k, v in fields.items())]
+        meta = self._dataset_meta(dataset) if dataset else None
+        if meta is not None:
+            out.append(f"model.vocab_size={int(meta['vocab_size'])}")
+        return out
+
+    def size_note(self, size: str, dataset: str | None = None) -> str:
+        """The exact parameter count of ``size`` with the dataset's vocabulary (built on the meta device)."""
+        import torch
+
+        from modules.llm.config import LlamaConfig
+        from modules.llm.model import Llama
+        if size not in SIZES:
+            return f"Unknown size {size!r}; pick one of {', '.join(SIZES)}."
+        preset, fields = SIZES[size]
+        meta = self._dataset_meta(dataset) if dataset else None
+        vocab = {"vocab_size": int(meta["vocab_size"])} if meta is not None else {}
+        config = LlamaConfig.from_name(preset, **{**fields, **vocab})
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in Llama(config).parameters())
+        return (f"{size}: {parameters / 1e6:.1f}M parameters ({config.num_hidden_layers} layers, width "
+                f"{config.hidden_size}, {config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, "
+                f"vocabulary {config.vocab_size})")
+
+    def _dataset_meta(self, dataset: str) -> dict | None:
+        import json
+        try:
+            return json.loads((self.datasets_dir / dataset / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
 
     def model_choices(self) -> list[str]:
         """Existing models to continue from (folders of models/LLM)."""
@@ -198,24 +244,27 @@ class TrainController:
             active = self._active
             return active.run if active is not None and not active.job.done else None
 
-    def start(self, *, dataset: str, preset: str = "", init_from: str = "", run_name: str = "",
+    def start(self, *, dataset: str, size: str = "", init_from: str = "", run_name: str = "",
               hyper: dict[str, Any] | None = None, extra: list[str] | None = None) -> str:
         """Validate the form into a config, then queue the run as one training job; returns the run name."""
         if not dataset:
             raise TrainTabError("Pick a prepared dataset first (or prepare one from files under the data dir).")
         data_path = self.datasets_dir / dataset
-        if not (data_path / "meta.json").is_file():
+        meta = self._dataset_meta(dataset)
+        if meta is None:
             raise TrainTabError(f"Dataset {dataset!r} is not in {self.datasets_dir}; refresh the list.")
         run_name = (run_name or "").strip() or default_run_name()
+        # the dataset's sequences fix the context trained on
+        hyper = {**(hyper or {}), "seq_len": int(meta["seq_len"])}
         overrides = [f"data={data_path}", f"run_name={run_name}"]
         if init_from:
             folder = self.ctx.llm.models_dir / init_from if self.ctx.llm is not None else Path(init_from)
             if not (folder / "config.json").is_file():
                 raise TrainTabError(f"Model {init_from!r} is not an HF folder in models/LLM; refresh the list.")
             overrides.append(f"init_from={folder}")
-        elif preset:
-            overrides.append(f"model_preset={preset}")
-        overrides += [f"{k}={v}" for k, v in (hyper or {}).items() if v is not None and v != ""]
+        else:
+            overrides += self.size_overrides(size or "tiny-gqa", dataset)
+        overrides += [f"{k}={v}" for k, v in hyper.items() if v is not None and v != ""]
         overrides += list(extra or [])
         self._check_config(overrides)
         if (self.runs_dir / run_name).exists():
