@@ -104,3 +104,8 @@ def test_bad_input_gets_clear_messages(trainer):
     with pytest.raises(TrainTabError, match="no checkpoint"):
         controller.load_in_chat("nope", "step-000001")
     assert controller.running() is None and "No training run" in controller.stop()
+    with pytest.raises(TrainTabError, match="plain folder name"):
+        controller.start(dataset="tiny", size="tiny-gqa", run_name="../escape", hyper=HYPER, extra=TINY_MODEL)
+    with pytest.raises(TrainTabError, match="plain folder names"):
+        controller.evaluate("..", "final")
+    assert controller.view("../..").run is None and controller.checkpoints("../..") == []

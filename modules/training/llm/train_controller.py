@@ -254,6 +254,8 @@ class TrainController:
         if meta is None:
             raise TrainTabError(f"Dataset {dataset!r} is not in {self.datasets_dir}; refresh the list.")
         run_name = (run_name or "").strip() or default_run_name()
+        if not _plain_name(run_name):
+            raise TrainTabError(f"Run name {run_name!r} must be a plain folder name (no '/', no leading '.').")
         # the dataset's sequences fix the context trained on
         hyper = {**(hyper or {}), "seq_len": int(meta["seq_len"])}
         overrides = [f"data={data_path}", f"run_name={run_name}"]
@@ -275,6 +277,8 @@ class TrainController:
         """Continue ``run`` from its latest checkpoint (``extra``: e.g. ``max_steps=`` to train longer)."""
         if not run:
             raise TrainTabError("Pick the run to resume.")
+        if not _plain_name(run):
+            raise TrainTabError(f"{run!r} is not a run name; pick one from the list.")
         try:
             run_dir = open_run_dir(self.runs_dir / run)
         except RunDirError as exc:
@@ -339,6 +343,8 @@ class TrainController:
         """Status, progress and plot series of ``run``, read from its metrics.jsonl."""
         if not run:
             return RunView(None, "No run yet: pick a dataset and a size, then Start.", live=False)
+        if not _plain_name(run) or not (self.runs_dir / run / "config.yaml").is_file():
+            return RunView(None, f"There is no run {run!r} in {self.runs_dir}; pick one from the list.", live=False)
         run_dir = self.runs_dir / run
         records = read_metrics(run_dir / "metrics.jsonl")
         with self._lock:
@@ -385,7 +391,7 @@ class TrainController:
     def checkpoints(self, run: str | None) -> list[dict]:
         """Rows of the checkpoints table: ``final`` first when there is one, then checkpoints newest first,
         each with its last held-out perplexity when it was evaluated."""
-        if not run:
+        if not run or not _plain_name(run):
             return []
         run_dir = self.runs_dir / run
         rows = []
@@ -401,6 +407,9 @@ class TrainController:
     def _checkpoint_folder(self, run: str, name: str) -> Path:
         if not run or not name:
             raise TrainTabError("Pick a run and one of its checkpoints first.")
+        if not _plain_name(run) or not _plain_name(name):
+            raise TrainTabError(f"{run!r} / {name!r}: run and checkpoint names are plain folder names; pick them "
+                                "from the lists.")
         run_dir = self.runs_dir / run
         folder = run_dir / "final" if name == "final" else run_dir / "checkpoints" / name
         if name == "final" and (folder / "config.json").is_file():
@@ -494,6 +503,11 @@ class TrainController:
             return figures
 
         return self.ctx.jobs.submit(work, name=f"evaluate {run}/{name}", kind="training").result()
+
+
+def _plain_name(name: str) -> bool:
+    """A single folder name (what the lists offer), never a path out of the training folder."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 def _num(value: Any) -> float | None:

@@ -29,6 +29,9 @@ def _frame(rows: list[dict], y: str, color: str | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).dropna(subset=[y]) if rows else pd.DataFrame(columns=columns)
 
 
+# The lists below change while the app runs (new datasets, runs, checkpoints, models), and Gradio checks a
+# dropdown's value against the choices it was built with, so they take any value: the controller checks
+# every name it is given (and says what to do when one is gone).
 def _build_widgets(controller: TrainController) -> dict[str, Any]:
     """Every widget of the tab, by name (elem_ids are ``train_<name>``)."""
     w: dict[str, Any] = {}
@@ -36,11 +39,11 @@ def _build_widgets(controller: TrainController) -> dict[str, Any]:
     gr.Markdown(QUEUE_NOTE, elem_id="train_queue_note")
     with gr.Row():
         w["dataset"] = gr.Dropdown(controller.dataset_choices(), label="Prepared dataset (training/data)",
-                                   elem_id="train_dataset", scale=4)
+                                   elem_id="train_dataset", scale=4, allow_custom_value=True)
         w["refresh"] = gr.Button("Refresh", elem_id="train_refresh", scale=0, min_width=80)
     with gr.Accordion("Prepare a dataset from files under the data dir", open=False, elem_id="train_prepare_box"):
         w["sources"] = gr.Dropdown(controller.source_choices(), multiselect=True, label="Files and folders",
-                                   elem_id="train_sources")
+                                   elem_id="train_sources", allow_custom_value=True)
         with gr.Row():
             w["dataset_name"] = gr.Textbox(label="Dataset name", elem_id="train_dataset_name")
             w["vocab_size"] = gr.Number(4096, precision=0, minimum=16, label="Tokenizer pieces (new tokenizer)",
@@ -53,7 +56,8 @@ def _build_widgets(controller: TrainController) -> dict[str, Any]:
         w["size"] = gr.Dropdown(controller.size_choices(), value="small-5m", label="Model size (new model)",
                                 elem_id="train_size")
         w["init_from"] = gr.Dropdown(["", *controller.model_choices()], value="",
-                                     label="Or continue from a model (models/LLM)", elem_id="train_init_from")
+                                     label="Or continue from a model (models/LLM)", elem_id="train_init_from",
+                                     allow_custom_value=True)
     w["size_note"] = gr.Markdown(controller.size_note("small-5m"), elem_id="train_size_note")
     with gr.Accordion("Hyper-parameters (defaults: TinyLlama's recipe)", open=False, elem_id="train_hyper_box"):
         with gr.Row():
@@ -77,7 +81,8 @@ def _build_widgets(controller: TrainController) -> dict[str, Any]:
         w["start"] = gr.Button("Start", variant="primary", elem_id="train_start", scale=1)
         w["stop"] = gr.Button("Stop", variant="stop", elem_id="train_stop", scale=1)
     with gr.Row():
-        w["run"] = gr.Dropdown(controller.run_choices(), label="Run", elem_id="train_run", scale=2)
+        w["run"] = gr.Dropdown(controller.run_choices(), label="Run", elem_id="train_run", scale=2,
+                               allow_custom_value=True)
         w["resume"] = gr.Button("Resume", elem_id="train_resume", scale=1)
     w["message"] = gr.Markdown(elem_id="train_message")
     w["progress"] = gr.Markdown(elem_id="train_progress")
@@ -92,7 +97,8 @@ def _build_widgets(controller: TrainController) -> dict[str, Any]:
     w["checkpoints"] = gr.Dataframe(pd.DataFrame(columns=CHECKPOINT_COLUMNS), label="Checkpoints",
                                     interactive=False, elem_id="train_checkpoints")
     with gr.Row():
-        w["checkpoint"] = gr.Dropdown([], label="Checkpoint", elem_id="train_checkpoint", scale=2)
+        w["checkpoint"] = gr.Dropdown([], label="Checkpoint", elem_id="train_checkpoint", scale=2,
+                                     allow_custom_value=True)
         w["load_in_chat"] = gr.Button("Load in Chat", elem_id="train_load_in_chat", scale=1)
         w["evaluate"] = gr.Button("Evaluate", elem_id="train_evaluate", scale=1)
     w["checkpoint_message"] = gr.Markdown(elem_id="train_checkpoint_message")
