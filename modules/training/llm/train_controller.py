@@ -343,7 +343,7 @@ class TrainController:
         """Status, progress and plot series of ``run``, read from its metrics.jsonl."""
         if not run:
             return RunView(None, "No run yet: pick a dataset and a size, then Start.", live=False)
-        if not _plain_name(run) or not (self.runs_dir / run / "config.yaml").is_file():
+        if not _plain_name(run) or not ((self.runs_dir / run / "config.yaml").is_file() or self.running() == run):
             return RunView(None, f"There is no run {run!r} in {self.runs_dir}; pick one from the list.", live=False)
         run_dir = self.runs_dir / run
         records = read_metrics(run_dir / "metrics.jsonl")
