@@ -1,6 +1,6 @@
 """The Train tab in headless Chromium against the real server: start a tiny pretraining run, watch its
 progress and plots move (and come back after a page reload), stop it, resume it to the end, and "Load in
-Chat" its final model, which the Chat tab's model dropdown then lists."""
+Chat" its final model, which the Chat tab's model dropdown then lists and which replies there."""
 import re
 import time
 
@@ -103,5 +103,7 @@ def test_start_watch_stop_resume_and_load_in_chat(server):
         assert (data / "models" / "LLM" / RUN / "config.json").is_file()
 
         page.get_by_role("tab", name="Chat", exact=True).click()
-        page.locator("#chat_model input").click()
-        page.get_by_role("option", name=RUN, exact=True).wait_for()
+        pick(page, "#chat_model", RUN)                          # listed, and it chats
+        page.locator("#chat_input textarea").fill("hello")
+        page.locator("#chat_send").click()
+        page.locator("#chat_chatbot .message.bot").first.wait_for()
