@@ -4,6 +4,7 @@ plots back from metrics.jsonl, put checkpoints into models/LLM for the Chat tab,
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -109,3 +110,23 @@ def test_bad_input_gets_clear_messages(trainer):
     with pytest.raises(TrainTabError, match="plain folder names"):
         controller.evaluate("..", "final")
     assert controller.view("../..").run is None and controller.checkpoints("../..") == []
+
+
+def test_other_jobs_wait_behind_the_run_and_an_interrupt_saves_a_checkpoint(trainer):
+    ctx, controller = trainer
+    prepare(controller)
+    run = controller.start(dataset="tiny", size="tiny-gqa", run_name="long", hyper={**HYPER, "max_steps": 100000},
+                           extra=TINY_MODEL)
+    (job,) = ctx.jobs.find(kind="training")
+    deadline = time.monotonic() + 60
+    while not controller.view(run).loss and time.monotonic() < deadline:    # first step logged
+        time.sleep(0.05)
+    assert controller.view(run).live and job.state == "running"
+    other = ctx.jobs.submit(lambda j: "chat reply", name="a chat", kind="llm")
+    time.sleep(0.3)
+    assert other.state == "queued"                     # chats and image jobs wait behind the run
+    job.interrupt()                                    # e.g. the app shutting down
+    result = controller.wait(timeout=60)
+    assert not result.finished and result.last_checkpoint.is_dir()
+    assert other.result(timeout=30) == "chat reply"
+    assert "stopped" in controller.view(run).status and controller.running() is None
