@@ -79,6 +79,7 @@ def test_start_watch_stop_resume_and_load_in_chat(server):
         later = wait_progress(page, rf"step (?!{step_of(first)}/)\d+/")          # the timer keeps polling
         assert step_of(later) > step_of(first)
         assert page.locator("#train_plot_loss canvas, #train_plot_loss svg").count() > 0
+        assert 0 < float(page.locator("#train_progress progress").get_attribute("value")) < 1
 
         page.reload(wait_until="load")                                         # mid-run: comes back
         page.wait_for_selector("#tabs")

@@ -67,6 +67,7 @@ def test_start_stop_resume_load_in_chat_and_evaluate(trainer):
     assert [p["step"] for p in view.loss if p["split"] == "validation"] == [2, 4, 6]
     assert len(view.lr) == 6 and view.lr[0]["lr"] < view.lr[1]["lr"]          # warmup
     assert all(p["tokens_per_s"] > 0 for p in view.throughput)
+    assert "float32 on cpu" in view.detail and "resumed from step-000001" in view.detail
     assert view.fraction == 1.0 and "finished" in view.status and "step 6/6" in view.progress_line
     assert controller.current_run() == run
 

@@ -72,6 +72,8 @@ class RunView:
     lr: list[dict] = field(default_factory=list)            # {"step", "lr"}
     throughput: list[dict] = field(default_factory=list)    # {"step", "tokens_per_s"}
     mfu: list[dict] = field(default_factory=list)           # {"step", "mfu"} (percent)
+    #: what the run trains, from its latest start record ("0.1M parameters, float32 on cpu, ...")
+    detail: str = ""
 
     @property
     def progress_line(self) -> str:
@@ -356,6 +358,7 @@ class TrainController:
             kind = r.get("kind")
             if kind == "start":
                 total = int(r.get("total_steps") or total)
+                view.detail = _detail(r)
             elif kind == "train":
                 view.loss.append({"step": r["step"], "loss": _num(r.get("loss")), "split": "train"})
                 view.lr.append({"step": r["step"], "lr": _num(r.get("lr"))})
@@ -527,6 +530,21 @@ def _eta(steps: list[dict], total: int) -> float | None:
     if done <= 0:
         return None
     return max(0.0, (last["time"] - first["time"]) / done * (total - last["step"]))
+
+
+def _detail(start: dict) -> str:
+    parts = []
+    if start.get("parameters"):
+        parts.append(f"{start['parameters'] / 1e6:.1f}M parameters")
+    if start.get("precision") and start.get("device"):
+        parts.append(f"{start['precision']} on {start['device']}")
+    if start.get("processes", 1) > 1:
+        parts.append(f"{start['processes']} processes ({start.get('parallel')})")
+    if start.get("peak_source"):
+        parts.append(f"MFU against the {start['peak_source']} peak")
+    if start.get("resumed_from"):
+        parts.append(f"resumed from {Path(start['resumed_from']).name}")
+    return ", ".join(parts)
 
 
 def _final_step(run_dir: Path) -> int | None:

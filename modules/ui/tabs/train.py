@@ -8,6 +8,7 @@ once, so a reload mid-run brings everything back.
 """
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import gradio as gr
@@ -27,6 +28,14 @@ CHECKPOINT_COLUMNS = ["name", "step", "tokens", "ppl"]
 def _frame(rows: list[dict], y: str, color: str | None) -> pd.DataFrame:
     columns = ["step", y] + ([color] if color else [])
     return pd.DataFrame(rows, columns=columns).dropna(subset=[y]) if rows else pd.DataFrame(columns=columns)
+
+
+def _progress_html(view) -> str:
+    """A progress bar with the progress line (and what the run trains) under it."""
+    bar = (f'<progress value="{view.fraction:.4f}" max="1" style="width:100%"></progress>'
+           if view.total_steps else "")
+    detail = f"<div><small>{html.escape(view.detail)}</small></div>" if view.detail else ""
+    return f"{bar}<div>{html.escape(view.progress_line)}</div>{detail}"
 
 
 # The lists below change while the app runs (new datasets, runs, checkpoints, models), and Gradio checks a
@@ -85,7 +94,7 @@ def _build_widgets(controller: TrainController) -> dict[str, Any]:
                                allow_custom_value=True)
         w["resume"] = gr.Button("Resume", elem_id="train_resume", scale=1)
     w["message"] = gr.Markdown(elem_id="train_message")
-    w["progress"] = gr.Markdown(elem_id="train_progress")
+    w["progress"] = gr.HTML(elem_id="train_progress")
     with gr.Row():
         for name, (_, y, title, color) in list(PLOTS.items())[:2]:
             w[f"plot_{name}"] = gr.LinePlot(_frame([], y, color), x="step", y=y, color=color, title=title,
@@ -120,7 +129,7 @@ def build(ctx) -> None:
         names = [r["name"] for r in rows]
         plots = [_frame(getattr(view, attr), y, color) for attr, y, _, color in PLOTS.values()]
         table = pd.DataFrame(rows, columns=CHECKPOINT_COLUMNS)
-        return [view.progress_line, *plots, table,
+        return [_progress_html(view), *plots, table,
                 gr.update(choices=names, value=checkpoint if checkpoint in names else (names[0] if names else None)),
                 gr.Timer(active=view.live)]
 
