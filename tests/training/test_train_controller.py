@@ -44,10 +44,15 @@ def test_start_stop_resume_load_in_chat_and_evaluate(trainer):
     ctx, controller = trainer
     assert "corpus/text/" in controller.source_choices()
     assert "corpus/code/mod00.py" in controller.source_choices()
+    (ctx.paths.data_dir / "outputs").mkdir(exist_ok=True)
+    (ctx.paths.data_dir / "outputs" / "notes.txt").write_text("not training text")
+    assert not any(c.startswith("outputs") for c in controller.source_choices())
     assert "tokens" in prepare(controller)
     assert controller.dataset_choices() == ["tiny"]
 
     run = controller.start(dataset="tiny", size="tiny-gqa", run_name="r1", hyper=HYPER, extra=TINY_MODEL)
+    with pytest.raises(TrainTabError, match="using the device"):
+        controller.prepare_dataset("other", ["corpus/text/"], vocab_size=400, seq_len=16)
     with pytest.raises(TrainTabError, match="already running"):
         controller.start(dataset="tiny", size="tiny-gqa", run_name="r2", hyper=HYPER, extra=TINY_MODEL)
     assert [j.kind for j in ctx.jobs.find(kind="training")] == ["training"]

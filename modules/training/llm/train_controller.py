@@ -34,8 +34,10 @@ QUEUE_NOTE = ("Training runs as one job on the device queue: while training runs
               "in the queue until it finishes or is stopped.")
 #: what the tab offers to prepare a dataset from
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
-#: folders of the data dir that hold Atelier's own output, never training text
-SKIPPED_FOLDERS = {"training", "models", "outputs", "logs", "cache", "tmp", "node_modules", "__pycache__", "venv"}
+#: folders of the data dir that hold Atelier's own files, never training text ...
+ATELIER_FOLDERS = {"training", "models", "outputs", "logs", "cache", "tmp", "extensions", "chats"}
+#: ... and folders skipped at any depth
+SKIPPED_FOLDERS = {"node_modules", "__pycache__", "venv"}
 MAX_LISTED_FILES = 500
 #: the hyper-parameters the tab shows, all with PretrainConfig's defaults (TinyLlama's recipe)
 HYPER_PARAMETERS = ("seq_len", "micro_batch", "global_batch_tokens", "lr", "min_lr", "warmup_steps", "max_steps",
@@ -142,7 +144,7 @@ class TrainController:
                 if child.name.startswith("."):
                     continue
                 if child.is_dir():
-                    if not (folder == root and child.name in SKIPPED_FOLDERS) and child.name not in SKIPPED_FOLDERS:
+                    if not (folder == root and child.name in ATELIER_FOLDERS) and child.name not in SKIPPED_FOLDERS:
                         stack.append(child)
                 elif child.suffix in TEXT_SUFFIXES:
                     rel = child.relative_to(root)
@@ -222,6 +224,9 @@ class TrainController:
         from modules.training.llm.tokenizer_train import TokenizerTrainingError
         if not sources:
             raise TrainTabError("Pick at least one file or folder to prepare a dataset from.")
+        if self.running():
+            raise TrainTabError("A training run is using the device; prepare the dataset when it has finished or "
+                                "been stopped.")
         paths = []
         for item in sources:
             path = (self.data_dir / item).resolve()
