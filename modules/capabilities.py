@@ -10,6 +10,7 @@ log = logging.getLogger(__name__)
 BUILTIN = (
     "modules.llm.capability",        # Chat tab, /v1 OpenAI API
     "modules.diffusion.capability",  # txt2img, img2img, PNG Info tabs, /sdapi/v1 generation routes
+    "modules.training.capability",   # Train tab (LLM pretraining runs on the device queue)
 )
 
 

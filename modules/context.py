@@ -47,6 +47,8 @@ class AppContext:
     llm: LLMService | None = None
     #: image generation (txt2img, img2img, /sdapi/v1), set by modules.diffusion.capability.register
     diffusion: DiffusionService | None = None
+    #: the Train tab's controller (modules.training.capability.register); None when not registered
+    training: Any = None
     #: what the web UI shares between its tabs (the generation forms), set by modules.ui.app.build_ui;
     #: None with --nowebui. Services never hold UI objects.
     ui: UiState | None = None

@@ -11,3 +11,6 @@ from typing import Any
 class UiState:
     #: ``GenerationForm`` by tab id ("txt2img", "img2img")
     forms: dict[str, Any] = field(default_factory=dict)
+    #: components other tabs update, by name ("chat_model": the Chat tab's model dropdown, which the Train
+    #: tab's "Load in Chat" refreshes)
+    components: dict[str, Any] = field(default_factory=dict)

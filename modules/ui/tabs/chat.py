@@ -74,6 +74,8 @@ def _build_widgets(controller: ChatController) -> dict[str, Any]:
 def build(ctx: Any) -> None:
     controller = ChatController(ctx.llm, ctx.settings)
     w = _build_widgets(controller)
+    if ctx.ui is not None:                  # the Train tab's "Load in Chat" refreshes this list
+        ctx.ui.components["chat_model"] = w["model"]
     session = gr.State(ChatSession())
     reply_inputs = {session, *(w[name] for name in _REPLY_WIDGETS)}
     #: what a ChatView can update
