@@ -134,10 +134,14 @@ def test_txt2img_inpaint_and_png_info_round_trip(page, server, tmp_path):
     assert changed[:, 48:].mean() < 0.05  # the right side is the original image
 
     # -- PNG Info: read it back and send it to txt2img -------------------------------------------------
+    # Empty txt2img's prompt first, from its own tab: when upload_to_editor had to reload the page, the
+    # txt2img tab has not been shown since, and Gradio renders a tab's components only once it is shown.
+    page.get_by_role("tab", name="txt2img", exact=True).click()
+    page.locator("#txt2img_prompt textarea").fill("")
+    expect(page.locator("#txt2img_prompt textarea")).to_have_value("")
     page.get_by_role("tab", name="PNG Info", exact=True).click()
     page.locator("#pnginfo_image input[type=file]").set_input_files(str(saved))
     expect(page.locator("#pnginfo_parameters textarea")).to_have_value(text, timeout=30_000)
-    page.locator("#txt2img_prompt textarea").evaluate("e => { e.value = ''; e.dispatchEvent(new Event('input')); }")
     page.locator("#pnginfo_send_txt2img").click()
     expect(page.locator("#txt2img_prompt textarea")).to_have_value("a photo of a cat", timeout=30_000)
     expect(page.locator("#txt2img_prompt textarea")).to_be_visible()  # switched to the txt2img tab
