@@ -94,18 +94,7 @@ class PretrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every_tokens"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if not self.lr > 0:
-            out.append(f"lr must be > 0, got {self.lr} (TinyLlama uses 4e-4)")
-        if not 0 <= self.min_lr <= self.lr:
-            out.append(f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
-        if self.weight_decay < 0:
-            out.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            out.append(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if not self.grad_clip > 0:
-            out.append(f"grad_clip must be > 0, got {self.grad_clip}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            out.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        out.extend(optimizer_problems(self, lr_hint="TinyLlama uses 4e-4"))
         out.extend(self._parallel_problems())
         if self.max_steps is None and self.max_tokens is None:
             out.append("set max_steps or max_tokens: how long the run trains")
@@ -125,8 +114,7 @@ class PretrainConfig:
                        + (" (or another --nproc-per-node)" if world_size > 1 else ""))
         if not self.data:
             out.append("data is required: the packed dataset folder made by the dataset builder")
-        if self.run_name and (os.sep in self.run_name or self.run_name.startswith(".")):
-            out.append(f"run_name {self.run_name!r} must be a plain folder name (no '/' and no leading '.')")
+        out.extend(run_name_problems(self.run_name))
         out.extend(self._model_problems())
         return out
 
@@ -173,6 +161,32 @@ class PretrainConfig:
 
 
 # ------------------------------------------------------------------------------------------ loading
+
+def optimizer_problems(config: Any, *, lr_hint: str) -> list[str]:
+    """The checks every trainer's optimizer and precision fields share (``lr``, ``min_lr``, ``weight_decay``,
+    ``betas``, ``grad_clip``, ``precision``); *lr_hint* says what a usual learning rate is for that trainer."""
+    out = []
+    if not config.lr > 0:
+        out.append(f"lr must be > 0, got {config.lr} ({lr_hint})")
+    if not 0 <= config.min_lr <= config.lr:
+        out.append(f"min_lr must be between 0 and lr ({config.lr}), got {config.min_lr}")
+    if config.weight_decay < 0:
+        out.append(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
+        out.append(f"betas must be two numbers in [0, 1), got {config.betas}")
+    if not config.grad_clip > 0:
+        out.append(f"grad_clip must be > 0, got {config.grad_clip}")
+    if config.precision not in ("auto", "fp32", "bf16"):
+        out.append(f"precision must be auto, fp32 or bf16, got {config.precision!r}")
+    return out
+
+
+def run_name_problems(run_name: str) -> list[str]:
+    """A run name is one plain folder name under ``<data-dir>/training/``."""
+    if run_name and (os.sep in run_name or run_name.startswith(".")):
+        return [f"run_name {run_name!r} must be a plain folder name (no '/' and no leading '.')"]
+    return []
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
                 cls: type = PretrainConfig, world_size: int = 1, base: dict | None = None):
     """Read ``path`` (YAML; None: start from ``base`` or the defaults), apply ``key=value`` overrides

@@ -8,9 +8,10 @@ serve both. Batches count conversations, not tokens: SFT batches are padded, not
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from modules.training.config import optimizer_problems, run_name_problems
 
 #: nn.Linear names inside a Llama block that LoRA may adapt (the same names as transformers' Llama)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -70,18 +71,7 @@ class SFTConfig:
         for name in ("seq_len", "warmup_steps", "eval_every", "save_every_steps"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if not self.lr > 0:
-            out.append(f"lr must be > 0, got {self.lr} (full fine-tuning: about 2e-5; LoRA: about 2e-4)")
-        if not 0 <= self.min_lr <= self.lr:
-            out.append(f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
-        if self.weight_decay < 0:
-            out.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            out.append(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if not self.grad_clip > 0:
-            out.append(f"grad_clip must be > 0, got {self.grad_clip}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            out.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        out.extend(optimizer_problems(self, lr_hint="full fine-tuning: about 2e-5; LoRA: about 2e-4"))
         if (self.max_steps is None) == (self.epochs is None):
             out.append("set exactly one of max_steps or epochs: how long the run trains")
         if self.max_steps is not None and self.max_steps < 1:
@@ -109,8 +99,7 @@ class SFTConfig:
             out.append("base_model is required: a folder of models/LLM (or a path to an HF Llama folder)")
         if not self.data:
             out.append("data is required: a JSONL file of conversations")
-        if self.run_name and (os.sep in self.run_name or self.run_name.startswith(".")):
-            out.append(f"run_name {self.run_name!r} must be a plain folder name (no '/' and no leading '.')")
+        out.extend(run_name_problems(self.run_name))
         return out
 
     def to_dict(self) -> dict[str, Any]:
