@@ -286,6 +286,13 @@ def with_hash(info: CheckpointInfo, cache_dir: str | os.PathLike | None) -> Chec
     return replace(info, sha256=sha, shorthash=sha[:10], title=_title(info.name, sha[:10]))
 
 
+def looks_like_hash(query: str) -> bool:
+    """True for a (short) sha256 as A1111 writes it, ``abcdef1234`` or ``[abcdef1234]``: the only queries that
+    hashing the checkpoints could answer."""
+    hexq = query.strip().strip("[]").lower()
+    return len(hexq) >= 8 and all(c in "0123456789abcdef" for c in hexq)
+
+
 def find_checkpoint(infos: Iterable[CheckpointInfo], query: str | None) -> CheckpointInfo | None:
     """Look a checkpoint up as A1111 does: by title, name, name without extension, or (short) hash."""
     if not query:
@@ -301,8 +308,8 @@ def find_checkpoint(infos: Iterable[CheckpointInfo], query: str | None) -> Check
     for info in infos:
         if bare in (info.name, info.model_name):
             return info
-    hexq = q.strip("[]").lower()
-    if len(hexq) >= 8 and all(c in "0123456789abcdef" for c in hexq):
+    if looks_like_hash(q):
+        hexq = q.strip("[]").lower()
         for info in infos:
             if info.sha256 and info.sha256.startswith(hexq):
                 return info

@@ -102,11 +102,12 @@ class DiffusionService:
     def find(self, query: str | None):
         """The checkpoint *query* names (title, name or hash), or the current one when *query* is empty.
         Raises ValueError listing the available checkpoints."""
-        from modules.diffusion.checkpoints import find_checkpoint, with_hash
+        from modules.diffusion.checkpoints import find_checkpoint, looks_like_hash, with_hash
         infos = self.checkpoints()
         if query:
             info = find_checkpoint(infos, query)
-            if info is None:
+            if info is None and looks_like_hash(query):  # hash every checkpoint only when a hash can match
+                # (settings.yaml is checked at start-up: a stale name must not read gigabytes there)
                 hashed = [with_hash(i, self.ctx.paths.cache_dir) for i in infos if not i.error]
                 info = find_checkpoint(hashed, query)
             if info is None:
