@@ -48,10 +48,11 @@ class TinyData:
 
 def write_tokenizer(folder: Path) -> Path:
     """A real Llama-2-layout SentencePiece folder (the fixture tokenizer, 512 pieces)."""
-    from modules.fixtures.llm import _tokenizer_config, train_tokenizer
+    from modules.fixtures.llm import train_tokenizer
+    from modules.training.llm.tokenizer_train import tokenizer_config
     folder.mkdir(parents=True, exist_ok=True)
     train_tokenizer(folder / "tokenizer.model", vocab_size=512)
-    (folder / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(256)), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(256)), encoding="utf-8")
     return folder
 
 
