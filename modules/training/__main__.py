@@ -16,6 +16,8 @@ COMMANDS: dict[str, str] = {
     "sft": "modules.training.llm.sft_command",
     "eval": "modules.training.llm.eval_command",
     "make-sft-data": "modules.training.llm.sft_synthetic",
+    "fetch-corpus": "modules.training.llm.demo_corpus",
+    "demo-models": "modules.training.llm.demo_recipe",
 }
 
 

@@ -136,3 +136,34 @@ def test_other_jobs_wait_behind_the_run_and_an_interrupt_saves_a_checkpoint(trai
     assert not result.finished and result.last_checkpoint.is_dir()
     assert other.result(timeout=30) == "chat reply"
     assert "stopped" in controller.view(run).status and controller.running() is None
+
+
+def test_the_run_holds_its_model_through_the_model_manager_and_makes_room_first(trainer):
+    """While it trains, the model is a 'training' entry of the shared manager, sized as its whole training
+    state; admission evicted the idle model that did not fit beside it; after the run it is gone."""
+    import torch
+    from modules.model_manager import MB
+    from modules.training.model_lease import lease_key, training_bytes
+    ctx, controller = trainer
+    prepare(controller)
+    seen = {}
+    ctx.models.acquire("idle-chat-model", lambda: torch.zeros(1024, 1024), kind="llm").release()
+    # a device with room for the training state only once the idle 4 MB model is gone
+    ctx.models._free_memory = lambda: ctx.models.reserve_bytes + (
+        MB // 4 if ctx.models.is_loaded("idle-chat-model") else 64 * MB)
+    hyper = {**HYPER, "max_steps": 3}
+    run = controller.start(dataset="tiny", size="tiny-gqa", run_name="leased", hyper=hyper, extra=TINY_MODEL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not seen:
+        entries = ctx.models.loaded(kind="training")
+        if entries:
+            seen = entries[0]
+        time.sleep(0.01)
+    result = controller.wait(timeout=120)
+    assert result.finished
+    assert seen["key"] == lease_key(run) and seen["leases"] == 1 and seen["run"] == run
+    from safetensors.torch import load_file
+    params = sum(t.numel() for t in load_file(str(result.final_dir / "model.safetensors")).values())
+    assert seen["size_mb"] == round(training_bytes(params) / MB, 1)
+    assert not ctx.models.is_loaded("idle-chat-model")          # evicted to make room before the build
+    assert ctx.models.loaded(kind="training") == []             # released and unloaded with the run

@@ -240,7 +240,10 @@ class Pretrainer:
     def __init__(self, config: PretrainConfig, data: TrainingData, run: RunDir, *, resume: bool = False,
                  tokenizer_dir: str | Path | None = None, tokenizer_hash: str | None = None,
                  on_log: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                 dist: Distributed | None = None):
+                 dist: Distributed | None = None,
+                 model_lease: Callable[[Callable[[], Llama], int], Llama] | None = None):
+        """``model_lease(build, num_parameters)``, when given, builds the model through the app's model manager
+        (:func:`modules.training.model_lease.manager_lease`), so its memory is admitted and accounted there."""
         self.config, self.data, self.run = config, data, run
         self.dist = dist or Distributed()
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
@@ -257,7 +260,8 @@ class Pretrainer:
 
         self.model_config = config.model_config()
         self._check_tokenizer()
-        self.model = self._build_model().to(self.device)
+        build = lambda: self._build_model().to(self.device)      # noqa: E731
+        self.model = model_lease(build, self.model_config.num_parameters()) if model_lease else build()
         self.model.activation_checkpointing = config.activation_checkpointing
         if self.rank:
             seed_all(config.seed + self.rank)      # from here on each rank draws its own random numbers

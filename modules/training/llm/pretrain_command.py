@@ -65,7 +65,7 @@ def resolve_tokenizer_dir(config: PretrainConfig, data) -> Path | None:
 
 
 def run_pretrain(config_path: str | None, overrides: list[str], *, data_dir: str | Path, resume: str | None = None,
-                 open_data: Callable = open_training_data, on_log=None, should_stop=None):
+                 open_data: Callable = open_training_data, on_log=None, should_stop=None, model_lease=None):
     """Config -> run folder -> :class:`~modules.training.llm.pretrain.Pretrainer` -> result (the CLI's body,
     also called by the Train tab and the tests with their own ``open_data``).
 
@@ -91,7 +91,7 @@ def run_pretrain(config_path: str | None, overrides: list[str], *, data_dir: str
             run = RunDir(Path(root))
         trainer = Pretrainer(config, data, run, resume=bool(resume), tokenizer_dir=tokenizer_dir,
                              tokenizer_hash=getattr(data, "tokenizer_hash", None), on_log=on_log,
-                             should_stop=should_stop, dist=dist)
+                             should_stop=should_stop, dist=dist, model_lease=model_lease)
         if resume:                       # only once the checkpoint is known to fit the (changed) config
             dist.on_main(lambda: run.write_config(config.to_dict()))
         return trainer.train()

@@ -30,7 +30,8 @@ from modules.training.run_dir import RunDirError, default_run_name, open_run_dir
 
 log = logging.getLogger(__name__)
 
-QUEUE_NOTE = ("Training runs as one job on the device queue: while training runs, chats and image jobs wait "
+QUEUE_NOTE = ("Training runs as one job on the device queue, with its model held by the model manager (idle "
+              "models are unloaded first when memory is short): while training runs, chats and image jobs wait "
               "in the queue until it finishes or is stopped.")
 #: what the tab offers to prepare a dataset from
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
@@ -318,6 +319,7 @@ class TrainController:
 
     def _submit(self, run: str, run_dir: Path, overrides: list[str], *, resume: str | None) -> str:
         from modules.training.llm.pretrain_command import run_pretrain
+        from modules.training.model_lease import manager_lease
         with self._lock:
             if self._active is not None and not self._active.job.done:
                 raise TrainTabError(f"Training run {self._active.run!r} is already running; Stop it (or wait for "
@@ -330,8 +332,15 @@ class TrainController:
                         job.progress.text = f"{run}: loss {record['loss']:.4f}"
                         job.progress.step, job.progress.total = record["step"], record["total_steps"]
 
-                return run_pretrain(None, overrides, data_dir=self.data_dir, resume=resume, on_log=on_log,
-                                    should_stop=lambda: stop.is_set() or job.interrupted)
+                leases: list = []
+                try:
+                    return run_pretrain(None, overrides, data_dir=self.data_dir, resume=resume, on_log=on_log,
+                                        should_stop=lambda: stop.is_set() or job.interrupted,
+                                        model_lease=manager_lease(self.ctx.models, run, leases))
+                finally:
+                    for lease in leases:            # the model leaves the manager with the run
+                        lease.release()
+                        self.ctx.models.unload(lease.key)
 
             job = self.ctx.jobs.submit(work, name=f"training {run}", kind="training")
             self._active = _Active(run, run_dir, job, stop)
