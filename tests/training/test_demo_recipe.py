@@ -60,6 +60,7 @@ def test_recipe_makes_installs_and_describes_both_models(tmp_path):
     quality = record["quality"]["atelier-tiny-chat"]
     assert set(quality["exact_match"]) == {"arithmetic", "docs", "drawing", "formatting"}
     assert set(quality["perplexity"]) == {"text", "code"} and quality["perplexity"]["text"]["ppl"] > 1
+    assert set(quality["perplexity_pretrained"]) == {"text", "code"}
     card = (chat / "README.md").read_text()
     assert "python -m modules.training demo-models" in card
     assert f"| drawing | {quality['exact_match']['drawing'] * 100:.1f}% |" in card
