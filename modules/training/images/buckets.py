@@ -84,16 +84,15 @@ class BucketSpec:
         if self.max_side is None:
             object.__setattr__(self, "max_side", max(resolution) * 2)
         if self.min_side > min(resolution) or self.max_side < max(resolution):
-            raise BucketError([f"min_side {self.min_side} and max_side {self.max_side} must enclose the resolution "
-                               f"{resolution[0]}x{resolution[1]}: min_side <= {min(resolution)} <= "
-                               f"{max(resolution)} <= max_side"])
+            raise BucketError([(f"min_side {self.min_side} and max_side {self.max_side} must enclose the resolution "
+                                f"{resolution[0]}x{resolution[1]}: min_side <= {min(resolution)} <= "
+                                f"{max(resolution)} <= max_side")])
 
     def _side_problems(self, resolution) -> list[str]:
         problems = []
         step = self.step
         if isinstance(step, bool) or not isinstance(step, int) or step < 8 or step % 8:
-            return problems + [f"bucket step {step!r} must be a positive multiple of 8 (the VAE's factor); "
-                               "kohya and SD use 64"]
+            return [f"bucket step {step!r} must be a positive multiple of 8 (the VAE's factor); kohya and SD use 64"]
         if resolution is not None:
             for side in sorted(set(resolution)):
                 if side < step or side % step:
@@ -117,7 +116,7 @@ class BucketSpec:
         if not self.enabled:
             return [(width, height)]
         area, step = width * height, self.step
-        square = int(math.isqrt(area)) // step * step
+        square = math.isqrt(area) // step * step
         sizes = {(square, square)} if self.min_side <= square <= self.max_side else set()
         for w in range(self.min_side, self.max_side + 1, step):
             h = min(self.max_side, area // w // step * step)

@@ -39,8 +39,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from modules.training.images.buckets import BucketSpec, fit_to_bucket, upscale_factor
-from modules.training.images.captions import (CAPTION_EXTENSIONS, CaptionFileError, CaptionOptions,
-                                              find_caption_file, make_caption, read_caption_file)
+from modules.training.images.captions import (
+    CAPTION_EXTENSIONS,
+    CaptionFileError,
+    CaptionOptions,
+    find_caption_file,
+    make_caption,
+    read_caption_file,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -123,8 +129,8 @@ class ImageBatch:
     bucket: tuple[int, int]
     captions: list[str]
     paths: list[Path]
-    pixels: "torch.Tensor | None" = None
-    latents: "torch.Tensor | None" = None
+    pixels: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------ scanning
@@ -356,7 +362,7 @@ class ImageDataset:
             image = ImageOps.exif_transpose(image)
             return fit_to_bucket(to_rgb(image), record.bucket)
 
-    def pixels(self, indices: list[int]) -> "torch.Tensor":
+    def pixels(self, indices: list[int]) -> torch.Tensor:
         """``(len(indices), 3, H, W)`` float32 in [-1, 1] (SD's VAE input); the images must share a bucket."""
         import torch
 

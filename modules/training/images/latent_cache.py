@@ -20,8 +20,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +78,7 @@ class LatentCache:
     ``hits``, ``misses`` and ``repaired`` (damaged files encoded again) count what happened.
     """
 
-    def __init__(self, encode: Callable[["torch.Tensor"], "torch.Tensor"], fingerprint: str, *,
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], fingerprint: str, *,
                  directory: str | Path | None = None, encode_batch: int = 8):
         if not callable(encode):
             raise LatentCacheError(f"encode must be a function pixels -> latents, got {type(encode).__name__}")
@@ -88,16 +89,16 @@ class LatentCache:
             raise LatentCacheError(f"encode_batch={encode_batch!r} must be a positive whole number")
         self.encode, self.fingerprint, self.encode_batch = encode, fingerprint, encode_batch
         self.directory = Path(directory) if directory is not None else None
-        self._memory: dict[str, "torch.Tensor"] = {}
+        self._memory: dict[str, torch.Tensor] = {}
         self.hits = self.misses = self.repaired = 0
 
-    def key(self, record: "ImageRecord") -> str:
+    def key(self, record: ImageRecord) -> str:
         """The cache key of ``record``'s latent (see the module docstring for what goes in)."""
         text = json.dumps([FORMAT, record.sha256, list(record.bucket), PIXEL_PIPELINE, self.fingerprint])
         return hashlib.sha256(text.encode()).hexdigest()
 
     # ------------------------------------------------------------------------------------ reading
-    def latents(self, dataset: "ImageDataset", indices: list[int]) -> "torch.Tensor":
+    def latents(self, dataset: ImageDataset, indices: list[int]) -> torch.Tensor:
         """``(len(indices), C, h, w)`` latents of images ``indices`` (one bucket), encoding the missing ones."""
         import torch
 
@@ -118,7 +119,7 @@ class LatentCache:
                 found[key] = latent
         return torch.stack([found[k] for k in keys])
 
-    def prepare(self, dataset: "ImageDataset", progress: Callable[[int, int], None] | None = None) -> int:
+    def prepare(self, dataset: ImageDataset, progress: Callable[[int, int], None] | None = None) -> int:
         """Encode every image of ``dataset`` not cached yet (before training, as kohya does); returns how many.
 
         ``progress(done, total)`` is called after each ``encode`` call.
@@ -136,7 +137,7 @@ class LatentCache:
                     progress(done, total)
         return total
 
-    def prune(self, dataset: "ImageDataset") -> list[Path]:
+    def prune(self, dataset: ImageDataset) -> list[Path]:
         """Delete cache files in ``directory`` that no image of ``dataset`` uses now (old keys); returns them.
 
         Only files named like this cache's own (``<64 hex>.safetensors``) are touched. In memory: drops
@@ -154,7 +155,7 @@ class LatentCache:
         return removed
 
     # ---------------------------------------------------------------------------------- internals
-    def _encode(self, dataset: "ImageDataset", indices: list[int]) -> list["torch.Tensor"]:
+    def _encode(self, dataset: ImageDataset, indices: list[int]) -> list[torch.Tensor]:
         import torch
 
         pixels = dataset.pixels(indices)
@@ -177,7 +178,7 @@ class LatentCache:
         # on disk only the file's presence: a damaged one is found, and encoded again, when it is read
         return key in self._memory if self.directory is None else self._path(key).is_file()
 
-    def _get(self, key: str) -> "torch.Tensor | None":
+    def _get(self, key: str) -> torch.Tensor | None:
         if self.directory is None:
             return self._memory.get(key)
         path = self._path(key)
@@ -193,7 +194,7 @@ class LatentCache:
             self.repaired += 1
             return None
 
-    def _put(self, key: str, latent: "torch.Tensor", record: "ImageRecord") -> None:
+    def _put(self, key: str, latent: torch.Tensor, record: ImageRecord) -> None:
         if self.directory is None:
             self._memory[key] = latent
             return
