@@ -170,3 +170,14 @@ def test_broken_encoders_are_named(vae, dataset_dir):
         LatentCache(lambda x: x, "")
     with pytest.raises(LatentCacheError, match="encode_batch"):
         LatentCache(lambda x: x, "fp", encode_batch=0)
+
+
+def test_ranks_share_the_encoding_of_a_disk_cache(vae, dataset_dir):
+    dataset = ImageDataset(dataset_dir, buckets=SPEC)
+    folder = dataset_cache_dir(dataset_dir)
+    encoders = [CountingEncoder(vae) for _ in range(2)]
+    done = [LatentCache(e, vae_fingerprint(vae), directory=folder).prepare(dataset, rank=r, world_size=2)
+            for r, e in enumerate(encoders)]
+    assert done == [2, 2] and [e.images for e in encoders] == [2, 2]
+    after = CountingEncoder(vae)
+    assert LatentCache(after, vae_fingerprint(vae), directory=folder).prepare(dataset) == 0

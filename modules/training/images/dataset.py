@@ -147,7 +147,11 @@ def scan_dataset(root: str | Path, buckets: BucketSpec,
         result.error = (f"dataset folder {root} does not exist or is not a folder; "
                         f"{_layout_hint(root)}")
         return result
-    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    try:
+        entries = sorted(root.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        result.error = f"dataset folder {root} cannot be listed ({exc.strerror or exc}); check its permissions"
+        return result
     folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     concept_folders = []
     for folder in folders:
@@ -166,9 +170,9 @@ def scan_dataset(root: str | Path, buckets: BucketSpec,
             result.skipped.append(Skipped(path.name, "directly in the dataset folder, which has N_concept "
                                           "folders; move it into one of them (e.g. 1_<concept>/)"))
     else:
-        match = CONCEPT_FOLDER.match(root.name)
+        match = CONCEPT_FOLDER.match(root.resolve().name)
         concept = (Concept(".", match.group(2), int(match.group(1))) if match and int(match.group(1)) >= 1
-                   else Concept(".", root.name, 1))
+                   else Concept(".", root.resolve().name, 1))
         concept_folders = [(root, concept)]
     resolutions = buckets.resolutions()
     for folder, concept in concept_folders:
@@ -186,7 +190,12 @@ def scan_dataset(root: str | Path, buckets: BucketSpec,
 def _scan_concept(root: Path, folder: Path, concept: Concept, buckets: BucketSpec, resolutions,
                   caption_extensions, result: ScanResult) -> int:
     found = 0
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+    except OSError as exc:
+        result.warnings.append(Skipped(concept.folder + "/", f"folder cannot be listed ({exc.strerror or exc})"))
+        return 0
+    for path in files:
         relative = path.relative_to(root).as_posix()
         suffix = path.suffix.lower()
         if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
@@ -195,7 +204,7 @@ def _scan_concept(root: Path, folder: Path, concept: Concept, buckets: BucketSpe
         if suffix not in IMAGE_EXTENSIONS:
             continue
         try:
-            sha, size = inspect_image(path)
+            sha, size = _inspect_image(path)
             caption_file = find_caption_file(path, caption_extensions)
             caption_name = caption_file.relative_to(root).as_posix() if caption_file else ""
             lines = read_caption_file(caption_file, caption_name) if caption_file else ()
@@ -227,7 +236,7 @@ class _Unusable(Exception):
     """An image file that cannot be trained on (the message is the reason shown to the user)."""
 
 
-def inspect_image(path: Path) -> tuple[str, tuple[int, int]]:
+def _inspect_image(path: Path) -> tuple[str, tuple[int, int]]:
     """``(sha256 of the bytes, displayed (width, height))`` after decoding the whole image once.
 
     JPEGs are decoded in draft mode (DCT-scaled, several times faster): every byte is still read, so

@@ -119,12 +119,15 @@ class LatentCache:
                 found[key] = latent
         return torch.stack([found[k] for k in keys])
 
-    def prepare(self, dataset: ImageDataset, progress: Callable[[int, int], None] | None = None) -> int:
+    def prepare(self, dataset: ImageDataset, progress: Callable[[int, int], None] | None = None, *,
+                rank: int = 0, world_size: int = 1) -> int:
         """Encode every image of ``dataset`` not cached yet (before training, as kohya does); returns how many.
 
-        ``progress(done, total)`` is called after each ``encode`` call.
+        ``progress(done, total)`` is called after each ``encode`` call. With several processes and a disk
+        cache, each rank encodes its share (images ``rank``, ``rank + world_size``, ...): call it on every
+        rank, then wait at a barrier, and every rank finds every latent on disk.
         """
-        todo = {bucket: [i for i in indices if not self._has(self.key(dataset.records[i]))]
+        todo = {bucket: [i for i in indices if i % world_size == rank and not self._has(self.key(dataset.records[i]))]
                 for bucket, indices in dataset.buckets.items()}
         total, done = sum(len(v) for v in todo.values()), 0
         for indices in todo.values():
