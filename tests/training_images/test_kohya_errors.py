@@ -53,7 +53,8 @@ def test_writer_refuses_what_loaders_would_reject(tmp_path):
     with pytest.raises(kf.KohyaFormatError, match="lora_unet_a lacks alpha"):
         kf.save_kohya_lora(tmp_path / "x.safetensors", {k: v for k, v in _tensors().items() if "alpha" not in k}, {})
     with pytest.raises(kf.KohyaFormatError, match="bundle_emb"):
-        kf.save_kohya_lora(tmp_path / "x.safetensors", {**_tensors(), "bundle_emb.x.string_to_param": torch.ones(1)}, {})
+        kf.save_kohya_lora(tmp_path / "x.safetensors", {**_tensors(), "bundle_emb.x.string_to_param": torch.ones(1)},
+                           {})
     with pytest.raises(kf.KohyaFormatError, match="must be strings; not so for ss_network_dim"):
         kf.save_kohya_lora(tmp_path / "x.safetensors", _tensors(), {"ss_network_dim": 4})
     assert not list(tmp_path.iterdir())
@@ -99,7 +100,7 @@ def test_reader_names_every_problem(tmp_path):
                      "hada_w1_a: a LyCORIS", "dora_scale: DoRA"):
         assert expected in message
     assert not any("lora" in type(m).__name__.lower() for m in pipe.unet.modules())  # nothing half-injected
-    with pytest.raises(kf.KohyaFormatError, match="lora_te2_.*no such layer"):
+    with pytest.raises(kf.KohyaFormatError, match="was made for SDXL .* this is an SD 1.x/2.x model"):
         kf.kohya_to_peft(kohya_lora(build_sdxl(), seed=1, sgm_names=True), parts)
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(kf.KohyaFormatError, match="junk.safetensors is not a readable safetensors LoRA"):
@@ -134,3 +135,15 @@ def test_metadata_record_problems_are_listed_together():
     message = str(info.value)
     for expected in ("output_name", "kind must be sd1, sd2 or sdxl", "network_dim", "resolution", "'not_ss'"):
         assert expected in message
+
+
+def test_loading_twice_under_one_adapter_name_is_refused_before_any_change():
+    pipe = build_sd15()
+    parts = kf.pipeline_components(pipe)
+    state = kohya_lora(pipe, seed=2)
+    kf.load_kohya_into_peft(parts, state)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(kf.KohyaFormatError, match="unet, text_encoder already has an adapter named 'default'"):
+        kf.load_kohya_into_peft(parts, state)
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -146,7 +146,8 @@ def _check_state(tensors: Mapping[str, torch.Tensor]) -> None:
     for key in tensors:
         name, _, part = key.partition(".")
         if not key.startswith(KOHYA_PREFIXES) or part not in PARTS:
-            problems.append(f"{key!r} is not a kohya LoRA key (<lora_unet_|lora_te…>.lora_down.weight/.lora_up.weight/.alpha)")
+            problems.append(f"{key!r} is not a kohya LoRA key "
+                            "(<lora_unet_|lora_te…>.lora_down.weight/.lora_up.weight/.alpha)")
         else:
             groups.setdefault(name, set()).add(part)
     problems += [f"{name} lacks {', '.join(sorted(set(PARTS) - parts))}" for name, parts in groups.items()
@@ -314,6 +315,11 @@ def kohya_to_peft(tensors: Mapping[str, torch.Tensor], components: Mapping[str, 
     at once (*source* names the file in the message). A missing or zero alpha means alpha = rank, as in kohya.
     """
     sdxl = components_sdxl(components, sdxl)
+    other = ("lora_te_",) if sdxl else ("lora_te1_", "lora_te2_")
+    if any(key.startswith(other) for key in tensors):  # one clear line instead of one per layer
+        made_for, model = ("SD 1.x/2.x", "SDXL") if sdxl else ("SDXL", "SD 1.x/2.x")
+        raise KohyaFormatError(f"{source} was made for {made_for} (it has {' / '.join(other)} keys); "
+                               f"this is an {model} model. Pick a LoRA or base model of the same type.")
     problems: list[str] = []
     groups = _group(tensors, problems)
     index = _index(components, sdxl)
@@ -380,10 +386,11 @@ def load_kohya_into_peft(components: Mapping[str, torch.nn.Module], source, *, a
     else:
         (tensors, metadata), where = read_kohya_lora(source), str(source)
     loras = kohya_to_peft(tensors, components, sdxl=sdxl, dropout=dropout, source=where)
+    taken = [c for c in loras if adapter_name in (getattr(unwrap_peft(components[c]), "peft_config", None) or {})]
+    if taken:  # checked before anything is injected
+        raise KohyaFormatError(f"{', '.join(taken)} already has an adapter named {adapter_name!r}; pick another name")
     for component, lora in loras.items():
         model = unwrap_peft(components[component])
-        if adapter_name in (getattr(model, "peft_config", None) or {}):
-            raise KohyaFormatError(f"{component} already has an adapter named {adapter_name!r}; pick another name")
         inject(model, lora.config, adapter_name)
         result = set_peft_model_state_dict(model, lora.state, adapter_name=adapter_name)
         missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
