@@ -68,6 +68,9 @@ def test_recipe_makes_installs_and_describes_both_models(tmp_path):
     assert "pkg-austen" in card and "| text | 0.7 |" in card
     draft = Path(installed["atelier-tiny-draft"])
     assert (draft / "tokenizer.model").read_bytes() == (chat / "tokenizer.model").read_bytes()
+    agreement = record["quality"]["atelier-tiny-draft"]["agreement"]
+    assert agreement["target"] == "atelier-tiny-chat" and 0 <= agreement["overall"] <= 1 and agreement["tokens"] > 0
+    assert "acceptance rate a greedy speculative decoder" in (draft / "README.md").read_text()
 
     # a rerun trains nothing again and installs beside the existing models, never over them
     (chat / "notes.txt").write_text("the user's own file")

@@ -58,3 +58,27 @@ def chat_exact_match(llm: Any, items: list[dict], *, max_new_tokens: int = 64, b
     return {"accuracy": accuracy, "items": dict(sorted(counts.items())),
             "seconds": round(time.perf_counter() - started, 3), "wrong_examples": wrong,
             "per_item": [int(r.strip() == expected_answer(i).strip()) for i, r in zip(items, replies)]}
+
+
+def greedy_agreement(target: Any, draft: Any, items: list[dict], *, max_new_tokens: int = 64) -> dict:
+    """Share of the target's greedy reply tokens (and the closing EOS) that ``draft`` predicts too, each
+    given the same prefix: the acceptance rate a greedy speculative decoder would see with this pair
+    (both LoadedLLMs with one tokenizer), per family and overall."""
+    import torch
+
+    replies = answer_items(target, items, max_new_tokens=max_new_tokens)
+    counts: dict[str, list[int]] = {}
+    for item, reply in zip(items, replies):
+        ids = prompt_ids(target.tokenizer, target.template,
+                         target.template.render(prompt_messages(item), add_generation_prompt=True))
+        out = target.tokenizer.encode(reply, add_bos=False) + [target.tokenizer.eos_id]
+        sequence = torch.tensor([(ids + out)[:target.context_length]])
+        with torch.no_grad():
+            wanted = target.model(sequence).argmax(-1)[0, len(ids) - 1:-1]
+            guessed = draft.model(sequence).argmax(-1)[0, len(ids) - 1:-1]
+        family = counts.setdefault(item.get("family", "unknown"), [0, 0])
+        family[0] += int((wanted == guessed).sum())
+        family[1] += int(wanted.numel())
+    total = [sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())]
+    return {"overall": round(total[0] / max(total[1], 1), 4), "tokens": total[1],
+            "per_family": {f: round(s / max(n, 1), 4) for f, (s, n) in sorted(counts.items())}}

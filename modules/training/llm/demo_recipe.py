@@ -131,9 +131,9 @@ class Recipe:
             self._train(f"{model}-sft", "sft", self.repo / "configs" / "training" / f"{model}-sft.yaml",
                         [f"base_model={base}", f"data={self.sft_data / 'train.jsonl'}",
                          f"val_data={self.sft_data / 'heldout.jsonl'}"])
-        installed = {}
+        installed: dict[str, str] = {}
         for model in self.models:
-            installed[model] = str(self.install(model))
+            installed[model] = str(self.install(model, target_model=installed.get(MODELS[0])))
         return installed
 
     def _train(self, run_name: str, command: str, config: Path, overrides: list[str]) -> None:
@@ -148,7 +148,9 @@ class Recipe:
         self._done(run_name)
 
     # ------------------------------------------------------------------ install, measure, describe
-    def install(self, model: str) -> Path:
+    def install(self, model: str, target_model: str | None = None) -> Path:
+        """Copy, convert, measure and describe ``model``; a draft is also measured against ``target_model``
+        (the installed chat model's folder), the acceptance rate it would give in speculative decoding."""
         source = self.training / f"{model}-sft" / "final"
         target = self.data_dir / "models" / "LLM" / model
         if target.exists() and not self.overwrite:
@@ -163,6 +165,9 @@ class Recipe:
         quality = measure(staging, self.dataset, self.sft_data / "heldout.jsonl")
         quality["perplexity_pretrained"] = pretrained_perplexity(self.training / f"{model}-pretrain" / "final",
                                                                  self.dataset)
+        if target_model and model != MODELS[0]:
+            quality["agreement"] = draft_agreement(Path(target_model), staging, self.sft_data / "heldout.jsonl")
+            quality["agreement"]["target"] = Path(target_model).name
         self.record["steps"][f"{model}-measure"] = {"seconds": round(time.perf_counter() - started, 1),
                                                     "done": True}
         self.record.setdefault("quality", {})[model] = quality
@@ -210,6 +215,19 @@ def pretrained_perplexity(folder: Path, dataset: Path) -> dict:
     """The same held-out perplexity for the pretrained model before chat fine-tuning (what SFT cost it)."""
     from modules.llm.checkpoint import load_model
     return heldout_perplexity(load_model(folder), dataset)
+
+
+def draft_agreement(target: Path, draft: Path, heldout: Path, per_family: int = 25) -> dict:
+    """Greedy agreement of ``draft`` with ``target`` on the first held-out items of each family."""
+    from modules.llm.loader import load_llm
+    from modules.training.llm.chat_eval import greedy_agreement
+    from modules.training.llm.sft_synthetic import load_sft_items
+    items, seen = [], {}
+    for item in load_sft_items(heldout):
+        if seen.setdefault(item["family"], 0) < per_family:
+            seen[item["family"]] += 1
+            items.append(item)
+    return greedy_agreement(load_llm(target), load_llm(draft), items)
 
 
 def measure(folder: Path, dataset: Path, heldout: Path) -> dict:
@@ -327,6 +345,12 @@ def model_card(model: str, recipe: Recipe, quality: dict) -> str:
               "", "| task family | exact match | items |", "|---|---|---|"]
     for family, accuracy in quality["exact_match"].items():
         lines.append(f"| {family} | {accuracy * 100:.1f}% | {quality['items'][family]} |")
+    if "agreement" in quality:
+        agreement = quality["agreement"]
+        lines += ["", f"As a draft for `{agreement['target']}`: on held-out prompts, given the same prefix, it predicts "
+                  f"**{agreement['overall'] * 100:.1f}%** of that model's greedy reply tokens ({agreement['tokens']} "
+                  "tokens) — the acceptance rate a greedy speculative decoder would see. Per family: " +
+                  ", ".join(f"{f} {v * 100:.1f}%" for f, v in agreement["per_family"].items()) + "."]
     lines += ["", "## Limits", "",
               "- A few million parameters and a 256-token context: replies are short; anything outside the task "
               "families above is unreliable.",
