@@ -1,0 +1,101 @@
+"""A LoRA run on the tiny SD 1.5 fixture: the loss goes down, and the kohya file it writes into models/Lora
+is what Atelier's ``<lora:name:1>`` loads, with the lower loss."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules.diffusion import checkpoints as ck
+from modules.diffusion.loading import load_sd_model
+from modules.diffusion.lora import apply_loras
+from modules.diffusion.prompt_parser import extract_extra_networks
+from modules.fixtures import diffusion
+from modules.training.config import ConfigError
+from modules.training.images.kohya_format import read_kohya_lora
+from modules.training.images.train_command import run_image_training
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shapes_data import write_shapes  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "training" / "lora-sd15-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora-run")
+    diffusion.ensure(root)
+    write_shapes(root / "shapes")
+    result = run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=run", "max_steps=12",
+                                              "unet_lr=5e-3", "save_every_steps=6"], data_dir=root, mode="lora")
+    return root, result
+
+
+def denoising_loss(pipe, root) -> float:
+    """MSE of the UNet's noise prediction on the dataset's images at fixed noise and timesteps."""
+    from diffusers import DDPMScheduler
+    from PIL import Image
+    import numpy as np
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator().manual_seed(0)
+    total = []
+    with torch.no_grad():
+        for png in sorted((root / "shapes" / "1_shapes").glob("*.png")):
+            pixels = torch.from_numpy(np.asarray(Image.open(png).convert("RGB"), dtype=np.float32))
+            pixels = pixels.permute(2, 0, 1)[None] / 127.5 - 1
+            latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+            ids = pipe.tokenizer([png.with_suffix(".txt").read_text()], padding="max_length",
+                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+            text = pipe.text_encoder(ids)[0]
+            for _ in range(8):
+                noise = torch.randn(latents.shape, generator=gen)
+                t = torch.randint(0, 1000, (1,), generator=gen)
+                pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, text).sample
+                total.append(torch.mean((pred - noise) ** 2).item())
+    return sum(total) / len(total)
+
+
+def test_the_run_finishes_and_logs_metrics(trained):
+    root, result = trained
+    assert result.finished and result.step == 12
+    records = [json.loads(l) for l in (root / "training/run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("loss", "lr", "it_s", "s_per_step", "samples_per_s", "peak_memory_mb"):
+        assert all(isinstance(r[key], float) and r[key] > 0 for r in records), key
+    assert sorted(p.name for p in (root / "training/run/checkpoints").iterdir()) == ["step-000006", "step-000012"]
+
+
+def test_the_kohya_file_loads_through_the_lora_tag_and_lowers_the_loss(trained):
+    root, result = trained
+    lora = root / "models" / "Lora" / "tiny-sd15-shapes.safetensors"
+    assert result.outputs == [lora]
+    tensors, meta = read_kohya_lora(lora)
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    assert (meta["ss_network_dim"], meta["ss_output_name"], meta["ss_steps"]) == ("4", "tiny-sd15-shapes", "12")
+    assert meta["ss_base_model_version"] == "sd_v1"
+    infos = ck.list_checkpoints(root / "models" / "Stable-diffusion", compute_hashes=False)
+    sd = load_sd_model(ck.find_checkpoint(infos, "tiny-sd15"))
+    before = denoising_loss(sd.pipe, root)
+    calls = extract_extra_networks("a red square <lora:tiny-sd15-shapes:1>")[1]["lora"]
+    with apply_loras(sd, calls, root / "models" / "Lora") as applied:
+        assert applied.warnings == [] and applied.adapters
+        after = denoising_loss(sd.pipe, root)
+    assert after < before * 0.95, (before, after)
+
+
+def test_an_existing_lora_is_never_overwritten(trained):
+    root, _ = trained
+    lora = root / "models" / "Lora" / "tiny-sd15-shapes.safetensors"
+    before = lora.read_bytes()
+    with pytest.raises(ConfigError, match="exists already and is never overwritten"):
+        run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=again"], data_dir=root, mode="lora")
+    assert lora.read_bytes() == before
+    assert not (root / "training" / "again").exists()
+
+
+def test_sdxl_settings_on_the_sd15_base_are_refused(trained):
+    root, _ = trained
+    with pytest.raises(ConfigError, match="model_type=sdxl but base_model tiny-sd15.safetensors is an sd1"):
+        run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "model_type=sdxl", "output_name=x"],
+                           data_dir=root, mode="lora")
