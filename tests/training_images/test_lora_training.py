@@ -99,3 +99,14 @@ def test_sdxl_settings_on_the_sd15_base_are_refused(trained):
     with pytest.raises(ConfigError, match="model_type=sdxl but base_model tiny-sd15.safetensors is an sd1"):
         run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "model_type=sdxl", "output_name=x"],
                            data_dir=root, mode="lora")
+
+
+def test_a_loss_that_blows_up_stops_with_the_step_named(trained):
+    from modules.training.images.trainer import ImageTrainingError
+    root, _ = trained
+    with pytest.raises(ImageTrainingError, match=r"at step \d+.*lower learning rate") as info:
+        run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=nan", "output_name=nan",
+                                         "unet_lr=1e30", "max_steps=6", "save_every_steps=1"],
+                           data_dir=root, mode="lora")
+    assert "nothing after the last checkpoint was saved" in str(info.value)
+    assert not (root / "models" / "Lora" / "nan.safetensors").exists()
