@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "fetch-corpus": "modules.training.llm.demo_corpus",
     "demo-models": "modules.training.llm.demo_recipe",
     "lora": "modules.training.images.lora_command",
+    "finetune": "modules.training.images.finetune_command",
 }
 
 

@@ -19,7 +19,8 @@ from typing import Any
 from modules.training.config import ConfigError, load_config
 from modules.training.images.presets import PRESETS
 
-MODES = ("lora",)
+MODES = ("lora", "finetune")
+INITS = ("checkpoint", "random")
 CACHE_LATENTS = ("memory", "disk", "none")
 #: optimizer -> (module it needs, pip package to install)
 OPTIMIZERS = {"adamw": (None, None), "adamw8bit": ("bitsandbytes", "bitsandbytes"),
@@ -34,12 +35,17 @@ OUTPUT_FORMATS = ("kohya", "diffusers")
 @dataclass
 class ImageTrainConfig:
     """One image-training run. Defaults are kohya's for an SD 1.5 LoRA where it has one."""
+    #: lora (a LoRA file for the base) or finetune (every UNet weight; a new checkpoint)
     mode: str = "lora"
     #: a memory preset (cpu, 6gb, 8gb, 12gb, 24gb) filling defaults; your own keys win
     preset: str = ""
     #: a checkpoint of models/Stable-diffusion (name as the txt2img list shows it) or a path to one
     #: (diffusers folder or A1111 single file)
     base_model: str = ""
+    #: finetune only: start from base_model (checkpoint) or from random weights of ``architecture``
+    init: str = "checkpoint"
+    #: init=random: the sizes of the SD-1.5-architecture model (keys of finetune.ARCHITECTURE)
+    architecture: dict = field(default_factory=dict)
     #: what the settings are for: auto (the base decides), sd1 or sdxl (checked against the base)
     model_type: str = "auto"
     #: the dataset folder (kohya ``N_concept`` folders or a plain folder of images with captions)
@@ -101,8 +107,22 @@ class ImageTrainConfig:
             out.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.preset and self.preset not in PRESETS:
             out.append(f"preset {self.preset!r} is unknown; known: {', '.join(PRESETS)}")
-        if not self.base_model:
-            out.append("base_model is required: a checkpoint name from models/Stable-diffusion or a path to one")
+        out += _choice("init", self.init, INITS)
+        if self.init == "random":
+            from modules.training.images.finetune import architecture_problems
+            if self.mode != "finetune":
+                out.append("init=random makes a new model, so it needs mode=finetune (a LoRA needs a base_model)")
+            if self.base_model:
+                out.append("init=random starts from random weights; remove base_model (or set init=checkpoint)")
+            if self.model_type == "sdxl":
+                out.append("init=random builds an SD 1.5-architecture model; model_type=sdxl does not fit it")
+            out += architecture_problems(self.architecture)
+        else:
+            if self.architecture:
+                out.append("architecture is for init=random only; a checkpoint brings its own")
+            if not self.base_model:
+                out.append("base_model is required: a checkpoint name from models/Stable-diffusion or a path to "
+                           "one" + (" (or init=random for a new model)" if self.mode == "finetune" else ""))
         if not self.dataset:
             out.append("dataset is required: a folder of images with captions (kohya N_concept folders)")
         elif not Path(self.dataset).expanduser().is_dir():

@@ -1,8 +1,9 @@
 """Config -> accelerate -> base model -> dataset -> run folder -> :class:`~.trainer.ImageTrainer` -> files.
 
-The body shared by the image-training commands (``lora``), the tests and, later, the Train tab. Output
+The body shared by the image-training commands (``lora``, ``finetune``), the tests and, later, the Train tab. Output
 files go where Atelier finds them: a LoRA into ``<data-dir>/models/Lora/<output_name>.safetensors``
-(kohya format, never over an existing file; the name is checked before anything trains).
+(kohya format), a fine-tuned model into ``models/Stable-diffusion/<output_name>.safetensors`` (plus a
+diffusers folder in the run's ``final/``); never over an existing file (checked before anything trains).
 """
 from __future__ import annotations
 
@@ -71,20 +72,34 @@ def run_image_training(config_path: str | None, overrides: list[str], *, data_di
         raise ConfigError([f"this config is for mode={config.mode}; run it with the {config.mode} command "
                            f"(or set mode={mode})"])
     paths = Paths.from_options(data_dir)
-    info = find_base(config.base_model, paths.model_dir("Stable-diffusion"))
-    base = load_base(info)
-    problems = base_problems(config, base.kind, info.name)
-    if problems:
-        raise ConfigError(problems)
+    if config.init == "random":
+        from modules.training.images.base_model import BaseModel
+        from modules.training.images.finetune import build_random_sd15
+        pipe = build_random_sd15(config.architecture, config.seed)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+        base = BaseModel(pipe=pipe, kind="sd1", info=None)
+    else:
+        info = find_base(config.base_model, paths.model_dir("Stable-diffusion"))
+        base = load_base(info)
+        problems = base_problems(config, base.kind, info.name)
+        if problems:
+            raise ConfigError(problems)
     accelerator = make_accelerator(config)
     if not config.run_name:
         name = [f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"]
         broadcast_object_list(name)                      # one name for every process
         config.run_name = name[0]
-    output = lora_output_path(config, paths.model_dir("Lora"))
-    if "kohya" in config.output_formats and output.exists():
-        raise ConfigError([f"{output} exists already and is never overwritten; choose another output_name "
-                           "(or move that file away)"])
+    if mode == "lora":
+        output = lora_output_path(config, paths.model_dir("Lora"))
+        taken = [output] if "kohya" in config.output_formats else []
+    else:
+        output = paths.model_dir("Stable-diffusion") / f"{config.output_name or config.run_name}.safetensors"
+        taken = [output, output.with_suffix("")]
+    for path in taken:
+        if path.exists():
+            raise ConfigError([f"{path} exists already and is never overwritten; choose another output_name "
+                               "(or move that file away)"])
     dataset = open_dataset(config)
     if run is None:
         root = [None]
@@ -96,7 +111,10 @@ def run_image_training(config_path: str | None, overrides: list[str], *, data_di
         run.write_config(config.to_dict())
 
     def finish(trainer) -> list[Path]:
-        return write_lora_outputs(trainer, output)
+        if mode == "lora":
+            return write_lora_outputs(trainer, output)
+        from modules.training.images.finetune import write_finetune_outputs
+        return write_finetune_outputs(trainer, output)
 
     trainer = ImageTrainer(config, base, dataset, run, accelerator, resume=bool(resume), finish=finish,
                            should_stop=should_stop, on_log=on_log)

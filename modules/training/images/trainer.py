@@ -1,4 +1,4 @@
-"""The image trainer: LoRA on SD 1.5 / SD 2 / SDXL with accelerate, exactly resumable.
+"""The image trainer: LoRA or full fine-tuning of SD 1.5 / SD 2 / SDXL with accelerate, exactly resumable.
 
 Why accelerate: ``Accelerator(mixed_precision=..., gradient_accumulation_steps=...)`` gives autocast, loss
 scaling for fp16, gradient accumulation without needless all-reduces, and DDP (gloo on the CPU, NCCL on
@@ -31,6 +31,7 @@ import torch
 from modules.training.checkpoints import CheckpointWriteError, CheckpointWriter, latest_checkpoint, read_marker
 from modules.training.images import loss as L
 from modules.training.images.base_model import BaseModel, add_lora, load_trainable_state, trainable_state
+from modules.training.images.finetune import make_full_trainable
 from modules.training.metrics import MetricsLog, truncate_after
 from modules.training.run_dir import RunDir
 
@@ -90,7 +91,10 @@ class ImageTrainer:
         self.prediction_type = (self.noise_scheduler.config.get("prediction_type") or "epsilon"
                                 if prediction == "auto" else prediction)
         set_seed(config.seed)                          # the LoRA's initial A matrices
-        add_lora(base, config)
+        if config.mode == "lora":
+            add_lora(base, config)
+        else:
+            make_full_trainable(base, config)
         self.sampler = BucketBatchSampler(dataset, batch_size=config.batch_size * self.world, seed=config.seed,
                                           rank=accelerator.process_index, world_size=self.world)
         self.steps_per_epoch = -(-self.sampler.batches_per_epoch // config.gradient_accumulation)
