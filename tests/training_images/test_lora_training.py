@@ -110,3 +110,33 @@ def test_a_loss_that_blows_up_stops_with_the_step_named(trained):
                            data_dir=root, mode="lora")
     assert "nothing after the last checkpoint was saved" in str(info.value)
     assert not (root / "models" / "Lora" / "nan.safetensors").exists()
+
+
+def test_samples_are_written_with_infotext(trained):
+    from PIL import Image
+
+    from modules.diffusion.infotext import parse_generation_parameters
+    root, _ = trained
+    result = run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=samples", "output_name=s",
+                                              "max_steps=2", "sample_every=1", "sample_steps=2",
+                                              "sample_prompts=[a red square, a blue circle]"],
+                                data_dir=root, mode="lora")
+    assert result.finished
+    folder = root / "training" / "samples" / "samples"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["step-000001-00.png", "step-000001-01.png", "step-000002-00.png", "step-000002-01.png"]
+    with Image.open(folder / "step-000002-01.png") as image:
+        assert image.size == (64, 64)
+        params = parse_generation_parameters(image.info["parameters"])
+    assert params["Prompt"] == "a blue circle"
+    assert (params["Sampler"], params["Steps"], params["Seed"], params["Size-1"]) == ("Euler a", "2", "2", "64")
+    assert params["Training step"] == "2" and params["Model"] == "tiny-sd15"
+    with Image.open(folder / "step-000001-01.png") as first, Image.open(folder / "step-000002-01.png") as second:
+        assert first.tobytes() != second.tobytes()          # the model changed between the steps
+
+
+def test_an_unknown_sample_sampler_is_named(trained):
+    root, _ = trained
+    with pytest.raises(ConfigError, match="sample_sampler: unknown sampler 'Euler z'"):
+        run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "sample_sampler=Euler z"],
+                           data_dir=root, mode="lora")

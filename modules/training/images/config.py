@@ -91,6 +91,15 @@ class ImageTrainConfig:
     max_steps: int | None = None
     epochs: int | None = None
     seed: int = 42
+    # --- samples while training (into <run>/samples/, with A1111 infotext)
+    #: every this many steps (0: never); also after the last step
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_negative_prompt: str = ""
+    sample_sampler: str = "Euler a"
+    sample_steps: int = 20
+    sample_cfg: float = 7.0
+    sample_seed: int = 1
     # --- saving
     save_every_steps: int = 0
     keep_last: int = 3
@@ -170,6 +179,7 @@ class ImageTrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 out.append(f"{name} must be at least 1, got {value}")
+        out += self._sample_problems()
         bad = [f for f in self.output_formats if f not in OUTPUT_FORMATS]
         if bad or not self.output_formats:
             out.append(f"output_formats must list some of {', '.join(OUTPUT_FORMATS)}, got {self.output_formats}")
@@ -186,6 +196,23 @@ class ImageTrainConfig:
             if value is not None and (value < 64 or value % 64):
                 out.append(f"{name} must be a multiple of 64 (SD's UNet halves the 1/8 latent three times), "
                            f"got {value}; try {max(64, round(value / 64) * 64)}")
+        return out
+
+    def _sample_problems(self) -> list[str]:
+        from modules.diffusion.samplers import resolve_sampler
+        out = []
+        if self.sample_every < 0:
+            out.append(f"sample_every must be 0 (off) or more, got {self.sample_every}")
+        if self.sample_every and not self.sample_prompts:
+            out.append("sample_every is set but sample_prompts is empty; list the prompts to sample")
+        if self.sample_steps < 1:
+            out.append(f"sample_steps must be at least 1, got {self.sample_steps}")
+        if self.sample_seed < 0:
+            out.append(f"sample_seed must be 0 or more, got {self.sample_seed}")
+        try:
+            resolve_sampler(self.sample_sampler)
+        except ValueError as exc:
+            out.append(f"sample_sampler: {exc}")
         return out
 
     def _optimizer_problems(self) -> list[str]:

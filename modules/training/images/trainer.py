@@ -279,6 +279,8 @@ class ImageTrainer:
                     metrics.log(record)
                     if self.on_log:
                         self.on_log(record)
+                if c.sample_every and (self.step % c.sample_every == 0 or self.step == self.total_steps):
+                    self._samples()
                 stop = self._agree(self.should_stop())
                 due = c.save_every_steps and self.step % c.save_every_steps == 0
                 if stop or due or self.step == self.total_steps:
@@ -293,6 +295,13 @@ class ImageTrainer:
         finally:
             if metrics is not None:
                 metrics.close()
+
+    def _samples(self) -> None:
+        """Sample images on the main process while the others wait (their models are not used meanwhile)."""
+        if self.is_main:
+            from modules.training.images.samples import sample_images
+            sample_images(self)
+        self.acc.wait_for_everyone()
 
     def _agree(self, flag: bool) -> bool:
         """True on every process when any one was asked to stop."""
