@@ -140,3 +140,38 @@ def test_an_unknown_sample_sampler_is_named(trained):
     with pytest.raises(ConfigError, match="sample_sampler: unknown sampler 'Euler z'"):
         run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "sample_sampler=Euler z"],
                            data_dir=root, mode="lora")
+
+
+def test_a_bf16_run_after_an_fp32_one_in_the_same_process(trained):
+    root, _ = trained
+    result = run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=bf16", "output_name=bf16",
+                                              "max_steps=2", "mixed_precision=bf16", "gradient_accumulation=2"],
+                                data_dir=root, mode="lora")
+    assert result.finished
+    losses = [json.loads(l)["loss"] for l in (root / "training/bf16/metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < v < 10 for v in losses)
+    tensors, _ = read_kohya_lora(root / "models" / "Lora" / "bf16.safetensors")
+    assert all(t.dtype == torch.float32 for t in tensors.values())      # trained in fp32 master weights
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(trained, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from modules.training.images.trainer import ImageTrainingError
+    root, _ = trained
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(ImageTrainingError, match="The disk is full.*step-000001 is intact.*--resume"):
+        run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=full", "output_name=full",
+                                         "max_steps=3", "save_every_steps=1"], data_dir=root, mode="lora")
+    checkpoints = root / "training" / "full" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000001"]
+    assert not (root / "models" / "Lora" / "full.safetensors").exists()

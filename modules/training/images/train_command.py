@@ -32,8 +32,14 @@ def make_accelerator(config):
     """The run's Accelerator (DDP under ``accelerate launch`` / torchrun; gloo on the CPU)."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(["mixed_precision=fp16 needs a CUDA GPU and this machine has none; use bf16 or no"])
+    # accelerate keeps one state per process and refuses a second Accelerator with another precision or
+    # accumulation; the Train tab runs one training after another in the same process, so each run starts
+    # it afresh (the process group, accelerate's PartialState, is kept)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(mixed_precision=config.mixed_precision,
                        gradient_accumulation_steps=config.gradient_accumulation,
                        cpu=not torch.cuda.is_available())
