@@ -175,3 +175,35 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(trained, monkeyp
     checkpoints = root / "training" / "full" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000001"]
     assert not (root / "models" / "Lora" / "full.safetensors").exists()
+
+
+def test_a_stop_request_checkpoints_and_resume_finishes(trained):
+    root, _ = trained
+    steps = []
+
+    def should_stop():
+        return len(steps) >= 2
+    result = run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=stop", "output_name=stop",
+                                              "max_steps=4", "save_every_steps=0"], data_dir=root, mode="lora",
+                                should_stop=should_stop, on_log=lambda r: steps.append(r["step"]))
+    assert (result.finished, result.step) == (False, 2)
+    assert sorted(p.name for p in (root / "training/stop/checkpoints").iterdir()) == ["step-000002"]
+    assert not (root / "models" / "Lora" / "stop.safetensors").exists()
+    done = run_image_training(None, [], data_dir=root, mode="lora", resume=str(root / "training" / "stop"))
+    assert (done.finished, done.step) == (True, 4)
+    assert (root / "models" / "Lora" / "stop.safetensors").is_file()
+
+
+@pytest.mark.parametrize("cache", ["disk", "none"])
+def test_epochs_and_latent_cache_modes(trained, cache, tmp_path):
+    import shutil
+    root, _ = trained
+    dataset = tmp_path / "shapes"
+    shutil.copytree(root / "shapes", dataset)
+    result = run_image_training(str(CONFIG), [f"dataset={dataset}", f"run_name=epochs-{cache}",
+                                              f"output_name=epochs-{cache}", "max_steps=null", "epochs=1",
+                                              f"cache_latents={cache}"], data_dir=root, mode="lora")
+    assert (result.finished, result.step) == (True, 3)          # 6 images, batch 2
+    cached = list((dataset / ".atelier-latents").glob("*.safetensors")) if cache == "disk" else []
+    assert len(cached) == (6 if cache == "disk" else 0)
+    assert not (dataset / ".atelier-latents").exists() or cache == "disk"
