@@ -207,3 +207,16 @@ def test_epochs_and_latent_cache_modes(trained, cache, tmp_path):
     cached = list((dataset / ".atelier-latents").glob("*.safetensors")) if cache == "disk" else []
     assert len(cached) == (6 if cache == "disk" else 0)
     assert not (dataset / ".atelier-latents").exists() or cache == "disk"
+
+
+def test_text_encoder_conv_layers_and_gradient_checkpointing_all_train(trained):
+    root, _ = trained
+    result = run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=te", "output_name=te",
+                                              "max_steps=2", "gradient_checkpointing=true", "train_text_encoder=true",
+                                              "conv_rank=2"], data_dir=root, mode="lora")
+    tensors, meta = read_kohya_lora(result.outputs[0])
+    ups = {k: v for k, v in tensors.items() if k.endswith("lora_up.weight")}
+    assert all(v.abs().max() > 0 for v in ups.values())          # every layer got gradients
+    assert any(k.startswith("lora_te_") for k in ups) and any("_resnets_" in k for k in ups)
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    assert meta["ss_gradient_checkpointing"] == "True" and meta["ss_text_encoder_lr"] == "5e-05"

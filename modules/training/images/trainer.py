@@ -107,8 +107,10 @@ class ImageTrainer:
         if config.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
             for name in base.trained:
-                if name != "unet":
-                    base.trained[name].gradient_checkpointing_enable()
+                if name != "unet":                 # transformers 5 renamed it
+                    encoder = base.trained[name]
+                    (getattr(encoder, "activation_checkpointing_enable", None)
+                     or encoder.gradient_checkpointing_enable)()
         self.optimizer = self._optimizer()
         self.lr_scheduler = self._lr_scheduler()
         names = list(base.trained)
