@@ -220,3 +220,17 @@ def test_text_encoder_conv_layers_and_gradient_checkpointing_all_train(trained):
     assert any(k.startswith("lora_te_") for k in ups) and any("_resnets_" in k for k in ups)
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
     assert meta["ss_gradient_checkpointing"] == "True" and meta["ss_text_encoder_lr"] == "5e-05"
+
+
+def test_a_v_prediction_base_trains_on_v_targets(trained):
+    root, _ = trained
+    result = run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=v", "output_name=v-pred",
+                                              "base_model=tiny-sd2", "max_steps=2", "min_snr_gamma=5"],
+                                data_dir=root, mode="lora")
+    _, meta = read_kohya_lora(result.outputs[0])
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_v2"] == "True"
+    infos = ck.list_checkpoints(root / "models" / "Stable-diffusion", compute_hashes=False)
+    sd = load_sd_model(ck.find_checkpoint(infos, "tiny-sd2"))
+    calls = extract_extra_networks("<lora:v-pred:1>")[1]["lora"]
+    with apply_loras(sd, calls, root / "models" / "Lora") as applied:
+        assert applied.warnings == [] and applied.adapters
