@@ -234,3 +234,33 @@ def test_a_v_prediction_base_trains_on_v_targets(trained):
     calls = extract_extra_networks("<lora:v-pred:1>")[1]["lora"]
     with apply_loras(sd, calls, root / "models" / "Lora") as applied:
         assert applied.warnings == [] and applied.adapters
+
+
+def test_a_diffusers_format_copy_is_written_when_asked(trained):
+    from diffusers import StableDiffusionPipeline  # noqa: F401  (the loader below is diffusers' own)
+    root, _ = trained
+    result = run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=both", "output_name=both",
+                                              "max_steps=1", "output_formats=[kohya, diffusers]"],
+                                data_dir=root, mode="lora")
+    kohya, diffusers_file = result.outputs
+    assert kohya == root / "models/Lora/both.safetensors"
+    assert diffusers_file == root / "training/both/final/pytorch_lora_weights.safetensors"
+    infos = ck.list_checkpoints(root / "models" / "Stable-diffusion", compute_hashes=False)
+    sd = load_sd_model(ck.find_checkpoint(infos, "tiny-sd15"))
+    sd.pipe.load_lora_weights(str(diffusers_file.parent), adapter_name="copy")
+    assert "copy" in sd.pipe.get_list_adapters()["unet"]
+
+
+def test_finetuning_a_checkpoint_writes_a_loadable_single_file(trained):
+    root, _ = trained
+    result = run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=ft-ckpt", "mode=finetune",
+                                              "output_name=tiny-sd15-tuned", "max_steps=1"],
+                                data_dir=root, mode="finetune")
+    final, single = result.outputs
+    assert single == root / "models/Stable-diffusion/tiny-sd15-tuned.safetensors"
+    infos = ck.list_checkpoints(single.parent, compute_hashes=False)
+    sd = load_sd_model(ck.find_checkpoint(infos, "tiny-sd15-tuned"))
+    image = sd.pipe("a red square", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    with pytest.raises(ConfigError, match="this config is for mode=finetune; run it with the finetune command"):
+        run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "mode=finetune"], data_dir=root, mode="lora")
