@@ -264,3 +264,17 @@ def test_finetuning_a_checkpoint_writes_a_loadable_single_file(trained):
     assert image.shape == (64, 64, 3)
     with pytest.raises(ConfigError, match="this config is for mode=finetune; run it with the finetune command"):
         run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "mode=finetune"], data_dir=root, mode="lora")
+
+
+def test_resuming_a_run_killed_before_its_first_checkpoint_starts_it_again(trained):
+    from modules.training.images.config import load_image_config
+    from modules.training.run_dir import create_run_dir
+    root, _ = trained
+    config = load_image_config(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=early", "output_name=early",
+                                             "max_steps=2"])
+    run = create_run_dir(root, "early", config.to_dict())
+    run.metrics_file.write_text(json.dumps({"kind": "train", "step": 1, "loss": 99.0}) + "\n")  # the killed run's
+    result = run_image_training(None, [], data_dir=root, mode="lora", resume=str(run.root))
+    assert (result.finished, result.step) == (True, 2)
+    records = [json.loads(l) for l in run.metrics_file.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[0]["loss"] != 99.0

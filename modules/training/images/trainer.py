@@ -180,8 +180,10 @@ class ImageTrainer:
     # ------------------------------------------------------------------------------------ resume
     def _resume(self) -> None:
         checkpoint = latest_checkpoint(self.run.checkpoints)
-        if checkpoint is None:
-            return                                   # stopped before its first checkpoint: start again
+        if checkpoint is None:                       # stopped before its first checkpoint: start again
+            if self.acc.is_main_process:
+                truncate_after(self.run.metrics_file, 0)
+            return
         from safetensors.torch import load_file
         load_trainable_state(self.base, load_file(checkpoint / "trainable.safetensors"), str(checkpoint))
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
