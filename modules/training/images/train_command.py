@@ -170,6 +170,15 @@ def write_lora_outputs(trainer, output: Path) -> list[Path]:
     return written
 
 
+def _end_process_group() -> None:
+    """Under torchrun / accelerate launch: every process reaches the end before the gloo/NCCL group goes
+    (a rank that exits while another still talks to it can die with SIGABRT)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_command(args: argparse.Namespace, mode: str) -> int:
     """The CLI body of an image-training command (SIGINT/SIGTERM stop with a checkpoint)."""
     from modules.paths import Paths
@@ -194,6 +203,7 @@ def run_command(args: argparse.Namespace, mode: str) -> int:
             LoraExistsError, LoraWriteError) as exc:
         log.error("%s", exc)
         return 2
+    _end_process_group()
     if result.finished:
         log.info("finished at step %d; wrote %s", result.step, ", ".join(map(str, result.outputs)) or "nothing")
     else:
