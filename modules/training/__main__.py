@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "make-sft-data": "modules.training.llm.sft_synthetic",
     "fetch-corpus": "modules.training.llm.demo_corpus",
     "demo-models": "modules.training.llm.demo_recipe",
+    "lora": "modules.training.images.lora_command",
+    "finetune": "modules.training.images.finetune_command",
 }
 
 

@@ -6,5 +6,8 @@ captions), ``buckets`` (aspect-ratio buckets), ``captions`` (dropout, shuffle, k
 ``sampler`` (a resumable bucket batch sampler) and ``preview`` (what the UI shows of a dataset). The output
 side: ``lora_targets`` names the layers a LoRA trains (kohya's choice and names), ``kohya_format`` turns a peft
 LoRA into a kohya ``.safetensors`` file and back, ``kohya_metadata`` writes kohya's ``ss_*`` training record,
-``diffusers_lora`` the diffusers-format file.
+``diffusers_lora`` the diffusers-format file. The training: ``config`` (ImageTrainConfig) and ``presets``,
+``base_model`` (the base found and loaded through Atelier's loader, LoRA layers added), ``finetune`` (full
+fine-tuning, random-init builds, checkpoint output), ``loss``, ``trainer`` (the accelerate loop, checkpoints,
+exact resume), ``samples`` and ``train_command`` (the ``lora`` and ``finetune`` commands' body).
 """

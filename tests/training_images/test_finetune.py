@@ -1,0 +1,67 @@
+"""Fine-tuning from random weights: the loss goes down; a diffusers folder in final/ and a single file in
+models/Stable-diffusion are written, and Atelier's loader loads both and generates with them."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modules.diffusion import checkpoints as ck
+from modules.diffusion.loading import load_sd_model
+from modules.training.config import ConfigError
+from modules.training.images.config import load_image_config
+from modules.training.images.train_command import run_image_training
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shapes_data import write_shapes  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "training" / "finetune-sd15-random-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune-run")
+    write_shapes(root / "shapes")
+    result = run_image_training(str(CONFIG), [f"dataset={root / 'shapes'}", "run_name=ft", "max_steps=16",
+                                              "save_every_steps=8", "unet_lr=3e-3"], data_dir=root, mode="finetune")
+    return root, result
+
+
+def test_the_loss_goes_down(finetuned):
+    root, result = finetuned
+    assert result.finished and result.step == 16
+    losses = [json.loads(l)["loss"] for l in (root / "training/ft/metrics.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+
+
+@pytest.mark.parametrize("which", ["folder", "single-file"])
+def test_atelier_loads_the_result_and_generates(finetuned, which):
+    root, result = finetuned
+    final, single = result.outputs
+    assert final == root / "training/ft/final" and single == root / "models/Stable-diffusion/tiny-shapes-from-scratch.safetensors"
+    listed_in = final.parent if which == "folder" else single.parent
+    infos = ck.list_checkpoints(listed_in, compute_hashes=False)
+    info = next(i for i in infos if Path(i.filename) == (final if which == "folder" else single))
+    assert info.error is None and info.kind == "sd1"
+    sd = load_sd_model(info)
+    image = sd.pipe("a red square", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(1)).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    # the trained UNet weights, not random ones, came back
+    from safetensors.torch import load_file
+    trained = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    name = "conv_in.weight"
+    assert torch.equal(sd.pipe.unet.state_dict()[name], trained[name])
+
+
+def test_random_init_settings_are_checked(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ConfigError) as info:
+        load_image_config(str(CONFIG), [f"dataset={tmp_path / 'd'}", "mode=lora", "architecture.unet_blocks=2",
+                                        "architecture.text_hidden_size=48"])
+    text = str(info.value)
+    assert "init=random makes a new model, so it needs mode=finetune" in text
+    assert "architecture.unet_blocks is not a known key" in text
+    assert "text_hidden_size (48) must equal cross_attention_dim (64)" in text
