@@ -18,6 +18,9 @@ COMMANDS: dict[str, str] = {
     "make-sft-data": "modules.training.llm.sft_synthetic",
     "fetch-corpus": "modules.training.llm.demo_corpus",
     "demo-models": "modules.training.llm.demo_recipe",
+    "make-shapes-data": "modules.shapes.data_command",
+    "train-shapes-classifier": "modules.shapes.classifier_command",
+    "eval-shapes-classifier": "modules.shapes.classifier_eval_command",
 }
 
 

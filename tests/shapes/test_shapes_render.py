@@ -10,18 +10,13 @@ import numpy as np
 import pytest
 
 from modules.shapes.dataset import META_FILE, DatasetError, render_dataset, render_example, write_kohya_folder
-from modules.shapes.render import RenderError, render
+from modules.shapes.render import RenderError, object_boxes, render, render_layout
 from modules.shapes.vocabulary import BASE_SHAPES, PALETTE, POSITION_CELLS, SHAPES, STYLES, CaptionError, Scene, \
     ShapeObject, caption, parse_caption, sample_scene
 
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image).astype(int)
-
-
-def cell_centre(position: str, size: int) -> tuple[int, int]:
-    row, column = POSITION_CELLS[position]
-    return int((row + 0.5) * size / 3), int((column + 0.5) * size / 3)
 
 
 def test_same_scene_and_seed_give_the_same_pixels_and_seeds_vary_them():
@@ -44,7 +39,8 @@ def test_the_centre_shows_the_object_colour_when_filled_and_the_background_other
             scene = Scene((ShapeObject(shape, "yellow", size, "bottom right", style),
                            ShapeObject("square", "black", "large", "top", "filled")), "purple")
             px = pixels(render(scene, 64, jitter_seed=seed))
-            y, x = cell_centre("bottom right", 64)
+            cx, cy, _ = object_boxes(scene.objects, 64, jitter_seed=seed)[0]
+            y, x = int(cy), int(cx)                     # the pixel holding the (jittered) object centre
             hollow = style == "outlined" or shape == "ring"
             want = PALETTE["purple"] if hollow else PALETTE["yellow"]
             assert np.abs(px[y, x] - want).max() <= 2, (shape, style, size, seed, px[y, x])
@@ -143,3 +139,16 @@ def test_make_shapes_data_command_writes_the_folder_and_reports_bad_input(tmp_pa
     assert len(captions) == 5 and all("hexagon" in c for c in captions)
     assert data_command.run(parser.parse_args(["--out", str(tmp_path / "x"), "--size", "65"])) == 2
     assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_a_crowded_layout_draws_every_cell_and_refuses_two_objects_in_one():
+    objects = [ShapeObject(SHAPES[i % len(SHAPES)], "red", "large", position) for i, position in
+               enumerate(POSITION_CELLS)]
+    px = pixels(render_layout(objects, "white", 48))
+    for obj, (cx, cy, _) in zip(objects, object_boxes(objects, 48)):
+        hollow = obj.shape == "ring"
+        assert np.abs(px[int(cy), int(cx)] - PALETTE["white" if hollow else "red"]).max() <= 2, obj
+    with pytest.raises(CaptionError, match="one object per cell"):
+        render_layout(objects[:2] + objects[:1], "white")
+    with pytest.raises(CaptionError, match="palette background"):
+        render_layout(objects[:1], "pink")
