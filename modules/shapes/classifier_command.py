@@ -1,11 +1,12 @@
 """train-shapes-classifier: train the captioned-shapes attribute classifier and measure it on held-out images.
 
     python -m modules.training train-shapes-classifier [--out DIR] [--steps N] [--batch-size B] [--lr LR]
-                                                       [--seed S] [--eval-seed S] [--eval-images N] [--force]
+                                                       [--seed S] [--eval-seed S] [--eval-images N]
+                                                       [--eval-sizes PX ...] [--threads N] [--force]
 
 Trains on freshly rendered generator images of ``--seed`` (every shape and style, hexagon and outlined
 included), then measures :func:`~modules.shapes.classifier_training.classifier_accuracy` on ``--eval-images``
-images of ``--eval-seed`` read back from the saved fp16 weights, i.e. exactly what ships. Writes
+images of ``--eval-seed`` at each of ``--eval-sizes``, read with the saved fp16 weights (what ships). Writes
 ``model.safetensors``, ``config.json`` (architecture, vocabulary, settings, time, accuracy) and a
 ``README.md`` model card with those figures into ``--out`` (default: the repository's
 ``models/shapes-classifier/``). An existing classifier there is kept unless ``--force`` is given.
@@ -25,6 +26,7 @@ import torch
 from modules.shapes.classifier import CONFIG_FILE, DEFAULT_DIR, WEIGHTS_FILE, load_classifier, save_classifier
 from modules.shapes.classifier_training import TrainSettings, TrainSettingsError, classifier_accuracy, \
     train_classifier
+from modules.shapes.render import RenderError, check_size
 
 log = logging.getLogger(__name__)
 CARD_FILE = "README.md"
@@ -40,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-seed", type=int, default=1, help="generator seed of the held-out images "
                         "(must differ from --seed)")
     parser.add_argument("--eval-images", type=int, default=2000, help="held-out images measured after training")
+    parser.add_argument("--eval-sizes", type=int, nargs="+", default=[64, 128], metavar="PX",
+                        help="image sizes they are measured at (64 px is the demo image model's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--force", action="store_true", help="replace a classifier already in --out")
 
@@ -51,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
                         "training images")
     if args.eval_images < 1:
         problems.append(f"--eval-images must be >= 1, not {args.eval_images}")
+    for size in args.eval_sizes:
+        try:
+            check_size(size)
+        except RenderError as exc:
+            problems.append(f"--eval-sizes: {exc}")
     if not args.force and any((args.out / name).exists() for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)):
         problems.append(f"{args.out} already holds a classifier; pass --force to replace it or --out elsewhere")
     try:
@@ -69,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         save_classifier(classifier, staging)
         shipped = load_classifier(staging)          # measure the fp16 weights that ship, not the fp32 ones
-        accuracy = classifier_accuracy(shipped, seed=args.eval_seed, n=args.eval_images)
+        accuracy = [classifier_accuracy(shipped, seed=args.eval_seed, n=args.eval_images, size=size)
+                    for size in args.eval_sizes]
         classifier.record.update(accuracy=accuracy, torch_threads=torch.get_num_threads())
         save_classifier(classifier, staging)
         (staging / CARD_FILE).write_text(model_card(load_classifier(staging).record), encoding="utf-8")
@@ -79,58 +89,65 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(format_accuracy(accuracy))
-    print(f"\ntrained in {classifier.record['train_seconds']:.0f} s; written to {args.out}")
+    print(f"\ntrained in {classifier.record['train_seconds']:.0f} s wall-clock "
+          f"({classifier.record['train_cpu_seconds']:.0f} s CPU); written to {args.out}")
     return 0
 
 
-def format_accuracy(accuracy: dict) -> str:
-    """A two-column table: every attribute's share right, in percent."""
-    rows = [(key, f"{value * 100:.2f}%") for key, value in accuracy.items() if isinstance(value, float)]
-    head = f"held-out images: {accuracy['n']} of seed {accuracy['seed']} at {accuracy['image_size']} px"
-    return "\n".join([head] + [f"  {key:<18} {value:>8}" for key, value in rows])
+def format_accuracy(accuracy: list[dict]) -> str:
+    """A table: every attribute's share right, in percent, one column per image size."""
+    first = accuracy[0]
+    keys = [key for key, value in first.items() if isinstance(value, float)]
+    head = f"{first['n']} held-out images of seed {first['seed']}"
+    lines = [f"{head:<36}" + "".join(f"{str(a['image_size']) + ' px':>10}" for a in accuracy)]
+    lines += [f"  {key:<34}" + "".join(f"{a[key] * 100:>9.2f}%" for a in accuracy) for key in keys]
+    return "\n".join(lines)
 
 
 def model_card(record: dict) -> str:
     """The README.md written beside the weights: what it is, the command that made it, its figures."""
-    acc, training = record["accuracy"], record["training"]
+    acc, training, arch = record["accuracy"], record["training"], record["architecture"]
     command = (f"python -m modules.training train-shapes-classifier --steps {training['steps']} "
                f"--batch-size {training['batch_size']} --lr {training['lr']} --seed {training['seed']} "
-               f"--eval-seed {acc['seed']} --eval-images {acc['n']}")
+               f"--eval-seed {acc[0]['seed']} --eval-images {acc[0]['n']} "
+               f"--eval-sizes {' '.join(str(a['image_size']) for a in acc)}")
+    table = "\n".join("    " + line for line in format_accuracy(acc).splitlines())
     return f"""# shapes-classifier
 
-The attribute classifier of Atelier's captioned-shapes world (`modules/shapes/`): it reads a picture back
+The attribute classifier of Atelier's captioned-shapes world (`modules/shapes/`). It reads a picture back
 into its background colour and, for each cell of the 3x3 grid, empty or (shape, colour, size, style). It is
 the yardstick of the demo image model `atelier-shapes` and of the DreamBooth / LoRA worked examples, so it
-knows the held-out shape (hexagon) and style (outlined) too. Use it through `modules.shapes.classifier`
-(`load_classifier`, `read_scene`, `scene_matches`).
+also knows the shape (hexagon) and style (outlined) that base image training leaves out. Use it through
+`modules.shapes.classifier` (`load_classifier`, `read_scene`, `scene_matches`).
 
-- Architecture: a {len(record['architecture']['channels'])}-stage CNN (channels
-  {record['architecture']['channels']}) on images resized to {record['architecture']['input_size']} px, with one
-  head shared by the nine cells; {record['parameters']:,} parameters, fp16 safetensors.
-- Data: {training['steps'] * training['batch_size']:,} freshly rendered generator images of seed {training['seed']}
-  (sizes {training['sizes']}, per-channel gain ±{training['gain_jitter']}, noise σ ≤ {training['noise_std']});
-  nothing stored.
-- Training: {training['steps']} AdamW steps, batch {training['batch_size']}, peak lr {training['lr']}, warmup
-  then cosine; {record['train_seconds']:.0f} s on {record['torch_threads']} torch threads of a
-  {record['cpu_count']}-core CPU whose 15-minute load average was {record['load_average_15min']} when training
-  ended (above the thread count means other work shared the cores, so the time is pessimistic).
+- Model: a CNN of three stride-2 stages (channels {arch['channels']}) on images resized to
+  {arch['input_size']} px, one head shared by the nine cells; {record['parameters']:,} parameters, fp16 safetensors.
+- Data: {training['steps'] * training['batch_size']:,} images rendered on the fly from generator seed
+  {training['seed']} (every shape and style; sizes {training['sizes']}; {training['crowded']:.0%} of them crowded
+  grids of 3-9 objects; per-channel gain ±{training['gain_jitter']}, noise σ ≤ {training['noise_std']}).
+- Training: {training['steps']} AdamW steps, batch {training['batch_size']}, peak lr {training['lr']}, warmup then
+  cosine. {record['train_seconds'] / 60:.1f} minutes wall-clock, {record['train_cpu_seconds'] / 60:.1f} minutes of
+  CPU time, {record['torch_threads']} torch threads on a {record['cpu_count']}-core CPU (15-minute load average
+  {record['load_average_15min']} when training ended; wall-clock time includes what other work on the machine
+  took, so it is pessimistic when the load is above the thread count).
 
 ## Reproduce
 
     {command}
 
-## Measured (held-out generator images of seed {acc['seed']}, {acc['n']} images at {acc['image_size']} px, fp16 weights)
+## Measured (fp16 weights, held-out generator images of a seed it never trained on)
 
-{format_accuracy(acc)}
+{table}
 
-`images` is the share with every attribute right (background, all nine cells); `cells` is a cell's content
-(empty, or which shape) right over all cells; `shape`, `colour`, `size`, `style` and their breakdowns are over
-the true objects.
+`images`: every attribute right (background and all nine cells); `cells`: a cell's content (empty, or which
+shape) right, over all cells; `shape`, `colour`, `size`, `style` and their breakdowns: over the true objects.
+Re-measure with `python -m modules.training eval-shapes-classifier --seed 1 --n {acc[0]['n']}`.
 
 ## Limits
 
-It knows only this world: one or two objects, each inside one grid cell. A picture with an object across two
-cells, three objects or an unlisted colour is read as the nearest thing it knows; `read_scene` returns None
-where that reading is no valid scene. It was measured on generator images; on a diffusion model's pictures
-its readings are only as good as those pictures are close to the generator's.
+It knows only this world: up to one object per grid cell, inside the cell, in the palette's colours. An
+object across two cells or of another colour is read as the nearest thing it knows; a picture of three or
+more objects is read as such, and `read_scene` returns None for it (no caption describes it). It was measured
+on generator images: on a diffusion model's pictures its readings are only as good as those pictures are
+close to the generator's.
 """

@@ -1,6 +1,6 @@
 """eval-shapes-classifier: measure a shapes classifier on freshly generated held-out images.
 
-    python -m modules.training eval-shapes-classifier [--model DIR] [--seed 1] [--n 2000] [--size 64]
+    python -m modules.training eval-shapes-classifier [--model DIR] [--seed 1] [--n 2000] [--size 64 ...]
 
 Prints the share of images with every attribute right and each attribute's share (see
 :func:`~modules.shapes.classifier_training.classifier_accuracy`). ``--model`` defaults to the shipped
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_DIR, help=f"classifier folder (default {DEFAULT_DIR})")
     parser.add_argument("--seed", type=int, default=1, help="generator seed of the held-out images")
     parser.add_argument("--n", type=int, default=2000, help="number of images")
-    parser.add_argument("--size", type=int, default=64, help="image size in pixels (a multiple of 8)")
+    parser.add_argument("--size", type=int, nargs="+", default=[64], help="image sizes in pixels (multiples of 8)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
             raise ClassifierError(f"--seed {args.seed} is the seed {args.model} was trained on; pick another")
         if args.n < 1:
             raise ClassifierError(f"--n must be >= 1, not {args.n}")
-        accuracy = classifier_accuracy(classifier, seed=args.seed, n=args.n, size=args.size)
+        accuracy = [classifier_accuracy(classifier, seed=args.seed, n=args.n, size=size) for size in args.size]
     except (ClassifierError, RenderError) as exc:
         print(f"eval-shapes-classifier: error: {exc}", file=sys.stderr)
         return 2

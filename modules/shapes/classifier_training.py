@@ -2,12 +2,15 @@
 
 Why on-the-fly rendering: the generator draws an image in a tenth of a millisecond, so every step gets
 fresh, exactly labelled images and nothing is stored. Batch ``k`` of training seed ``s`` is always the
-same images (examples ``k*B .. k*B+B-1`` of :func:`modules.shapes.dataset.render_example`), so a run is
-reproducible from its settings; :func:`classifier_accuracy` uses another seed, i.e. images never trained on.
+same images (examples ``k*B .. k*B+B-1`` of that seed, see :func:`render_batch`), so a run is reproducible
+from its settings; :func:`classifier_accuracy` uses another seed, i.e. images never trained on.
 
 The training images cover the whole world (every shape, both styles) at the sizes of
 :attr:`TrainSettings.sizes`, lightly perturbed (per-channel gain, pixel noise) so that the classifier also
-reads the slightly-off colours a diffusion model paints; it is measured on clean generator images.
+reads the slightly-off colours a diffusion model paints; it is measured on clean generator images. Half of
+them are crowded grids of three to nine objects rather than captionable scenes: a scene fills one or two of
+the nine cells, a crowded grid teaches on every cell, and at 400 steps that took the share of held-out images
+read fully right from 68% to 93% (same compute). The scenes keep the two-object case in the mix.
 """
 from __future__ import annotations
 
@@ -128,6 +131,7 @@ def train_classifier(settings: TrainSettings, config: ClassifierConfig = Classif
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings))
     net.train()
     started = last = time.perf_counter()
+    cpu_started = time.process_time()
     running = 0.0
     for step in range(settings.steps):
         images, truths = render_batch(settings.seed, step * settings.batch_size, settings.batch_size,
@@ -149,6 +153,8 @@ def train_classifier(settings: TrainSettings, config: ClassifierConfig = Classif
                  "images_per_s": done * settings.batch_size / (now - last)})
             running, last = 0.0, now
     record = {"training": asdict(settings), "train_seconds": round(time.perf_counter() - started, 1),
+              # CPU time of all threads: unlike wall-clock time, not lengthened by other work on the machine
+              "train_cpu_seconds": round(time.process_time() - cpu_started, 1),
               "parameters": sum(p.numel() for p in net.parameters()),
               # other work on the machine makes the time pessimistic; the 15-minute load average says how much
               "load_average_15min": round(os.getloadavg()[2], 2), "cpu_count": os.cpu_count()}

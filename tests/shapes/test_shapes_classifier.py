@@ -141,13 +141,15 @@ def test_train_command_writes_weights_config_and_card_and_keeps_an_existing_one(
     assert COMMANDS["train-shapes-classifier"] == "modules.shapes.classifier_command"
     parser = argparse.ArgumentParser()
     classifier_command.add_arguments(parser)
-    argv = ["--out", str(tmp_path / "c"), "--steps", "2", "--batch-size", "4", "--eval-images", "8"]
+    argv = ["--out", str(tmp_path / "c"), "--steps", "2", "--batch-size", "4", "--eval-images", "8",
+            "--eval-sizes", "64", "32"]
     assert classifier_command.run(parser.parse_args(argv)) == 0
     card = (tmp_path / "c" / "README.md").read_text(encoding="utf-8")
-    assert "train-shapes-classifier --steps 2 --batch-size 4" in card and "images" in card
+    assert "train-shapes-classifier --steps 2 --batch-size 4" in card and "--eval-sizes 64 32" in card
+    assert "images" in card and "32 px" in card
     record = load_classifier(tmp_path / "c").record
-    assert record["accuracy"]["n"] == 8 and record["accuracy"]["seed"] == 1
-    assert set(record["accuracy"]) >= {"images", "background", "cells", "shape", "colour", "size", "style"}
+    assert [(a["n"], a["seed"], a["image_size"]) for a in record["accuracy"]] == [(8, 1, 64), (8, 1, 32)]
+    assert set(record["accuracy"][0]) >= {"images", "background", "cells", "shape", "colour", "size", "style"}
     weights = (tmp_path / "c" / WEIGHTS_FILE).read_bytes()
     assert classifier_command.run(parser.parse_args(argv)) == 2
     assert "--force" in capsys.readouterr().err and (tmp_path / "c" / WEIGHTS_FILE).read_bytes() == weights
