@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import torch
@@ -112,6 +113,20 @@ def model_card(record: dict) -> str:
                f"--eval-seed {acc[0]['seed']} --eval-images {acc[0]['n']} "
                f"--eval-sizes {' '.join(str(a['image_size']) for a in acc)}")
     table = "\n".join("    " + line for line in format_accuracy(acc).splitlines())
+    facts = [f"Model: a CNN of three stride-2 stages (channels {arch['channels']}) on images resized to "
+             f"{arch['input_size']} px, one head shared by the nine cells; {record['parameters']:,} parameters, "
+             "fp16 safetensors.",
+             f"Data: {training['steps'] * training['batch_size']:,} images rendered on the fly from generator seed "
+             f"{training['seed']} (every shape and style; sizes {training['sizes']}; {training['crowded']:.0%} of "
+             f"them crowded grids of 3-9 objects; per-channel gain ±{training['gain_jitter']}, noise σ ≤ "
+             f"{training['noise_std']}).",
+             f"Training: {training['steps']} AdamW steps, batch {training['batch_size']}, peak lr {training['lr']}, "
+             f"warmup then cosine: {record['train_seconds'] / 60:.1f} minutes wall-clock and "
+             f"{record['train_cpu_seconds'] / 60:.1f} minutes of CPU time with {record['torch_threads']} torch "
+             f"threads on a {record['cpu_count']}-core CPU at niceness {record['niceness']} (15-minute load average "
+             f"{record['load_average_15min']} when it ended; wall-clock time includes what other work on the "
+             "machine took, so it is pessimistic when the load is above the thread count)."]
+    bullets = "\n".join(textwrap.fill(fact, 110, initial_indent="- ", subsequent_indent="  ") for fact in facts)
     return f"""# shapes-classifier
 
 The attribute classifier of Atelier's captioned-shapes world (`modules/shapes/`). It reads a picture back
@@ -120,16 +135,7 @@ the yardstick of the demo image model `atelier-shapes` and of the DreamBooth / L
 also knows the shape (hexagon) and style (outlined) that base image training leaves out. Use it through
 `modules.shapes.classifier` (`load_classifier`, `read_scene`, `scene_matches`).
 
-- Model: a CNN of three stride-2 stages (channels {arch['channels']}) on images resized to
-  {arch['input_size']} px, one head shared by the nine cells; {record['parameters']:,} parameters, fp16 safetensors.
-- Data: {training['steps'] * training['batch_size']:,} images rendered on the fly from generator seed
-  {training['seed']} (every shape and style; sizes {training['sizes']}; {training['crowded']:.0%} of them crowded
-  grids of 3-9 objects; per-channel gain ±{training['gain_jitter']}, noise σ ≤ {training['noise_std']}).
-- Training: {training['steps']} AdamW steps, batch {training['batch_size']}, peak lr {training['lr']}, warmup then
-  cosine. {record['train_seconds'] / 60:.1f} minutes wall-clock, {record['train_cpu_seconds'] / 60:.1f} minutes of
-  CPU time, {record['torch_threads']} torch threads on a {record['cpu_count']}-core CPU (15-minute load average
-  {record['load_average_15min']} when training ended; wall-clock time includes what other work on the machine
-  took, so it is pessimistic when the load is above the thread count).
+{bullets}
 
 ## Reproduce
 
@@ -141,7 +147,7 @@ also knows the shape (hexagon) and style (outlined) that base image training lea
 
 `images`: every attribute right (background and all nine cells); `cells`: a cell's content (empty, or which
 shape) right, over all cells; `shape`, `colour`, `size`, `style` and their breakdowns: over the true objects.
-Re-measure with `python -m modules.training eval-shapes-classifier --seed 1 --n {acc[0]['n']}`.
+Re-measure with `python -m modules.training eval-shapes-classifier --seed {acc[0]['seed']} --n {acc[0]['n']} --size {' '.join(str(a['image_size']) for a in acc)}`.
 
 ## Limits
 

@@ -157,7 +157,8 @@ def train_classifier(settings: TrainSettings, config: ClassifierConfig = Classif
               "train_cpu_seconds": round(time.process_time() - cpu_started, 1),
               "parameters": sum(p.numel() for p in net.parameters()),
               # other work on the machine makes the time pessimistic; the 15-minute load average says how much
-              "load_average_15min": round(os.getloadavg()[2], 2), "cpu_count": os.cpu_count()}
+              "load_average_15min": round(os.getloadavg()[2], 2), "cpu_count": os.cpu_count(),
+              "niceness": os.nice(0)}
     return ShapesClassifier(net.eval(), record)
 
 
