@@ -130,6 +130,14 @@ def denoise(pipe, scheduler, inp: DenoiseInputs) -> torch.Tensor:
     return latents
 
 
+def latent_scale(pipe) -> int:
+    """How many pixels one latent pixel stands for: 8 for SD's VAE (three downsamplers), fewer for a VAE with
+    fewer levels, such as the 4x VAE of the demo model ``atelier-shapes``; diffusers' pipelines agree."""
+    vae = getattr(pipe, "vae", None)
+    widths = getattr(getattr(vae, "config", None), "block_out_channels", None)
+    return 2 ** (len(widths) - 1) if widths else 8
+
+
 def check_finite(tensor: torch.Tensor, where: str) -> None:
     if torch.isnan(tensor).any():
         if where == "vae":

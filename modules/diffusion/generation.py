@@ -207,7 +207,8 @@ def hires_pass(run: Run, p: GenerationParams, latents: torch.Tensor, cond, seeds
     """Hires fix: upscale the first pass (in latent space, or decoded and resized with PIL) and run an
     img2img pass over it at ``denoising_strength``."""
     width, height = p.hr_size
-    size = (height // 8, width // 8)
+    scale = dn.latent_scale(run.sd.pipe)
+    size = (height // scale, width // scale)
     if p.hr_upscaler in LATENT_UPSCALE_MODES:
         mode, antialias = LATENT_UPSCALE_MODES[p.hr_upscaler]
         init = F.interpolate(latents, size=size, mode=mode, antialias=antialias)
@@ -296,7 +297,10 @@ def process_images(run: Run, p: GenerationParams) -> Processed:
         try:
             for n in range(p.n_iter):
                 seeds, subseeds = plan.batch(n, p.batch_size)
-                noise, generators = make_noise((len(seeds), 4, p.height // 8, p.width // 8), seeds, subseeds,
+                scale = dn.latent_scale(run.sd.pipe)
+                channels = run.sd.pipe.vae.config.latent_channels      # 4 for SD; more for a wider VAE
+                noise, generators = make_noise((len(seeds), channels, p.height // scale, p.width // scale), seeds,
+                                               subseeds,
                                                p.subseed_strength, run.device, run.dtype)
                 # 4. Denoise
                 latents = denoise_batch(run, p, cond, init, noise, generators, seeds, subseeds)

@@ -74,8 +74,9 @@ def prepare_init(pipe, p, *, is_inpaint_model: bool, device, dtype) -> InitState
         masks.append(mask)
     pixels = to_tensor(processed).to(device, dtype)
     latents = dn.encode(pipe, pixels)
-    if latents.shape[-2:] != (p.height // 8, p.width // 8):  # "Just resize (latent upscale)"
-        latents = F.interpolate(latents, size=(p.height // 8, p.width // 8), mode="bilinear")
+    scale = dn.latent_scale(pipe)
+    if latents.shape[-2:] != (p.height // scale, p.width // scale):  # "Just resize (latent upscale)"
+        latents = F.interpolate(latents, size=(p.height // scale, p.width // scale), mode="bilinear")
     state = InitState(processed, latents, overlays, warnings=warnings)
     if masks[0] is not None:
         mask_px = torch.stack([torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
@@ -93,7 +94,8 @@ def full_mask_conditioning(pipe, latents: torch.Tensor) -> torch.Tensor:
     """9-channel models without a mask (txt2img, plain img2img): everything is "masked", so the
     masked image is all grey (0 in [-1, 1]) and the mask all ones."""
     b, _, h, w = latents.shape
-    grey = torch.zeros((1, 3, h * 8, w * 8), device=latents.device, dtype=latents.dtype)
+    scale = dn.latent_scale(pipe)
+    grey = torch.zeros((1, 3, h * scale, w * scale), device=latents.device, dtype=latents.dtype)
     grey_latents = dn.encode(pipe, grey).repeat(b, 1, 1, 1)
     return torch.cat([torch.ones((b, 1, h, w), device=latents.device, dtype=latents.dtype), grey_latents], dim=1)
 

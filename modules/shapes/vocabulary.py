@@ -116,6 +116,13 @@ class Scene:
             raise CaptionError("; ".join(problems))
 
 
+def vocabulary_words() -> tuple[str, ...]:
+    """Every word a caption can hold, once each (for tokenizers that give each its own token)."""
+    words = [*SHAPES, *COLOURS, *SIZES, *STYLES, BACKGROUND_WORD]
+    words += [w for position in POSITIONS for w in position.split()]
+    return tuple(dict.fromkeys(words))
+
+
 def caption(scene: Scene) -> str:
     """The scene's caption: ``<object>, <position>`` per object, then ``<colour> background``."""
     parts = [part for obj in scene.objects for part in (obj.describe(), obj.position)]

@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "demo-models": "modules.training.llm.demo_recipe",
     "lora": "modules.training.images.lora_command",
     "finetune": "modules.training.images.finetune_command",
+    "train-vae": "modules.training.images.vae_command",
+    "demo-image-model": "modules.training.images.demo_image_recipe",
     "make-shapes-data": "modules.shapes.data_command",
     "train-shapes-classifier": "modules.shapes.classifier_command",
     "eval-shapes-classifier": "modules.shapes.classifier_eval_command",

@@ -46,6 +46,9 @@ class ImageTrainConfig:
     init: str = "checkpoint"
     #: init=random: the sizes of the SD-1.5-architecture model (keys of finetune.ARCHITECTURE)
     architecture: dict = field(default_factory=dict)
+    #: init=random: a trained VAE (a diffusers AutoencoderKL folder, e.g. from ``train-vae``) instead of a random
+    #: one; the architecture's vae_* keys are then unused
+    vae: str = ""
     #: what the settings are for: auto (the base decides), sd1 or sdxl (checked against the base)
     model_type: str = "auto"
     #: the dataset folder (kohya ``N_concept`` folders or a plain folder of images with captions)
@@ -126,7 +129,12 @@ class ImageTrainConfig:
             if self.model_type == "sdxl":
                 out.append("init=random builds an SD 1.5-architecture model; model_type=sdxl does not fit it")
             out += architecture_problems(self.architecture)
+            if self.vae and not (Path(self.vae).expanduser() / "config.json").is_file():
+                out.append(f"vae {self.vae!r} is not a diffusers AutoencoderKL folder (no config.json in it); "
+                           "train one with `python -m modules.training train-vae` or leave vae empty")
         else:
+            if self.vae:
+                out.append("vae is for init=random only; a checkpoint brings its own VAE")
             if self.architecture:
                 out.append("architecture is for init=random only; a checkpoint brings its own")
             if not self.base_model:

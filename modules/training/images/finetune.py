@@ -4,8 +4,10 @@ checkpoint or from random weights of a small SD-1.5-architecture model.
 Why a random init at all: a model made from nothing on a few hundred captioned-shapes images shows the
 whole pipeline (tokenizer, text encoder, VAE, UNet, scheduler) working end to end in minutes on a CPU.
 ``architecture`` keys (see :data:`ARCHITECTURE`) size it; the block types, the PNDM scheduler and the
-CLIP text model are SD 1.5's, so the result saves and loads as an SD 1.5 checkpoint. The VAE is random
-too and is never trained (as in SD training): it is a fixed random encoder of images into latents.
+CLIP text model are SD 1.5's, so the result saves and loads as an SD 1.5 checkpoint. The VAE is never
+trained here (as in SD training): either a fixed random encoder of images into latents, which is enough for
+tests, or ``vae`` — one trained first by :mod:`.vae_training`, whose decoder draws real pictures. The
+tokenizer knows the captioned-shapes vocabulary as whole words, so a caption is a few tokens.
 
 Outputs: a diffusers folder in the run's ``final/`` and a single-file checkpoint with the original LDM key
 names (``modules.diffusion.ldm_keys``) in ``models/Stable-diffusion/<output_name>.safetensors``, with a
@@ -51,8 +53,9 @@ def architecture_problems(spec: dict) -> list[str]:
         elif isinstance(full["norm_num_groups"], int) and full["norm_num_groups"] > 0 and \
                 any(v % full["norm_num_groups"] for v in value):
             out.append(f"architecture.{key} widths must divide by norm_num_groups ({full['norm_num_groups']})")
-    if isinstance(full["vae_block_out_channels"], list) and len(full["vae_block_out_channels"]) != 4:
-        out.append("architecture.vae_block_out_channels needs 4 widths (SD's VAE shrinks images 8x in 4 levels)")
+    if isinstance(full["vae_block_out_channels"], list) and not 2 <= len(full["vae_block_out_channels"]) <= 4:
+        out.append("architecture.vae_block_out_channels needs 2 to 4 widths (n levels shrink images 2^(n-1) times;"
+                   " SD's VAE has 4: 8x)")
     for key in ("layers_per_block", "attention_head_dim", "cross_attention_dim", "text_hidden_size",
                 "text_layers", "text_heads", "sample_size"):
         if not (isinstance(full[key], int) and full[key] > 0):
@@ -67,22 +70,40 @@ def architecture_problems(spec: dict) -> list[str]:
     return out
 
 
-def build_random_sd15(spec: dict, seed: int):
-    """A StableDiffusionPipeline of SD 1.5's architecture at the sizes of *spec*, seeded."""
+def tokenizer_words() -> tuple[str, ...]:
+    """Words a new model's tokenizer gives their own tokens: the fixture's and every captioned-shapes word."""
+    from modules.fixtures.diffusion import WORDS
+    from modules.shapes.vocabulary import vocabulary_words
+    return tuple(dict.fromkeys((*WORDS, *vocabulary_words())))
+
+
+def build_random_sd15(spec: dict, seed: int, vae_path: str | Path | None = None):
+    """A StableDiffusionPipeline of SD 1.5's architecture at the sizes of *spec*, seeded; with *vae_path*
+    the VAE is that trained one (its scale sets the UNet's latent size)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from modules.fixtures.diffusion import VOCAB_SIZE, write_tokenizer
     a = {**ARCHITECTURE, **spec}
     with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))            # a real CLIP BPE tokenizer made offline
+        write_tokenizer(Path(tmp), words=tokenizer_words())     # a real CLIP BPE tokenizer made offline
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed)
+    if vae_path:
+        vae = AutoencoderKL.from_pretrained(Path(vae_path).expanduser())
+    else:
+        vae = AutoencoderKL(block_out_channels=tuple(a["vae_block_out_channels"]),
+                            down_block_types=("DownEncoderBlock2D",) * len(a["vae_block_out_channels"]),
+                            up_block_types=("UpDecoderBlock2D",) * len(a["vae_block_out_channels"]),
+                            latent_channels=4, layers_per_block=1, norm_num_groups=a["norm_num_groups"],
+                            sample_size=a["sample_size"], scaling_factor=0.18215)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
     widths = a["unet_block_out_channels"]
     down = ["CrossAttnDownBlock2D"] * (len(widths) - 1) + ["DownBlock2D"]
     up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(widths) - 1)
-    torch.manual_seed(seed)
     unet = UNet2DConditionModel(block_out_channels=tuple(widths), layers_per_block=a["layers_per_block"],
-                                sample_size=a["sample_size"] // 8, in_channels=4, out_channels=4,
+                                sample_size=a["sample_size"] // scale, in_channels=vae.config.latent_channels,
+                                out_channels=vae.config.latent_channels,
                                 down_block_types=tuple(down), up_block_types=tuple(up),
                                 cross_attention_dim=a["cross_attention_dim"],
                                 attention_head_dim=a["attention_head_dim"], norm_num_groups=a["norm_num_groups"])
@@ -92,10 +113,6 @@ def build_random_sd15(spec: dict, seed: int):
                                  projection_dim=a["cross_attention_dim"], bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     text_encoder = CLIPTextModel(text_config)
-    vae = AutoencoderKL(block_out_channels=tuple(a["vae_block_out_channels"]),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        latent_channels=4, layers_per_block=1, norm_num_groups=a["norm_num_groups"],
-                        sample_size=a["sample_size"], scaling_factor=0.18215)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
