@@ -135,11 +135,12 @@ def train_vae(config: VAETrainConfig, *, on_log: Callable[[dict], None] | None =
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        if not math.isfinite(float(loss)):
-            raise VAETrainingError(f"the VAE's loss became {float(loss)} at step {step + 1}; try a lower lr")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise VAETrainingError(f"the VAE's loss became {value} at step {step + 1}; try a lower lr")
         if (step + 1) % log_every == 0 or step + 1 == config.steps:
-            record = {"step": step + 1, "loss": float(loss), "reconstruction": float(reconstruction),
-                      "kl": float(kl), "lr": lr_at(config, step), "elapsed_s": time.perf_counter() - started}
+            record = {"step": step + 1, "loss": value, "reconstruction": float(reconstruction.detach()),
+                      "kl": float(kl.detach()), "lr": lr_at(config, step), "elapsed_s": time.perf_counter() - started}
             records.append(record)
             if on_log:
                 on_log(record)
