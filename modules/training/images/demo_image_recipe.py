@@ -45,6 +45,7 @@ VAE_STEPS = 2000
 DATA_SEED = 0
 #: eval-images' held-out prompts come from this seed, never used for training pictures
 EVAL_SEED = 12345
+EVAL_CFG = 7.0
 
 
 class RecipeError(RuntimeError):
@@ -128,7 +129,7 @@ class ImageRecipe:
         out = self.training / "recipes" / "atelier-shapes-eval.json"
         out.unlink(missing_ok=True)
         self._command("eval-images", ["eval-images", "--model", str(staging), "--n", str(self.eval_n),
-                                      "--samplers", "Euler a,DPM++ 2M", "--steps", "20", "--seed", "1",
+                                      "--samplers", "Euler a,DPM++ 2M", "--steps", "20", "--cfg-scale", str(EVAL_CFG), "--seed", "1",
                                       "--prompt-seed", str(EVAL_SEED), "--size", "64", "--out", str(out)])
         quality = json.loads(out.read_text())
         self.record["quality"] = quality
@@ -210,8 +211,9 @@ def model_card(recipe: ImageRecipe, quality: dict, folder: Path) -> str:
         "",
         "## Measured (`python -m modules.training eval-images`)",
         "",
-        f"Held-out prompts: {quality.get('n', '?')} captions drawn with prompt seed {EVAL_SEED} (no training picture"
-        " has that seed), one image each at 64x64, 20 steps; the shapes classifier (`models/shapes-classifier/`)"
+        f"Held-out prompts: {recipe.eval_n} captions of eval-images' own prompt stream (prompt seed {EVAL_SEED}),"
+        f" one image each at 64x64, 20 steps, CFG scale {EVAL_CFG:g}; the shapes classifier"
+        " (`models/shapes-classifier/`)"
         " reads every image back. *all attributes* is the share whose background and every object's shape,"
         " colour, size and cell all match the prompt.",
         "",
@@ -232,17 +234,20 @@ def model_card(recipe: ImageRecipe, quality: dict, folder: Path) -> str:
     return "\n".join(lines)
 
 
+ATTRIBUTE_COLUMNS = ("background", "count", "shape", "colour", "size", "position")
+
+
 def _quality_table(quality: dict) -> list[str]:
-    per = quality.get("samplers", {})
-    if not per:
+    """One row per sampler of eval-images' JSON: the all-right share, each attribute's share, s/image."""
+    rows = quality.get("results", [])
+    if not rows:
         return ["(no measurement)"]
-    keys = [k for k in ("all", "background", "count", "shape", "colour", "size", "position") if
-            any(k in v for v in per.values())]
-    lines = ["| sampler | " + " | ".join("all attributes" if k == "all" else k for k in keys) + " | s/image |",
-             "|---" * (len(keys) + 2) + "|"]
-    for sampler, v in per.items():
-        cells = [f"{100 * v[k]:.1f}%" if isinstance(v.get(k), (int, float)) else "—" for k in keys]
-        lines.append(f"| {sampler} | " + " | ".join(cells) + f" | {v.get('seconds_per_image', float('nan')):.2f} |")
+    lines = ["| sampler | all attributes | " + " | ".join(ATTRIBUTE_COLUMNS) + " | s/image |",
+             "|---" * (len(ATTRIBUTE_COLUMNS) + 3) + "|"]
+    for row in rows:
+        cells = [f"{100 * row['attributes'][k]:.1f}%" if k in row["attributes"] else "—" for k in ATTRIBUTE_COLUMNS]
+        lines.append(f"| {row['sampler']} | {100 * row['all_right']:.1f}% | " + " | ".join(cells)
+                     + f" | {row['s_per_image']:.2f} |")
     return lines
 
 
