@@ -324,7 +324,7 @@ def evaluate(settings: EvalSettings, *, classifier=None,
         for weight in weights:
             tag = f" <lora:{settings.lora}:{weight:g}>" if weight is not None else ""
             label = sampler + (f", LoRA {settings.lora}:{weight:g}" if weight is not None else "")
-            images, started = [], time.perf_counter()
+            images, infotexts, started = [], [], time.perf_counter()
             for i, prompt in enumerate(prompts):
                 run = Run(sd=sd, tools=tools, lora_dir=lora_dir, embeddings_dir=paths.model_dir("embeddings"),
                           model_name=sd.info.model_name, device=sd.device)
@@ -337,13 +337,14 @@ def evaluate(settings: EvalSettings, *, classifier=None,
                 if lora_warnings:           # txt2img would go on without it; a measurement must not
                     raise EvalImagesError(f"--lora {settings.lora!r}: {lora_warnings[0]}")
                 images.append(processed.images[0])
+                infotexts.append(processed.infotexts[0])
                 if on_image:
                     on_image(label, i + 1, len(prompts))
             seconds = time.perf_counter() - started
             readings = classifier.read(images)
             score = score_readings(scenes, readings)
-            details = [{"prompt": prompt, "seed": settings.seed + i, "read": _reading_text(r), "right": ok}
-                       for i, (prompt, r, ok) in enumerate(zip(prompts, readings, score.right))]
+            details = [{"prompt": prompt, "read": _reading_text(r), "right": ok, "infotext": info}
+                       for prompt, r, ok, info in zip(prompts, readings, score.right, infotexts)]
             results.append(VariantResult(sampler, weight, score, seconds, details))
     about = {"model": sd.info.model_name, "model_file": str(sd.info.filename), "model_kind": sd.kind,
              "classifier": str(settings.classifier or "models/shapes-classifier"),
