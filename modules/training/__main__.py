@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "modules.training.images.finetune_command",
     "train-vae": "modules.training.images.vae_command",
     "demo-image-model": "modules.training.images.demo_image_recipe",
+    "eval-images": "modules.training.images.eval_images_command",
     "make-shapes-data": "modules.shapes.data_command",
     "train-shapes-classifier": "modules.shapes.classifier_command",
     "eval-shapes-classifier": "modules.shapes.classifier_eval_command",

@@ -170,7 +170,10 @@ class ImageTrainer:
             return None
         fingerprint = vae_fingerprint(self.base.pipe.vae, extra="mean*scaling_factor")
         directory = dataset_cache_dir(self.dataset.root) if mode == "disk" else None
-        cache = LatentCache(lambda x: self.encode(x).cpu(), fingerprint, directory=directory)
+        # encoded one training batch at a time (as diffusers' scripts encode; kohya's vae_batch_size is 1): a
+        # bigger chunk only raises the run's peak memory (the VAE's full-resolution activations) for no speed
+        cache = LatentCache(lambda x: self.encode(x).cpu(), fingerprint, directory=directory,
+                            encode_batch=self.config.batch_size)
         if directory is not None:            # each process encodes its share, then every one reads them all
             cache.prepare(self.dataset, rank=self.acc.process_index, world_size=self.world)
             self.acc.wait_for_everyone()
