@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "demo-models": "modules.training.llm.demo_recipe",
     "lora": "modules.training.images.lora_command",
     "finetune": "modules.training.images.finetune_command",
+    "dreambooth": "modules.training.images.dreambooth_command",
     "make-shapes-data": "modules.shapes.data_command",
     "train-shapes-classifier": "modules.shapes.classifier_command",
     "eval-shapes-classifier": "modules.shapes.classifier_eval_command",
