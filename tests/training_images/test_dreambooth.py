@@ -297,3 +297,16 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, root, inst
 
 def class_files_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_class_folder_that_cannot_take_or_give_class_images_is_named(tmp_path, root):
+    from modules.training.images.buckets import BucketSpec
+    from modules.training.images.class_images import ClassImagesError, missing_class_images
+    from modules.training.images.dataset import DatasetError
+    kohya = write_instances(tmp_path / "reg" / "1_dog", count=2).parent
+    with pytest.raises(ClassImagesError, match="has N_concept folders with 2 images, fewer than num_class_images=5"):
+        missing_class_images(kohya, 5, BucketSpec(resolution=64))
+    assert missing_class_images(kohya, 2, BucketSpec(resolution=64)) == []        # enough: used as they are
+    with pytest.raises(DatasetError, match=r"the class images \(class_dir .*nothing, num_class_images=0\)"):
+        train(root, "run_name=no-class", "output_name=no-class", "max_steps=1", "num_class_images=0",
+              f"class_dir={tmp_path / 'nothing'}")

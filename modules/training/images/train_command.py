@@ -140,7 +140,12 @@ def run_image_training(config_path: str | None, overrides: list[str], *, data_di
         folder = class_folder(config, run.root)
         prepare_class_images(config, base, folder, accelerator, bucket_spec(config),
                              lora_dir=paths.model_dir("Lora"))
-        class_dataset = open_dataset(config, folder, default_caption=config.class_prompt.strip())
+        from modules.training.images.dataset import DatasetError
+        try:
+            class_dataset = open_dataset(config, folder, default_caption=config.class_prompt.strip())
+        except DatasetError as exc:
+            raise DatasetError(f"the class images (class_dir {folder}, num_class_images={config.num_class_images}) "
+                               f"cannot be read: {exc}") from None
     return DreamBoothTrainer(config, base, dataset, run, accelerator, class_dataset=class_dataset,
                              **common).train()
 
