@@ -13,6 +13,9 @@ A checkpoint (every ``save_every_steps``, on a stop request, and before the fina
 trainable weights, optimizer, LR scheduler, each process's RNG states (torch, numpy, python: LoRA dropout
 draws from them) and the sampler's position; resuming from it continues bit for bit on CPU fp32.
 Only the main process writes files.
+
+:class:`~.dreambooth.DreamBoothTrainer` builds on it through ``_make_sampler`` (the batch stream) and
+``_micro_step`` (forward and backward of one micro-batch, returning the losses to log).
 """
 from __future__ import annotations
 
@@ -250,8 +253,7 @@ class ImageTrainer:
             captions += batch.captions
             samples += part
             bucket = batch.bucket
-        latents = torch.cat(latents).to(self.device, torch.float32) if len(latents) > 1 else \
-            latents[0].to(self.device, torch.float32)
+        latents = torch.cat(latents).to(self.device, torch.float32)
         generators = [L.sample_generator(s.seed, s.epoch, s.slot) for s in samples]
         noise, timesteps = L.draw_noise(tuple(latents.shape[1:]), generators,
                                         self.noise_scheduler.config.num_train_timesteps,
@@ -271,6 +273,7 @@ class ImageTrainer:
         return L.per_sample_mse(prediction, inputs.target, inputs.weights)
 
     def _micro_loss(self, samples) -> torch.Tensor:
+        """The mean loss of one micro-batch of the dataset."""
         return self._sample_losses(self._inputs((self.dataset, samples, self.cache))).mean()
 
     def _micro_step(self, batch) -> dict[str, torch.Tensor]:
