@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "demo-models": "modules.training.llm.demo_recipe",
     "lora": "modules.training.images.lora_command",
     "finetune": "modules.training.images.finetune_command",
+    "dreambooth": "modules.training.images.dreambooth_command",
     "train-vae": "modules.training.images.vae_command",
     "demo-image-model": "modules.training.images.demo_image_recipe",
     "eval-images": "modules.training.images.eval_images_command",

@@ -9,5 +9,7 @@ LoRA into a kohya ``.safetensors`` file and back, ``kohya_metadata`` writes kohy
 ``diffusers_lora`` the diffusers-format file. The training: ``config`` (ImageTrainConfig) and ``presets``,
 ``base_model`` (the base found and loaded through Atelier's loader, LoRA layers added), ``finetune`` (full
 fine-tuning, random-init builds, checkpoint output), ``loss``, ``trainer`` (the accelerate loop, checkpoints,
-exact resume), ``samples`` and ``train_command`` (the ``lora`` and ``finetune`` commands' body).
+exact resume), ``dreambooth`` (prior preservation: paired instance/class batches, the DreamBooth trainer) with
+``class_images`` (class images drawn by the base model through the txt2img engine), ``samples`` and
+``train_command`` (the ``lora``, ``finetune`` and ``dreambooth`` commands' body).
 """

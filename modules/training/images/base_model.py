@@ -23,6 +23,9 @@ class BaseModel:
     info: object
     #: pipeline component name -> module that has trainable LoRA layers
     trained: dict[str, torch.nn.Module] = field(default_factory=dict)
+    #: the :class:`~modules.diffusion.loading.SDModel` it was loaded as (txt2img's view of the same pipeline:
+    #: DreamBooth draws its class images with it); None for a random-init model
+    sd: object = None
 
     @property
     def sdxl(self) -> bool:
@@ -66,7 +69,7 @@ def load_base(info) -> BaseModel:
         module = getattr(sd.pipe, name, None)
         if module is not None:
             module.requires_grad_(False)
-    return BaseModel(pipe=sd.pipe, kind=sd.kind, info=info)
+    return BaseModel(pipe=sd.pipe, kind=sd.kind, info=info, sd=sd)
 
 
 def add_lora(base: BaseModel, config) -> None:

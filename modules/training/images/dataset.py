@@ -135,8 +135,12 @@ class ImageBatch:
 
 # ------------------------------------------------------------------------------------------ scanning
 def scan_dataset(root: str | Path, buckets: BucketSpec,
-                 caption_extensions: tuple[str, ...] = CAPTION_EXTENSIONS) -> ScanResult:
+                 caption_extensions: tuple[str, ...] = CAPTION_EXTENSIONS, *,
+                 default_caption: str | None = None) -> ScanResult:
     """Find, check, caption and bucket every image of the dataset folder ``root`` (see the module docstring).
+
+    ``default_caption`` captions the images without a caption file in place of their folder's name
+    (DreamBooth's instance or class prompt); its ``caption_source`` is ``"default caption"``.
 
     Never raises for bad content: problems are in ``skipped`` / ``warnings`` and, when no image is usable,
     in ``error`` (the preview shows them; :class:`ImageDataset` raises ``error``).
@@ -176,7 +180,8 @@ def scan_dataset(root: str | Path, buckets: BucketSpec,
         concept_folders = [(root, concept)]
     resolutions = buckets.resolutions()
     for folder, concept in concept_folders:
-        found = _scan_concept(root, folder, concept, buckets, resolutions, caption_extensions, result)
+        found = _scan_concept(root, folder, concept, buckets, resolutions, caption_extensions, result,
+                              default_caption)
         if found:
             result.concepts.append(concept)
         elif concept.folder != ".":
@@ -188,7 +193,7 @@ def scan_dataset(root: str | Path, buckets: BucketSpec,
 
 
 def _scan_concept(root: Path, folder: Path, concept: Concept, buckets: BucketSpec, resolutions,
-                  caption_extensions, result: ScanResult) -> int:
+                  caption_extensions, result: ScanResult, default_caption: str | None = None) -> int:
     found = 0
     try:
         files = sorted(p for p in folder.iterdir() if p.is_file())
@@ -217,10 +222,12 @@ def _scan_concept(root: Path, folder: Path, concept: Concept, buckets: BucketSpe
         if caption_file and lines:
             source = caption_name
         else:
+            fallback, source = ((default_caption, "default caption") if default_caption
+                                else (concept.name, "folder name"))
             if caption_file:
                 result.warnings.append(Skipped(caption_name,
-                                               f"caption file is empty; the folder caption {concept.name!r} is used"))
-            lines, source = (concept.name,), "folder name"
+                                               f"caption file is empty; the {source} {fallback!r} is used"))
+            lines = (fallback,)
         bucket = buckets.assign(*size, resolutions)
         factor = upscale_factor(size, bucket)
         if factor > UPSCALE_WARNING:
@@ -312,14 +319,15 @@ class ImageDataset:
         buckets: bucket settings (default: kohya's 512 with buckets on).
         captions: caption augmentations (default: none).
         caption_extensions: caption file suffixes in order of precedence.
+        default_caption: the caption of images without a caption file (default: their folder's name).
     Raises :class:`DatasetError` when the folder has no usable image (the message says what to put there).
     """
 
     def __init__(self, root: str | Path, *, buckets: BucketSpec | None = None, captions: CaptionOptions | None = None,
-                 caption_extensions: tuple[str, ...] = CAPTION_EXTENSIONS):
+                 caption_extensions: tuple[str, ...] = CAPTION_EXTENSIONS, default_caption: str | None = None):
         self.bucket_spec = buckets or BucketSpec()
         self.caption_options = captions or CaptionOptions()
-        scan = scan_dataset(root, self.bucket_spec, caption_extensions)
+        scan = scan_dataset(root, self.bucket_spec, caption_extensions, default_caption=default_caption)
         if scan.error:
             raise DatasetError(scan.error)
         self.root, self.records = scan.root, scan.records

@@ -58,7 +58,12 @@ def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_typ
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """weight × MSE of each sample, shape (B,) (computed in fp32 under mixed precision)."""
+    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    return per_sample * weights.to(per_sample.device)
+
+
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of weight × per-sample MSE (computed in fp32 under mixed precision)."""
-    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-    return (per_sample * weights.to(per_sample.device)).mean()
+    return per_sample_mse(prediction, target, weights).mean()

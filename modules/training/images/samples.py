@@ -14,7 +14,7 @@ import torch
 
 
 def sample_images(trainer) -> list[Path]:
-    """Generate ``config.sample_prompts`` into ``<run>/samples/step-NNNNNN-KK.png`` (main process only)."""
+    """Generate the config's sample prompts (:meth:`~.config.ImageTrainConfig.sample_prompt_list`) into ``<run>/samples/step-NNNNNN-KK.png`` (main process only)."""
     from PIL.PngImagePlugin import PngInfo
 
     from modules.diffusion.infotext import create_infotext
@@ -33,7 +33,7 @@ def sample_images(trainer) -> list[Path]:
         for module in base.trained.values():
             module.eval()
         width = height = c.resolution
-        for number, prompt in enumerate(c.sample_prompts):
+        for number, prompt in enumerate(c.sample_prompt_list()):
             seed = c.sample_seed + number
             generator = torch.Generator(device=trainer.device).manual_seed(seed)
             with torch.no_grad():

@@ -1,9 +1,11 @@
 """Config -> accelerate -> base model -> dataset -> run folder -> :class:`~.trainer.ImageTrainer` -> files.
 
-The body shared by the image-training commands (``lora``, ``finetune``), the tests and, later, the Train tab. Output
-files go where Atelier finds them: a LoRA into ``<data-dir>/models/Lora/<output_name>.safetensors``
-(kohya format), a fine-tuned model into ``models/Stable-diffusion/<output_name>.safetensors`` (plus a
-diffusers folder in the run's ``final/``); never over an existing file (checked before anything trains).
+The body shared by the image-training commands (``lora``, ``finetune``, ``dreambooth``), the tests and, later,
+the Train tab. Output files go where Atelier finds them: a LoRA into
+``<data-dir>/models/Lora/<output_name>.safetensors`` (kohya format), a fine-tuned model into
+``models/Stable-diffusion/<output_name>.safetensors`` (plus a diffusers folder in the run's ``final/``);
+never over an existing file (checked before anything trains). DreamBooth first makes its missing class
+images (:mod:`.dreambooth`), then trains with :class:`~.dreambooth.DreamBoothTrainer`.
 """
 from __future__ import annotations
 
@@ -45,15 +47,22 @@ def make_accelerator(config):
                        cpu=not torch.cuda.is_available())
 
 
-def open_dataset(config):
+def bucket_spec(config):
     from modules.training.images.buckets import BucketSpec
+    return BucketSpec(resolution=config.resolution, min_side=config.min_bucket_reso,
+                      max_side=config.max_bucket_reso, enabled=config.enable_bucket)
+
+
+def open_dataset(config, folder: str | Path | None = None, default_caption: str | None = None):
+    """The run's images (``dataset``, DreamBooth's ``instance_dir``), or *folder* (its class images)."""
     from modules.training.images.captions import CaptionOptions
     from modules.training.images.dataset import ImageDataset
-    buckets = BucketSpec(resolution=config.resolution, min_side=config.min_bucket_reso,
-                         max_side=config.max_bucket_reso, enabled=config.enable_bucket)
     captions = CaptionOptions(dropout_rate=config.caption_dropout_rate, shuffle=config.shuffle_caption,
                               keep_tokens=config.keep_tokens)
-    return ImageDataset(config.dataset, buckets=buckets, captions=captions)
+    if folder is None and config.mode == "dreambooth":
+        default_caption = config.instance_prompt.strip()
+    return ImageDataset(folder if folder is not None else config.images_folder, buckets=bucket_spec(config),
+                        captions=captions, default_caption=default_caption)
 
 
 def lora_output_path(config, lora_dir: Path) -> Path:
@@ -96,7 +105,7 @@ def run_image_training(config_path: str | None, overrides: list[str], *, data_di
         name = [f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"]
         broadcast_object_list(name)                      # one name for every process
         config.run_name = name[0]
-    if mode == "lora":
+    if config.trains_lora:
         output = lora_output_path(config, paths.model_dir("Lora"))
         taken = [output] if "kohya" in config.output_formats else []
     else:
@@ -117,14 +126,28 @@ def run_image_training(config_path: str | None, overrides: list[str], *, data_di
         run.write_config(config.to_dict())
 
     def finish(trainer) -> list[Path]:
-        if mode == "lora":
+        if config.trains_lora:
             return write_lora_outputs(trainer, output)
         from modules.training.images.finetune import write_finetune_outputs
         return write_finetune_outputs(trainer, output)
 
-    trainer = ImageTrainer(config, base, dataset, run, accelerator, resume=bool(resume), finish=finish,
-                           should_stop=should_stop, on_log=on_log)
-    return trainer.train()
+    common = dict(resume=bool(resume), finish=finish, should_stop=should_stop, on_log=on_log)
+    if mode != "dreambooth":
+        return ImageTrainer(config, base, dataset, run, accelerator, **common).train()
+    from modules.training.images.dreambooth import DreamBoothTrainer, class_folder, prepare_class_images
+    class_dataset = None
+    if config.prior_preservation:
+        folder = class_folder(config, run.root)
+        prepare_class_images(config, base, folder, accelerator, bucket_spec(config),
+                             lora_dir=paths.model_dir("Lora"))
+        from modules.training.images.dataset import DatasetError
+        try:
+            class_dataset = open_dataset(config, folder, default_caption=config.class_prompt.strip())
+        except DatasetError as exc:
+            raise DatasetError(f"the class images (class_dir {folder}, num_class_images={config.num_class_images}) "
+                               f"cannot be read: {exc}") from None
+    return DreamBoothTrainer(config, base, dataset, run, accelerator, class_dataset=class_dataset,
+                             **common).train()
 
 
 def write_lora_outputs(trainer, output: Path) -> list[Path]:
@@ -134,16 +157,19 @@ def write_lora_outputs(trainer, output: Path) -> list[Path]:
     from modules.training.images.kohya_format import save_peft_as_kohya
     from modules.training.images.kohya_metadata import TrainingRecord, kohya_metadata, tag_frequency
     c, base, dataset = trainer.config, trainer.base, trainer.dataset
+    classes = getattr(trainer, "class_dataset", None)          # DreamBooth's, with prior preservation
     written = []
     if "kohya" in c.output_formats:
         captions: dict[str, list[str]] = {}
-        for record in dataset.records:
-            folder = record.concept.folder
-            captions.setdefault(folder, []).append(", ".join(record.caption_lines))
-        dirs = {}
-        for record in dataset.records:
-            entry = dirs.setdefault(record.concept.folder, {"n_repeats": record.repeats, "img_count": 0})
-            entry["img_count"] += 1
+        for data in (dataset, classes) if classes is not None else (dataset,):
+            for record in data.records:
+                captions.setdefault(_folder_name(data, record), []).append(", ".join(record.caption_lines))
+        dreambooth = {}
+        if c.mode == "dreambooth":
+            dreambooth = dict(num_reg_images=classes.images_per_epoch if classes is not None else 0,
+                              prior_loss_weight=c.prior_loss_weight,
+                              reg_dataset_dirs=_dataset_dirs(classes) if classes is not None else {},
+                              extra={"ss_datasets": _kohya_datasets(trainer)})
         record = TrainingRecord(
             output_name=output.stem, kind=base.kind, network_dim=c.rank, network_alpha=c.alpha,
             resolution=(c.resolution, c.resolution), learning_rate=c.unet_lr,
@@ -160,7 +186,8 @@ def write_lora_outputs(trainer, output: Path) -> list[Path]:
             max_grad_norm=c.max_grad_norm, num_train_images=dataset.images_per_epoch,
             caption_dropout_rate=c.caption_dropout_rate, shuffle_caption=c.shuffle_caption,
             keep_tokens=c.keep_tokens, enable_bucket=c.enable_bucket, cache_latents=c.cache_latents != "none",
-            dataset_dirs=dirs, tag_frequency=tag_frequency(captions), sd_model_name=base.info.name)
+            dataset_dirs=_dataset_dirs(dataset), tag_frequency=tag_frequency(captions),
+            sd_model_name=base.info.name, **dreambooth)
         metadata = kohya_metadata(record, steps=trainer.step, epoch=trainer.sampler.epoch + 1)
         written.append(save_peft_as_kohya(output, base.trained, metadata, sdxl=base.sdxl))
     if "diffusers" in c.output_formats:
@@ -168,6 +195,43 @@ def write_lora_outputs(trainer, output: Path) -> list[Path]:
     for path in written:
         log.info("wrote %s", path)
     return written
+
+
+def _folder_name(dataset, record) -> str:
+    """kohya's name of an image's folder: its ``N_concept`` folder, or a plain dataset folder's own name."""
+    return dataset.root.name if record.concept.folder == "." else record.concept.folder
+
+
+def _dataset_dirs(dataset) -> dict[str, dict]:
+    """``ss_dataset_dirs`` / ``ss_reg_dataset_dirs``: per folder, its repeats and image count."""
+    dirs: dict[str, dict] = {}
+    for record in dataset.records:
+        entry = dirs.setdefault(_folder_name(dataset, record), {"n_repeats": record.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return dirs
+
+
+def _kohya_datasets(trainer) -> str:
+    """sd-scripts' ``ss_datasets`` for a DreamBooth run: one dataset whose subsets are the instance folders
+    (``class_tokens`` the instance prompt) and the class folders (``is_reg``, the class prompt)."""
+    import json
+    c = trainer.config
+    classes = getattr(trainer, "class_dataset", None)
+    subsets = []
+    for data, tokens, is_reg in ((trainer.dataset, c.instance_prompt, False), (classes, c.class_prompt, True)):
+        if data is None:
+            continue
+        for folder, entry in _dataset_dirs(data).items():
+            subsets.append({"img_count": entry["img_count"], "num_repeats": entry["n_repeats"], "color_aug": False,
+                            "flip_aug": False, "random_crop": False, "shuffle_caption": c.shuffle_caption,
+                            "keep_tokens": c.keep_tokens, "image_dir": folder, "class_tokens": tokens.strip(),
+                            "is_reg": is_reg})
+    return json.dumps([{"is_dreambooth": True, "batch_size_per_device": c.batch_size,
+                        "num_train_images": trainer.dataset.images_per_epoch,
+                        "num_reg_images": classes.images_per_epoch if classes is not None else 0,
+                        "resolution": [c.resolution, c.resolution], "enable_bucket": c.enable_bucket,
+                        "min_bucket_reso": c.min_bucket_reso, "max_bucket_reso": c.max_bucket_reso,
+                        "subsets": subsets}])
 
 
 def _end_process_group() -> None:
@@ -182,6 +246,7 @@ def _end_process_group() -> None:
 def run_command(args: argparse.Namespace, mode: str) -> int:
     """The CLI body of an image-training command (SIGINT/SIGTERM stop with a checkpoint)."""
     from modules.paths import Paths
+    from modules.training.images.class_images import ClassImagesError
     from modules.training.images.dataset import DatasetError
     from modules.training.images.kohya_format import KohyaFormatError, LoraExistsError, LoraWriteError
     from modules.training.images.trainer import ImageTrainingError
@@ -200,7 +265,7 @@ def run_command(args: argparse.Namespace, mode: str) -> int:
             result = run_image_training(args.config, args.overrides, data_dir=data_dir, mode=mode,
                                         resume=args.resume, should_stop=stop, on_log=show)
     except (ConfigError, RunDirError, ImageTrainingError, CheckpointWriteError, DatasetError, KohyaFormatError,
-            LoraExistsError, LoraWriteError) as exc:
+            LoraExistsError, LoraWriteError, ClassImagesError) as exc:
         log.error("%s", exc)
         return 2
     _end_process_group()

@@ -13,6 +13,9 @@ A checkpoint (every ``save_every_steps``, on a stop request, and before the fina
 trainable weights, optimizer, LR scheduler, each process's RNG states (torch, numpy, python: LoRA dropout
 draws from them) and the sampler's position; resuming from it continues bit for bit on CPU fp32.
 Only the main process writes files.
+
+:class:`~.dreambooth.DreamBoothTrainer` builds on it through ``_make_sampler`` (the batch stream) and
+``_micro_step`` (forward and backward of one micro-batch, returning the losses to log).
 """
 from __future__ import annotations
 
@@ -38,6 +41,18 @@ from modules.training.run_dir import RunDir
 
 class ImageTrainingError(RuntimeError):
     """The run cannot go on; the message says what happened and what to try."""
+
+
+@dataclass
+class UNetInputs:
+    """One micro-batch as the UNet takes it, with its target and per-sample loss weights; ``added`` is
+    SDXL's ``added_cond_kwargs`` (None for SD 1.5 / 2)."""
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    embeddings: torch.Tensor
+    added: dict | None
+    target: torch.Tensor
+    weights: torch.Tensor
 
 
 @dataclass
@@ -81,7 +96,6 @@ class ImageTrainer:
         from accelerate.utils import set_seed
         from diffusers import DDPMScheduler
 
-        from modules.training.images.sampler import BucketBatchSampler
         self.config, self.base, self.dataset, self.run, self.acc = config, base, dataset, run, accelerator
         self.finish, self.should_stop, self.on_log = finish, should_stop or (lambda: False), on_log
         self.device = accelerator.device
@@ -91,12 +105,11 @@ class ImageTrainer:
         self.prediction_type = (self.noise_scheduler.config.get("prediction_type") or "epsilon"
                                 if prediction == "auto" else prediction)
         set_seed(config.seed)                          # the LoRA's initial A matrices
-        if config.mode == "lora":
+        if config.trains_lora:
             add_lora(base, config)
         else:
             make_full_trainable(base, config)
-        self.sampler = BucketBatchSampler(dataset, batch_size=config.batch_size * self.world, seed=config.seed,
-                                          rank=accelerator.process_index, world_size=self.world)
+        self.sampler = self._make_sampler()
         self.steps_per_epoch = -(-self.sampler.batches_per_epoch // config.gradient_accumulation)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         pipe = base.pipe
@@ -117,13 +130,19 @@ class ImageTrainer:
         prepared = accelerator.prepare(*[base.trained[n] for n in names], self.optimizer)
         self.models = dict(zip(names, prepared[:-1]))          # DDP-wrapped under several processes
         self.optimizer = prepared[-1]
-        self.cache = self._latent_cache()
+        self.cache = self._latent_cache(dataset)
         self.step = 0
         if resume:
             self._resume()
         self.is_main = accelerator.is_main_process
 
     # ------------------------------------------------------------------------------------ set-up
+    def _make_sampler(self):
+        """The batch stream (resumable through its ``state_dict``)."""
+        from modules.training.images.sampler import BucketBatchSampler
+        return BucketBatchSampler(self.dataset, batch_size=self.config.batch_size * self.world,
+                                  seed=self.config.seed, rank=self.acc.process_index, world_size=self.world)
+
     def _param_groups(self) -> list[dict]:
         c = self.config
         groups = []
@@ -163,21 +182,22 @@ class ImageTrainer:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
-    def _latent_cache(self):
+    def _latent_cache(self, dataset):
+        """*dataset*'s latents, encoded now (None with cache_latents=none); on disk in the dataset's folder."""
         from modules.training.images.latent_cache import LatentCache, dataset_cache_dir, vae_fingerprint
         mode = self.config.cache_latents
         if mode == "none":
             return None
         fingerprint = vae_fingerprint(self.base.pipe.vae, extra="mean*scaling_factor")
-        directory = dataset_cache_dir(self.dataset.root) if mode == "disk" else None
+        directory = dataset_cache_dir(dataset.root) if mode == "disk" else None
         # encoded one training batch at a time (as diffusers' scripts encode; kohya's vae_batch_size is 1): a
         # bigger chunk only raises the run's peak memory (the VAE's full-resolution activations) for no speed
         cache = LatentCache(lambda x: self.encode(x).cpu(), fingerprint, directory=directory,
                             encode_batch=self.config.batch_size)
         if directory is not None:            # each process encodes its share, then every one reads them all
-            cache.prepare(self.dataset, rank=self.acc.process_index, world_size=self.world)
+            cache.prepare(dataset, rank=self.acc.process_index, world_size=self.world)
             self.acc.wait_for_everyone()
-        cache.prepare(self.dataset)
+        cache.prepare(dataset)
         return cache
 
     # ------------------------------------------------------------------------------------ resume
@@ -226,10 +246,17 @@ class ImageTrainer:
                                            "time_ids": time_ids.repeat(len(captions), 1).to(self.device)}}
         return torch.cat(out, dim=-1), added
 
-    def _micro_loss(self, samples) -> torch.Tensor:
-        batch = self.dataset.batch(samples, cache=self.cache)
-        latents = batch.latents if batch.latents is not None else self.encode(batch.pixels)
-        latents = latents.to(self.device, torch.float32)
+    def _inputs(self, *groups) -> "UNetInputs":
+        """The UNet's inputs and targets for one bucket's samples, given as ``(dataset, samples, cache)``
+        groups (DreamBooth's instance and class samples), in that order, with one text-encoder call."""
+        latents, captions, samples, bucket = [], [], [], None
+        for dataset, part, cache in groups:
+            batch = dataset.batch(part, cache=cache)
+            latents.append(batch.latents if batch.latents is not None else self.encode(batch.pixels))
+            captions += batch.captions
+            samples += part
+            bucket = batch.bucket
+        latents = torch.cat(latents).to(self.device, torch.float32)
         generators = [L.sample_generator(s.seed, s.epoch, s.slot) for s in samples]
         noise, timesteps = L.draw_noise(tuple(latents.shape[1:]), generators,
                                         self.noise_scheduler.config.num_train_timesteps,
@@ -237,28 +264,44 @@ class ImageTrainer:
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = L.target_for(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
-        embeddings, added = self._conditioning(batch.captions, batch.bucket)
-        with self.acc.autocast():
-            prediction = self.models["unet"](noisy, timesteps, embeddings, **added).sample
+        embeddings, added = self._conditioning(captions, bucket)
         weights = L.snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma, self.prediction_type)
-        return L.weighted_mse(prediction, target, weights)
+        return UNetInputs(noisy, timesteps, embeddings, added.get("added_cond_kwargs"), target, weights)
 
-    def _train_step(self) -> float:
+    def _sample_losses(self, inputs: "UNetInputs") -> torch.Tensor:
+        """One UNet call on *inputs*: the (weighted) loss of each sample."""
+        added = {"added_cond_kwargs": inputs.added} if inputs.added is not None else {}
+        with self.acc.autocast():
+            prediction = self.models["unet"](inputs.noisy, inputs.timesteps, inputs.embeddings, **added).sample
+        return L.per_sample_mse(prediction, inputs.target, inputs.weights)
+
+    def _micro_loss(self, samples) -> torch.Tensor:
+        """The mean loss of one micro-batch of the dataset."""
+        return self._sample_losses(self._inputs((self.dataset, samples, self.cache))).mean()
+
+    def _micro_step(self, batch) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch; returns the losses to log ("loss" first)."""
+        loss = self._micro_loss(batch)
+        self.acc.backward(loss)
+        return {"loss": loss.detach()}
+
+    def _train_step(self) -> dict[str, float]:
+        """One optimizer step; the mean over micro-steps and processes of each logged loss."""
         losses = []
         models = list(self.models.values())
         for _ in range(self.config.gradient_accumulation):
             with self.acc.accumulate(*models):
-                loss = self._micro_loss(self.sampler.next_batch())
-                self.acc.backward(loss)
+                parts = self._micro_step(self.sampler.next_batch())
                 if self.acc.sync_gradients:
                     self.acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                              self.config.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+            losses.append(torch.stack(list(parts.values())))
         self.lr_scheduler.step()
-        mean = torch.stack(losses).mean().reshape(1)
-        return float(self.acc.gather(mean).mean())
+        mean = torch.stack(losses).mean(dim=0).reshape(1, -1)
+        gathered = self.acc.gather(mean).mean(dim=0)
+        return {name: float(value) for name, value in zip(parts, gathered)}
 
     # ------------------------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
@@ -270,7 +313,8 @@ class ImageTrainer:
                 model.train()
             while self.step < self.total_steps:
                 started = time.perf_counter()
-                loss = self._train_step()
+                losses = self._train_step()
+                loss = losses["loss"]
                 self.step += 1
                 if not math.isfinite(loss):
                     raise ImageTrainingError(
@@ -281,7 +325,8 @@ class ImageTrainer:
                 record = {"kind": "train", "step": self.step, "total_steps": self.total_steps, "loss": loss,
                           "lr": self.lr_scheduler.get_last_lr()[0], "it_s": 1 / elapsed, "s_per_step": elapsed,
                           "samples_per_s": c.batch_size * self.world * c.gradient_accumulation / elapsed,
-                          "epoch": self.sampler.epoch, "peak_memory_mb": peak_memory_mb(self.device)}
+                          "epoch": self.sampler.epoch, "peak_memory_mb": peak_memory_mb(self.device),
+                          **{k: v for k, v in losses.items() if k != "loss"}}
                 if metrics is not None and (self.step % c.log_every == 0 or self.step == self.total_steps):
                     metrics.log(record)
                     if self.on_log:
