@@ -278,7 +278,8 @@ class ImageTrainer:
                 record = {"kind": "train", "step": self.step, "total_steps": self.total_steps, "loss": loss,
                           "lr": self.lr_scheduler.get_last_lr()[0], "it_s": 1 / elapsed, "s_per_step": elapsed,
                           "samples_per_s": c.batch_size * self.world * c.gradient_accumulation / elapsed,
-                          "epoch": self.sampler.epoch, "peak_memory_mb": peak_memory_mb(self.device)}
+                          "epoch": self.sampler.epoch, "peak_memory_mb": peak_memory_mb(self.device),
+                          "time": time.time()}      # wall clock: the Train tab's ETA counts samples and saves too
                 if metrics is not None and (self.step % c.log_every == 0 or self.step == self.total_steps):
                     metrics.log(record)
                     if self.on_log:
