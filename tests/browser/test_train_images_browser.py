@@ -106,7 +106,7 @@ def test_train_a_lora_stop_resume_and_generate_with_it(server):
         page.locator("#train_img_use").click()              # switches to txt2img with the LoRA in the prompt
         prompt = page.locator("#txt2img_prompt textarea")
         expect(prompt).to_have_value(re.compile(re.escape(f"<lora:{LORA}:1>")), timeout=60_000)
-        expect(page.locator("#txt2img_checkpoint input")).to_have_value(re.compile(r"^tiny-sd15"))
+        expect(page.locator("#txt2img_checkpoint input")).to_have_value(re.compile(r"^tiny-sd15\.safetensors"))
         prompt.fill(f"a red square <lora:{LORA}:1>")
         for name, value in (("width", 64), ("height", 64), ("steps", 3)):
             box = page.locator(f"#txt2img_{name} input[type=number]")

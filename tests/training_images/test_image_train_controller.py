@@ -116,7 +116,7 @@ def test_train_watch_stop_resume_and_use_in_txt2img(app):
 
     assert "ui-lora" in controller.lora_names()               # listed with no restart and no refresh call
     use = controller.use_in_txt2img(run)
-    assert use.prompt == "<lora:ui-lora:1>" and use.checkpoint.startswith("tiny-sd15")
+    assert use.prompt == "<lora:ui-lora:1>" and use.checkpoint.startswith("tiny-sd15.safetensors")
     assert use.checkpoint in [c.title for c in ctx.diffusion.usable_checkpoints()]
 
 
