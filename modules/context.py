@@ -49,6 +49,8 @@ class AppContext:
     diffusion: DiffusionService | None = None
     #: the Train tab's controller (modules.training.capability.register); None when not registered
     training: Any = None
+    #: the Train tab's image-section controller, set beside ``training``; None when not registered
+    training_images: Any = None
     #: what the web UI shares between its tabs (the generation forms), set by modules.ui.app.build_ui;
     #: None with --nowebui. Services never hold UI objects.
     ui: UiState | None = None

@@ -47,3 +47,40 @@ def manager_lease(models: Any, run: str, leases: list) -> Callable[[Callable[[],
         leases.append(held)
         return held.model.model
     return lease
+
+
+@dataclass
+class TrainingPipeline:
+    """What the manager holds for an image run: the base pipeline being trained (a
+    :class:`~modules.training.images.base_model.BaseModel`). Sized as its weights, plus, for full
+    fine-tuning, fp32 gradients and AdamW's two moments of the components trained in full; a LoRA's own
+    training state is a few MB beside the base and is left to the manager's reserve."""
+    base: Any
+    run: str
+    #: pipeline components trained in full (finetune: "unet", and "text_encoder" when it is trained)
+    full: tuple[str, ...] = ()
+
+    def memory_bytes(self) -> int:
+        pipe = self.base.pipe
+        total = 0
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            module = getattr(pipe, name, None)
+            if not isinstance(module, torch.nn.Module):
+                continue
+            total += sum(p.numel() * p.element_size() for p in module.parameters())
+            if name in self.full:
+                total += sum(p.numel() * 4 for p in module.parameters()) * (TRAINING_COPIES - 1)
+        return total
+
+
+def manager_base_lease(models: Any, run: str, leases: list, *, full: tuple[str, ...] = ()
+                       ) -> Callable[[Callable[[], Any], int], Any]:
+    """A ``base_lease`` hook for :func:`~modules.training.images.train_command.run_image_training`: loads the
+    base inside the manager's admission (room for ``size_bytes`` is made first) and returns it; the lease is
+    appended to ``leases`` for the caller to release."""
+    def lease(load: Callable[[], Any], size_bytes: int) -> Any:
+        held = models.acquire(lease_key(run), lambda: TrainingPipeline(load(), run, full), kind=KIND,
+                              size_bytes=size_bytes, meta={"run": run})
+        leases.append(held)
+        return held.model.base
+    return lease

@@ -90,3 +90,14 @@ def open_run_dir(path: str | Path) -> RunDir:
         raise RunDirError(f"--resume {path}: {run.root} is not a training run (no config.yaml)")
     run.checkpoints.mkdir(exist_ok=True)
     return run
+
+
+def is_image_run(folder: str | Path) -> bool:
+    """True for an image-training run (its config has the image trainer's ``mode`` and ``dataset``): the LLM
+    and image sections of the Train tab share ``<data-dir>/training/`` and each lists only its own runs."""
+    import yaml
+    try:
+        config = RunDir(Path(folder)).read_config()
+    except (RunDirError, OSError, ValueError, yaml.YAMLError):
+        return False
+    return "mode" in config and "dataset" in config

@@ -53,7 +53,7 @@ def test_start_stop_resume_load_in_chat_and_evaluate(trainer):
     run = controller.start(dataset="tiny", size="tiny-gqa", run_name="r1", hyper=HYPER, extra=TINY_MODEL)
     with pytest.raises(TrainTabError, match="using the device"):
         controller.prepare_dataset("other", ["corpus/text/"], vocab_size=400, seq_len=16)
-    with pytest.raises(TrainTabError, match="already running"):
+    with pytest.raises(TrainTabError, match="A training is running: LLM run .r1."):
         controller.start(dataset="tiny", size="tiny-gqa", run_name="r2", hyper=HYPER, extra=TINY_MODEL)
     assert [j.kind for j in ctx.jobs.find(kind="training")] == ["training"]
     assert "Stopping r1" in controller.stop()       # set before step 1 ends: the run stops after it

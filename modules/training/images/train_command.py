@@ -65,14 +65,26 @@ def open_dataset(config, folder: str | Path | None = None, default_caption: str 
                         captions=captions, default_caption=default_caption)
 
 
+def checkpoint_bytes(filename: str | Path) -> int:
+    """Bytes on disk of a checkpoint (a file, or a diffusers folder's files): the model manager's estimate."""
+    path = Path(filename)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
 def lora_output_path(config, lora_dir: Path) -> Path:
     return Path(lora_dir) / f"{config.output_name or config.run_name}.safetensors"
 
 
 def run_image_training(config_path: str | None, overrides: list[str], *, data_dir: str | Path, mode: str,
                        resume: str | None = None, should_stop: Callable[[], bool] | None = None,
-                       on_log: Callable[[dict], None] | None = None):
-    """Train per the config (the ``mode`` the command is for); returns the :class:`~.trainer.TrainResult`."""
+                       on_log: Callable[[dict], None] | None = None,
+                       base_lease: Callable[[Callable[[], object], int], object] | None = None):
+    """Train per the config (the ``mode`` the command is for); returns the :class:`~.trainer.TrainResult`.
+
+    *base_lease(load, size_bytes)* (the Train tab's: :func:`modules.training.model_lease.manager_base_lease`)
+    loads the base model through the app's model manager; without it the base is loaded directly."""
     from accelerate.utils import broadcast_object_list
 
     from modules.paths import Paths
@@ -87,16 +99,20 @@ def run_image_training(config_path: str | None, overrides: list[str], *, data_di
         raise ConfigError([f"this config is for mode={config.mode}; run it with the {config.mode} command "
                            f"(or set mode={mode})"])
     paths = Paths.from_options(data_dir)
+    hold = base_lease or (lambda load, size_bytes: load())
     if config.init == "random":
         from modules.training.images.base_model import BaseModel
         from modules.training.images.finetune import build_random_sd15
-        pipe = build_random_sd15(config.architecture, config.seed, vae_path=config.vae or None)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
-        base = BaseModel(pipe=pipe, kind="sd1", info=None)
+
+        def build_random():
+            pipe = build_random_sd15(config.architecture, config.seed, vae_path=config.vae or None)
+            for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+                module.requires_grad_(False)
+            return BaseModel(pipe=pipe, kind="sd1", info=None)
+        base = hold(build_random, 0)
     else:
         info = find_base(config.base_model, paths.model_dir("Stable-diffusion"))
-        base = load_base(info)
+        base = hold(lambda: load_base(info), checkpoint_bytes(info.filename))
         problems = base_problems(config, base.kind, info.name)
         if problems:
             raise ConfigError(problems)

@@ -326,6 +326,7 @@ class ImageTrainer:
                           "lr": self.lr_scheduler.get_last_lr()[0], "it_s": 1 / elapsed, "s_per_step": elapsed,
                           "samples_per_s": c.batch_size * self.world * c.gradient_accumulation / elapsed,
                           "epoch": self.sampler.epoch, "peak_memory_mb": peak_memory_mb(self.device),
+                          "time": time.time(),      # wall clock: the Train tab's ETA counts samples and saves too
                           **{k: v for k, v in losses.items() if k != "loss"}}
                 if metrics is not None and (self.step % c.log_every == 0 or self.step == self.total_steps):
                     metrics.log(record)

@@ -26,7 +26,8 @@ from typing import Any
 from modules.training.checkpoints import list_checkpoints, read_marker
 from modules.training.config import ConfigError, PretrainConfig, load_config
 from modules.training.metrics import read_metrics
-from modules.training.run_dir import RunDirError, default_run_name, open_run_dir, training_root
+from modules.training.run_dir import RunDirError, default_run_name, is_image_run, open_run_dir, training_root
+from modules.training.training_slot import TrainingBusy, TrainingSlot
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,10 @@ def format_seconds(seconds: float) -> str:
 class TrainController:
     """One per app (``ctx.training``); every method is safe to call from several UI sessions at once."""
 
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Any, slot: TrainingSlot | None = None):
         self.ctx = ctx
+        #: one training at a time, shared with the image section (:mod:`modules.training.training_slot`)
+        self.slot = slot or TrainingSlot()
         self._lock = threading.Lock()
         self._active: _Active | None = None
 
@@ -199,10 +202,11 @@ class TrainController:
         return self.ctx.llm.model_names() if self.ctx.llm is not None else []
 
     def run_choices(self) -> list[str]:
-        """Run folders (newest first): the ones with a config.yaml."""
+        """LLM run folders (newest first): the ones with a config.yaml (image runs are the image section's)."""
         if not self.runs_dir.is_dir():
             return []
-        runs = [p for p in self.runs_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file()]
+        runs = [p for p in self.runs_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file()
+                and not is_image_run(p)]
         return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     @staticmethod
@@ -225,9 +229,9 @@ class TrainController:
         from modules.training.llm.tokenizer_train import TokenizerTrainingError
         if not sources:
             raise TrainTabError("Pick at least one file or folder to prepare a dataset from.")
-        if self.running():
-            raise TrainTabError("A training run is using the device; prepare the dataset when it has finished or "
-                                "been stopped.")
+        if self.slot.running():
+            raise TrainTabError(f"A training run is using the device ({self.slot.running()}); prepare the dataset "
+                                "when it has finished or been stopped.")
         paths = []
         for item in sources:
             path = (self.data_dir / item).resolve()
@@ -321,9 +325,6 @@ class TrainController:
         from modules.training.llm.pretrain_command import run_pretrain
         from modules.training.model_lease import manager_lease
         with self._lock:
-            if self._active is not None and not self._active.job.done:
-                raise TrainTabError(f"Training run {self._active.run!r} is already running; Stop it (or wait for "
-                                    "it to finish) before starting another.")
             stop = threading.Event()
 
             def work(job):
@@ -342,7 +343,11 @@ class TrainController:
                         lease.release()
                         self.ctx.models.unload(lease.key)
 
-            job = self.ctx.jobs.submit(work, name=f"training {run}", kind="training")
+            try:
+                job = self.slot.submit(f"LLM run {run!r}", lambda: self.ctx.jobs.submit(
+                    work, name=f"training {run}", kind="training"))
+            except TrainingBusy as exc:
+                raise TrainTabError(str(exc)) from None
             self._active = _Active(run, run_dir, job, stop)
         return run
 
@@ -489,9 +494,9 @@ class TrainController:
         from modules.training.llm.documents import DataError
         from modules.training.llm.eval_command import append_result, result_path
         from modules.training.llm.evaluate import loglikelihoods
-        if self.running():
-            raise TrainTabError("A training run is using the device; Stop it (or wait for it to finish), then "
-                                "Evaluate.")
+        if self.slot.running():
+            raise TrainTabError(f"A training run is using the device ({self.slot.running()}); Stop it (or wait for "
+                                "it to finish), then Evaluate.")
         folder = self._checkpoint_folder(run, name)
 
         def work(job):

@@ -1,4 +1,6 @@
-"""The Train tab (LLM section): Gradio widgets wired by name to
+"""The Train tab: its LLM section here, its image section in :mod:`modules.ui.tabs.train_images`.
+
+The LLM section: Gradio widgets wired by name to
 :class:`~modules.training.llm.train_controller.TrainController` (``ctx.training``).
 
 Nothing here decides anything: each event passes widget values to the controller and turns what it returns
@@ -116,6 +118,18 @@ def _build_widgets(controller: TrainController) -> dict[str, Any]:
 
 
 def build(ctx) -> None:
+    """Two sections, as sub-tabs: LLM (this module) and Images (:mod:`modules.ui.tabs.train_images`); they
+    share the device queue, the model manager and the rule of one training at a time."""
+    with gr.Tabs(elem_id="train_sections"):
+        with gr.Tab("LLM", id="train_llm", elem_id="train_llm"):
+            build_llm(ctx)
+        if getattr(ctx, "training_images", None) is not None:
+            with gr.Tab("Images", id="train_images", elem_id="train_images"):
+                from modules.ui.tabs import train_images
+                train_images.build(ctx)
+
+
+def build_llm(ctx) -> None:
     controller: TrainController = ctx.training
     w = _build_widgets(controller)
     hyper_names = [n for n in controller.defaults() if n in w]
