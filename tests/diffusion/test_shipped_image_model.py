@@ -31,5 +31,5 @@ def test_txt2img_lists_and_loads_the_shipped_model():
 
 def test_the_shipped_model_meets_its_quality_floor():
     from modules.training.images.eval_images import EvalSettings, evaluate
-    results = evaluate(EvalSettings(model=str(FOLDER), n=N, samplers=("Euler a",), steps=20, seed=1, size=64))
+    results, _ = evaluate(EvalSettings(model=str(FOLDER), n=N, samplers=("Euler a",), steps=20, seed=1, size=64))
     assert results[0].score.all_right >= FLOOR, results[0].score

@@ -150,3 +150,20 @@ def test_command_reports_bad_input_and_keeps_an_existing_out_file(fixture_data_d
     out.write_text("mine")
     code, _, err = run_command(capsys, "--model", "tiny-sd15", "--data-dir", str(fixture_data_dir), "--out", str(out))
     assert code == 2 and "never overwritten" in err and out.read_text() == "mine"
+
+
+def test_pictures_are_saved_with_their_prompts_and_never_over_files(fixture_data_dir, tmp_path, capsys):
+    folder = tmp_path / "class-images"
+    code, _, _ = run_command(capsys, "--model", "tiny-sd15", "--data-dir", str(fixture_data_dir), "--n", "2",
+                             "--steps", "2", "--samplers", "Euler a", "--save-images", str(folder))
+    assert code == 0
+    from PIL import Image
+    wanted = [caption(s) for s in held_out_scenes(2, 12345)]
+    assert [(folder / f"{i:05d}.txt").read_text() for i in range(2)] == wanted
+    with Image.open(folder / "00000.png") as image:
+        assert "Seed: 1," in image.info["parameters"] and image.size == (64, 64)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    code, _, err = run_command(capsys, "--model", "tiny-sd15", "--data-dir", str(fixture_data_dir), "--n", "2",
+                               "--steps", "2", "--save-images", str(folder))
+    assert code == 2 and "never overwritten" in err
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before

@@ -205,6 +205,9 @@ class EvalSettings:
     lora_weights: tuple[float, ...] = (1.0,)
     data_dir: str | None = None
     classifier: str | None = None
+    #: also write every picture (A1111 infotext inside) with its prompt as a caption file beside it, e.g. to
+    #: give DreamBooth class images of many prompts; one sub-folder per row when there are several rows
+    save_images: str | None = None
 
     def problems(self) -> list[str]:
         """Every problem with the plain values (the model, sampler and LoRA names are checked on load)."""
@@ -229,6 +232,9 @@ class EvalSettings:
         if self.identifier is not None and not re.fullmatch(r"[A-Za-z0-9]+", self.identifier):
             out.append(f"--identifier {self.identifier!r}: one word of letters and digits, e.g. sks")
         out += template_problems(self.prompt_template, self.objects)
+        if self.save_images and Path(self.save_images).exists() and any(Path(self.save_images).iterdir()):
+            out.append(f"--save-images {self.save_images}: the folder has files already and they are never "
+                       "overwritten; give an empty or new folder")
         if self.lora is None and tuple(self.lora_weights) != (1.0,):
             out.append("LoRA weights were given without a LoRA name: write --lora NAME:W")
         try:
@@ -341,6 +347,10 @@ def evaluate(settings: EvalSettings, *, classifier=None,
                 if on_image:
                     on_image(label, i + 1, len(prompts))
             seconds = time.perf_counter() - started
+            if settings.save_images:
+                several = len(settings.samplers) * len(weights) > 1
+                save_pictures(Path(settings.save_images) / (_slug(label) if several else ""), images, prompts,
+                              infotexts)
             readings = classifier.read(images)
             score = score_readings(scenes, readings)
             details = [{"prompt": prompt, "read": _reading_text(r), "right": ok, "infotext": info}
@@ -350,6 +360,21 @@ def evaluate(settings: EvalSettings, *, classifier=None,
              "classifier": str(settings.classifier or "models/shapes-classifier"),
              "device": str(sd.device)}
     return results, about
+
+
+def save_pictures(folder: Path, images: list, prompts: list[str], infotexts: list[str]) -> None:
+    """``NNNNN.png`` (infotext in its ``parameters`` chunk, as txt2img saves) + ``NNNNN.txt`` (the prompt)."""
+    from PIL.PngImagePlugin import PngInfo
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, prompt, infotext) in enumerate(zip(images, prompts, infotexts)):
+        info = PngInfo()
+        info.add_text("parameters", infotext)
+        image.save(folder / f"{i:05d}.png", pnginfo=info)
+        (folder / f"{i:05d}.txt").write_text(prompt, encoding="utf-8")
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", label).strip("-")
 
 
 def _reading_text(reading) -> str:

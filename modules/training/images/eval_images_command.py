@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here (never over an existing file)")
     parser.add_argument("--data-dir", help="Atelier's data dir (models/Stable-diffusion, models/Lora); "
                                            "default: the repository folder")
+    parser.add_argument("--save-images", metavar="DIR", help="also write every picture with its prompt as a "
+                        "caption file (an empty or new folder), e.g. DreamBooth class images of many prompts")
     parser.add_argument("--classifier", help="shapes-classifier folder (default: models/shapes-classifier)")
 
 
@@ -82,7 +84,8 @@ def settings_from(args: argparse.Namespace) -> EvalSettings:
         steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, size=args.size, prompt_seed=args.prompt_seed,
         shapes=shape_choice(args.shapes), styles=style_choice(args.style), objects=args.objects,
         identifier=args.identifier, prompt_template=args.prompt_template, negative_prompt=args.negative_prompt,
-        lora=lora, lora_weights=weights, data_dir=args.data_dir, classifier=args.classifier)
+        lora=lora, lora_weights=weights, data_dir=args.data_dir, classifier=args.classifier,
+        save_images=args.save_images)
 
 
 def run(args: argparse.Namespace) -> int:
