@@ -34,8 +34,9 @@ def test_the_model_is_installed_as_fp16_with_a_card_from_measurements(recipe_run
     assert "python -m modules.training demo-image-model" in card
     assert "python -m modules.training train-vae" in card and "python -m modules.training finetune" in card
     quality = json.loads((data_dir / "training/recipes/demo-image-model.json").read_text())["quality"]
-    for sampler, figures in quality["samplers"].items():
-        assert f"| {sampler} | {100 * figures['all']:.1f}%" in card
+    assert {row["sampler"] for row in quality["results"]} == {"Euler a", "DPM++ 2M"}
+    for row in quality["results"]:
+        assert f"| {row['sampler']} | {100 * row['all_right']:.1f}% |" in card
 
 
 def test_a_second_run_skips_finished_steps_and_keeps_the_first_model(recipe_run):

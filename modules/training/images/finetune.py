@@ -77,9 +77,12 @@ def tokenizer_words() -> tuple[str, ...]:
     return tuple(dict.fromkeys((*WORDS, *vocabulary_words())))
 
 
-def build_random_sd15(spec: dict, seed: int, vae_path: str | Path | None = None):
+def build_random_sd15(spec: dict, seed: int, vae_path: str | Path | None = None,
+                      prediction_type: str = "epsilon"):
     """A StableDiffusionPipeline of SD 1.5's architecture at the sizes of *spec*, seeded; with *vae_path*
-    the VAE is that trained one (its scale sets the UNet's latent size)."""
+    the VAE is that trained one (its scale sets the UNet's latent size). *prediction_type* goes into the
+    scheduler's config, so what it was trained to predict is what txt2img samples with (SD 2's v-models
+    carry it the same way)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -114,7 +117,8 @@ def build_random_sd15(spec: dict, seed: int, vae_path: str | Path | None = None)
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     text_encoder = CLIPTextModel(text_config)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+                              skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=prediction_type)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

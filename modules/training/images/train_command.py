@@ -105,7 +105,9 @@ def run_image_training(config_path: str | None, overrides: list[str], *, data_di
         from modules.training.images.finetune import build_random_sd15
 
         def build_random():
-            pipe = build_random_sd15(config.architecture, config.seed, vae_path=config.vae or None)
+            pipe = build_random_sd15(config.architecture, config.seed, vae_path=config.vae or None,
+                                     prediction_type="v_prediction" if config.prediction_type == "v_prediction"
+                                     else "epsilon")
             for module in (pipe.unet, pipe.vae, pipe.text_encoder):
                 module.requires_grad_(False)
             return BaseModel(pipe=pipe, kind="sd1", info=None)
