@@ -122,7 +122,8 @@ class ImageRecipe:
             target = target.with_name(f"{MODEL}-{datetime.now().strftime('%Y%m%d-%H%M')}")
             log.info("demo-image-model: %s exists; installing beside it as %s (--overwrite replaces it)",
                      models / MODEL, target.name)
-        staging = models / f".{target.name}.partial"
+        # staged outside models/ (the app never lists a half-made model) under a name the checkpoint list reads
+        staging = self.training / "recipes" / "staging" / target.name
         shutil.rmtree(staging, ignore_errors=True)
         models.mkdir(parents=True, exist_ok=True)
         to_fp16_pipeline(self.run_dir / "final", staging)
