@@ -73,7 +73,7 @@ def test_train_a_lora_stop_resume_and_generate_with_it(server):
         expect(page.locator("#train_img_preview_text")).to_contain_text("6 images", timeout=60_000)
         expect(page.locator("#train_img_preview_gallery img").first).to_be_visible()
 
-        page.get_by_text("Parameters", exact=True).click()
+        page.locator("#train_img_params_box").get_by_text("Parameters", exact=True).click()
         for name, value in dict(rank=4, alpha=4, unet_lr=0.001, max_steps=100000, batch_size=2, resolution=64,
                                 sample_every=3, sample_steps=2, save_every_steps=0).items():
             set_number(page, name, value)
