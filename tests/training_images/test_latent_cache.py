@@ -116,6 +116,19 @@ def test_vae_fingerprint_follows_weights_and_config_not_the_folder(vae):
     assert vae_fingerprint(_vae(seed=0, scaling_factor=0.18215).half()) != vae_fingerprint(vae)   # dtype
 
 
+def test_vae_fingerprint_ignores_decode_only_weights_which_cannot_change_a_latent(vae):
+    other = _vae(seed=0, scaling_factor=0.18215)
+    with torch.no_grad():
+        other.decoder.conv_in.weight.add_(1.0)
+        other.post_quant_conv.weight.add_(1.0)
+    assert vae_fingerprint(other) == vae_fingerprint(vae)
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(other.encode(pixels).latent_dist.mean, vae.encode(pixels).latent_dist.mean)
+        other.quant_conv.weight.add_(1e-3)
+    assert vae_fingerprint(other) != vae_fingerprint(vae)
+
+
 def test_changed_bucket_is_a_miss(vae, dataset_dir):
     encoder = CountingEncoder(vae)
     cache = LatentCache(encoder, vae_fingerprint(vae))

@@ -315,10 +315,10 @@ def evaluate(settings: EvalSettings, *, classifier=None,
     problems = check_settings(settings)
     if problems:
         raise EvalImagesError("eval-images cannot run: " + "; ".join(problems))
+    classifier = classifier or load_classifier(settings.classifier)      # a missing classifier fails first
     sd, paths = load_model(settings)
     lora_dir = paths.model_dir("Lora")
     check_lora(settings, lora_dir, sd.kind)
-    classifier = classifier or load_classifier(settings.classifier)
     scenes = held_out_scenes(settings.n, settings.prompt_seed, shapes=settings.shapes, styles=settings.styles,
                              objects=settings.objects)
     prompts = [prompt_for(s, identifier=settings.identifier, template=settings.prompt_template) for s in scenes]
@@ -327,9 +327,10 @@ def evaluate(settings: EvalSettings, *, classifier=None,
     results = []
     for sampler_name in settings.samplers:
         sampler, schedule = resolve_sampler(sampler_name)
+        row_name = sampler if schedule == "Automatic" else f"{sampler} {schedule}"
         for weight in weights:
             tag = f" <lora:{settings.lora}:{weight:g}>" if weight is not None else ""
-            label = sampler + (f", LoRA {settings.lora}:{weight:g}" if weight is not None else "")
+            label = row_name + (f", LoRA {settings.lora}:{weight:g}" if weight is not None else "")
             images, infotexts, started = [], [], time.perf_counter()
             for i, prompt in enumerate(prompts):
                 run = Run(sd=sd, tools=tools, lora_dir=lora_dir, embeddings_dir=paths.model_dir("embeddings"),
@@ -355,7 +356,7 @@ def evaluate(settings: EvalSettings, *, classifier=None,
             score = score_readings(scenes, readings)
             details = [{"prompt": prompt, "read": _reading_text(r), "right": ok, "infotext": info}
                        for prompt, r, ok, info in zip(prompts, readings, score.right, infotexts)]
-            results.append(VariantResult(sampler, weight, score, seconds, details))
+            results.append(VariantResult(row_name, weight, score, seconds, details))
     about = {"model": sd.info.model_name, "model_file": str(sd.info.filename), "model_kind": sd.kind,
              "classifier": str(settings.classifier or "models/shapes-classifier"),
              "device": str(sd.device)}
