@@ -42,7 +42,8 @@ encoder, VAE and scheduler are SD 1.5's from ``configs/diffusion/sd1``):
   peak VRAM, bf16, batch 1.
 
 Goals (issue 9): Atelier's s/step <= 1.0x and peak memory <= 1.0x the plain loop with the same LoRA.
-Figures measured here are in docs/training.md ("Performance").
+Figures measured here (and what was changed in the trainer because of them) are in docs/training-images.md,
+"Performance". No CUDA machine was available when this was written: ``--gpu`` has not been run yet.
 """
 from __future__ import annotations
 
