@@ -166,3 +166,27 @@ def test_stop_in_one_reply_leaves_the_next_one_running(data_dir, tmp_path, make_
     assert seen.is_set()
     assert run.result(timeout=60).finish_reason == "interrupted"
     assert other.result(timeout=60).completion_tokens == 10
+
+
+def test_openai_client_streams_from_a_gguf_model(data_dir, tmp_path):
+    """The real server and the official client: a GGUF model streams through /v1 like any other."""
+    import openai
+
+    from server_utils import start_server
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    srv = start_server(data, "--api", "--nowebui")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert GGUF in [m.id for m in client.models.list().data]
+        stream = client.chat.completions.create(model=GGUF, messages=[{"role": "user", "content": "Hi"}],
+                                                temperature=0, max_tokens=10, stream=True,
+                                                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+        whole = client.chat.completions.create(model=GGUF, messages=[{"role": "user", "content": "Hi"}],
+                                               temperature=0, max_tokens=10, extra_body={"ignore_eos": True})
+        assert whole.choices[0].message.content == text
+    finally:
+        srv.stop()
