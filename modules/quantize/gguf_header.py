@@ -182,8 +182,9 @@ def _parse(buf: mmap.mmap, path: Path, size: int, wanted: set[str]) -> GGUFHeade
     tensor_count, kv_count = cur.unpack("<QQ", "the counts")
     # every key/value and tensor entry takes at least 12 bytes: larger counts mean a damaged header
     if (tensor_count + kv_count) * 12 > size:
-        raise GGUFImportError(f"{path} is damaged: its header claims {tensor_count} tensors and {kv_count} metadata "
-                              f"entries, more than {size} bytes can hold. Download the file again.")
+        raise GGUFImportError(f"{path} is truncated or damaged: its header lists {tensor_count} tensors and "
+                              f"{kv_count} metadata entries, more than its {size} bytes can hold. Download the "
+                              "file again.")
     metadata: dict[str, Any] = {}
     for _ in range(kv_count):
         key = cur.string("a metadata key")
