@@ -121,3 +121,31 @@ def q8_0_step(weights: torch.Tensor) -> torch.Tensor:
     blocks = weights.reshape(-1, 32)
     step = blocks.abs().amax(dim=1, keepdim=True) / 127
     return step.expand_as(blocks).reshape(weights.shape)
+
+
+def write_vocab_only(source: Path, out: Path, pre: str) -> Path:
+    """A tensor-less GGUF with *source*'s byte-level BPE vocabulary under pre-tokenizer *pre* (what
+    ``llama_cpp.Llama(vocab_only=True)`` and the tokenizer builder need, nothing more)."""
+    import gguf
+
+    from modules.quantize.gguf_header import read_gguf_header
+    from modules.quantize.gguf_tokenizer import TOKENIZER_ARRAYS
+
+    header = read_gguf_header(source, TOKENIZER_ARRAYS)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    for key in ("block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+                "attention.head_count_kv", "vocab_size", "rope.dimension_count"):
+        writer.add_uint32(f"llama.{key}", header.get(f"llama.{key}"))
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", header.get("llama.attention.layer_norm_rms_epsilon"))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(header.get("tokenizer.ggml.tokens"))
+    writer.add_token_types(header.get("tokenizer.ggml.token_type"))
+    writer.add_token_merges(header.get("tokenizer.ggml.merges"))
+    writer.add_bos_token_id(header.get("tokenizer.ggml.bos_token_id"))
+    writer.add_eos_token_id(header.get("tokenizer.ggml.eos_token_id"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

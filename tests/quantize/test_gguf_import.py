@@ -232,6 +232,25 @@ def test_smollm_tokenizer_encodes_like_llama_cpp(smol, smollm_gguf):
         assert smol.tokenizer.encode(text) == reference.tokenize(text.encode(), add_bos=True, special=True), text
 
 
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "smollm"])
+def test_byte_level_pre_tokenizers_match_llama_cpp(smollm_gguf, tmp_path, pre):
+    """The same vocabulary under each pre-tokenizer Atelier reproduces (Llama-3's regex and ignore_merges too)."""
+    from gguf_fixture import write_vocab_only
+
+    from modules.llm.tokenizer import Tokenizer
+    from modules.quantize.gguf_header import read_gguf_header
+    from modules.quantize.gguf_tokenizer import TOKENIZER_ARRAYS, write_gguf_tokenizer_files
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = write_vocab_only(smollm_gguf, tmp_path / f"{pre}.gguf", pre)
+    reference = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    write_gguf_tokenizer_files(read_gguf_header(path, TOKENIZER_ARRAYS), tmp_path / "tokenizer")
+    tokenizer = Tokenizer.from_dir(tmp_path / "tokenizer")
+    assert tokenizer.add_bos_token == (pre == "llama-bpe")       # llama.cpp's default for each pre-tokenizer
+    for text in [*SMOL_TEXTS, "HELLO'S World's", " \n \n"]:
+        assert tokenizer.encode(text, add_bos=False) == reference.tokenize(text.encode(), add_bos=False,
+                                                                           special=True), text
+
+
 def test_smollm_greedy_chat_through_the_service(make_ctx, smollm_gguf, tmp_path):
     from modules.llm.sampling import SamplingParams
     llm_dir = tmp_path / "data" / "models" / "LLM"
