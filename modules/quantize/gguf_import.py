@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from modules.llm.config import LlamaConfig
-from modules.quantize.gguf_header import (GGUFHeader, GGUFImportError, GGUFTensorInfo, ggml_type_name,
+from modules.quantize.gguf_header import (GGUFHeader, GGUFImportError, GGUFTensorInfo, SkippedArray,
                                           read_gguf_header)
 from modules.quantize.gguf_tokenizer import TOKENIZER_ARRAYS, check_gguf_tokenizer, special_token_ids
 
@@ -198,16 +198,15 @@ def _config(header: GGUFHeader) -> LlamaConfig:
     def key(name: str, default: Any = None) -> Any:
         return header.get(f"{arch}.{name}", default)
 
-    required = {"embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
-                "block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads"}
-    missing = [f"{arch}.{k}" for k in required if key(k) is None]
-    if missing:
-        raise GGUFImportError(f"{path} lacks {', '.join(missing)}; the model's shape cannot be known. "
-                              "Re-convert it with a current llama.cpp.")
     heads, hidden = key("attention.head_count"), key("embedding_length")
     if isinstance(heads, list) or isinstance(key("attention.head_count_kv"), list):
         raise GGUFImportError(f"{path} cannot run on Atelier's Llama: its head counts differ per layer "
                               f"({arch}.attention.head_count is a list); Atelier's Llama has one count for all")
+    required = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
+    missing = [f"{arch}.{k}" for k in required if not isinstance(key(k), int) or isinstance(key(k), bool)]
+    if missing:
+        raise GGUFImportError(f"{path} lacks {', '.join(missing)} (or has no whole number there); the model's "
+                              "shape cannot be known. Re-convert it with a current llama.cpp.")
     problems = []
     if key("expert_count", 0):
         problems.append(f"it is a mixture-of-experts model ({arch}.expert_count = {key('expert_count')}); "
@@ -235,7 +234,7 @@ def _config(header: GGUFHeader) -> LlamaConfig:
         raise GGUFImportError(f"{path} cannot run on Atelier's Llama: " + "; ".join(problems))
     ids = special_token_ids(header)
     tokens = header.get("tokenizer.ggml.tokens")
-    n_tokens = getattr(tokens, "count", None) or (len(tokens) if isinstance(tokens, list) else None)
+    n_tokens = tokens.count if isinstance(tokens, SkippedArray) else len(tokens) if isinstance(tokens, list) else None
     embed = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
     vocab = key("vocab_size") or (embed.shape[0] if embed is not None and embed.shape else None) or n_tokens
     eos = [i for i in dict.fromkeys((ids["eos"], ids["eot"])) if i is not None]

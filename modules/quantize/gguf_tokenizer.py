@@ -100,7 +100,8 @@ def special_token_ids(header: GGUFHeader) -> dict[str, int | None]:
     return out
 
 
-def write_gguf_tokenizer_files(header: GGUFHeader, out_dir: str | Path, context_length: int | None = None) -> list[Path]:
+def write_gguf_tokenizer_files(header: GGUFHeader, out_dir: str | Path,
+                               context_length: int | None = None) -> list[Path]:
     """Write tokenizer.model or tokenizer.json, and tokenizer_config.json, for *header* (read with
     :data:`TOKENIZER_ARRAYS`) into *out_dir*; returns the files written."""
     model = check_gguf_tokenizer(header)

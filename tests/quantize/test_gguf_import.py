@@ -116,7 +116,8 @@ def refused(tiny_folder, tiny_ggufs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("truncated.gguf", r"is truncated: tensor blk\.1\.attn_v\.weight \(\[32, 64\], F32\) needs bytes .* download the file again"),
+    ("truncated.gguf", r"is truncated: tensor blk\.1\.attn_v\.weight \(\[32, 64\], F32\) needs bytes "
+                       r".* download the file again"),
     ("header-cut.gguf", r"truncated or damaged: reading .* runs past the end of the file"),
     ("tiny.gguf", r"truncated or damaged: its header lists 21 tensors and 23 metadata entries, more than its 300"),
     ("empty.gguf", r"is not a GGUF file: it has only 0 bytes"),
@@ -162,7 +163,8 @@ def test_service_lists_gguf_files_and_serves_one(make_ctx, tiny_folder, tiny_ggu
         assert used == name
     from modules.weight_bytes import estimate_load_bytes
     expected = gguf_load_bytes(llm_dir / "tiny.gguf", ctx.devices.dtype)  # dequantized: larger than the file
-    assert estimate_load_bytes(llm_dir / "tiny.gguf", ctx.devices.dtype) == expected > (llm_dir / "tiny.gguf").stat().st_size
+    assert estimate_load_bytes(llm_dir / "tiny.gguf", ctx.devices.dtype) == expected
+    assert expected > (llm_dir / "tiny.gguf").stat().st_size
     entry = next(e for e in ctx.models.loaded("llm") if e["key"] == "llm:tiny.gguf")
     assert entry["size_mb"] == round(expected / 2**20, 1)
     # Q8_0 weights: the greedy path may part ways late, but not at the first tokens of a 0.2M-parameter model
@@ -221,8 +223,9 @@ def test_smollm_tokenizer_encodes_like_transformers(smol, smollm_gguf):
         ids = smol.tokenizer.encode(text)            # add_bos_token is false in the file: no BOS
         assert ids == reference.encode(text, add_special_tokens=True), text
         assert smol.tokenizer.decode(ids, skip_special_tokens=False) == text
-    assert (smol.tokenizer.bos_token, smol.tokenizer.eos_token, smol.tokenizer.unk_token) == \
-        (reference.bos_token, reference.eos_token, reference.unk_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    specials = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert (smol.tokenizer.bos_token, smol.tokenizer.eos_token, smol.tokenizer.unk_token) == specials
+    assert (reference.bos_token, reference.eos_token, reference.unk_token) == specials
 
 
 def test_smollm_tokenizer_encodes_like_llama_cpp(smol, smollm_gguf):
