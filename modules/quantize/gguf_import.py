@@ -37,7 +37,7 @@ import torch
 from modules.llm.config import LlamaConfig
 from modules.quantize.gguf_header import (GGUFHeader, GGUFImportError, GGUFTensorInfo, SkippedArray,
                                           read_gguf_header)
-from modules.quantize.gguf_tokenizer import TOKENIZER_ARRAYS, check_gguf_tokenizer, special_token_ids
+from modules.quantize.tokenizer_from_gguf import TOKENIZER_ARRAYS, check_gguf_tokenizer, special_token_ids
 
 if TYPE_CHECKING:
     from modules.llm.loader import LLMFiles, LoadedLLM
@@ -370,7 +370,7 @@ def gguf_load_bytes(path: str | Path, dtype: torch.dtype | None = torch.float32)
 def gguf_tokenizer_files(path: str | Path, out_dir: str | Path) -> list[Path]:
     """Write the GGUF's tokenizer as Hugging Face files into *out_dir* (tokenizer.model or tokenizer.json,
     and tokenizer_config.json with the special tokens, add_bos_token and the chat template)."""
-    from modules.quantize.gguf_tokenizer import write_gguf_tokenizer_files
+    from modules.quantize.tokenizer_from_gguf import write_gguf_tokenizer_files
     header = read_gguf_header(path, TOKENIZER_ARRAYS)
     config = _inspect(header).config
     return write_gguf_tokenizer_files(header, out_dir, context_length=config.max_position_embeddings)
@@ -387,7 +387,7 @@ def read_gguf_files(path: str | Path) -> "LLMFiles":
     from modules.llm.chat_template import load_chat_template
     from modules.llm.loader import LLMFiles
     from modules.llm.tokenizer import Tokenizer, TokenizerError
-    from modules.quantize.gguf_tokenizer import write_gguf_tokenizer_files
+    from modules.quantize.tokenizer_from_gguf import write_gguf_tokenizer_files
 
     header = read_gguf_header(path, TOKENIZER_ARRAYS)
     config = _inspect(header).config

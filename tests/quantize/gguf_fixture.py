@@ -129,7 +129,7 @@ def write_vocab_only(source: Path, out: Path, pre: str) -> Path:
     import gguf
 
     from modules.quantize.gguf_header import read_gguf_header
-    from modules.quantize.gguf_tokenizer import TOKENIZER_ARRAYS
+    from modules.quantize.tokenizer_from_gguf import TOKENIZER_ARRAYS
 
     header = read_gguf_header(source, TOKENIZER_ARRAYS)
     writer = gguf.GGUFWriter(str(out), "llama")

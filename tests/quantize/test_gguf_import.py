@@ -242,7 +242,7 @@ def test_byte_level_pre_tokenizers_match_llama_cpp(smollm_gguf, tmp_path, pre):
 
     from modules.llm.tokenizer import Tokenizer
     from modules.quantize.gguf_header import read_gguf_header
-    from modules.quantize.gguf_tokenizer import TOKENIZER_ARRAYS, write_gguf_tokenizer_files
+    from modules.quantize.tokenizer_from_gguf import TOKENIZER_ARRAYS, write_gguf_tokenizer_files
     llama_cpp = pytest.importorskip("llama_cpp")
     path = write_vocab_only(smollm_gguf, tmp_path / f"{pre}.gguf", pre)
     reference = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
