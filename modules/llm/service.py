@@ -460,7 +460,11 @@ def describe(llm: Any) -> dict[str, Any]:
 
 
 def _files_signature(folder: Path) -> tuple:
-    """(name, size, mtime) of the files :func:`~modules.llm.loader.read_llm_files` reads: changes when they do."""
+    """(name, size, mtime) of the files :func:`~modules.llm.loader.read_llm_files` reads: changes when they do.
+    A ``.gguf`` model is one file, which holds its config and tokenizer."""
+    if folder.is_file():
+        st = folder.stat()
+        return ((folder.name, st.st_size, st.st_mtime_ns),)
     out = []
     for name in ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                  "special_tokens_map.json", "generation_config.json", "chat_template.jinja"):

@@ -13,8 +13,11 @@ Two backends, chosen by the files in the model folder:
   With ``legacy: false`` in ``tokenizer_config.json`` (TinyLlama) it is added only at the start of
   the text, not after special tokens; legacy configs add it after every special token.
 
-The Llama-2 layout is assumed and checked: ``<unk>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then 256
-``<0xNN>`` byte-fallback pieces, so any text, emoji included, encodes without ``<unk>``.
+For SentencePiece models the Llama-2 layout is assumed: ``<unk>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then 256
+``<0xNN>`` byte-fallback pieces, so any text, emoji included, encodes without ``<unk>``. The fast backend
+takes its special tokens from ``tokenizer_config.json`` (ChatML's ``<|im_start|>``/``<|im_end|>`` for
+SmolLM, say); ``"unk_token": null`` there means the vocabulary has none (byte-level BPE needs none), and
+``"add_bos_token": false`` that sequences start without BOS (SmolLM, as transformers and llama.cpp do).
 """
 from __future__ import annotations
 
@@ -34,13 +37,15 @@ class Tokenizer:
     """``encode(text, add_bos)`` / ``decode(ids)`` over one of the two backends (see module docstring)."""
 
     def __init__(self, backend: "_Backend", bos_token: str = "<s>", eos_token: str = "</s>",
-                 unk_token: str = "<unk>", source: str = ""):
+                 unk_token: str | None = "<unk>", source: str = "", add_bos_token: bool = True):
         self._backend = backend
         self.source = source
         self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
+        #: whether a sequence starts with BOS (tokenizer_config.json's add_bos_token); see encode
+        self.add_bos_token = add_bos_token
         self.bos_id = self._required_id(bos_token)
         self.eos_id = self._required_id(eos_token)
-        self.unk_id = self._required_id(unk_token)
+        self.unk_id = self._required_id(unk_token) if unk_token is not None else None
 
     def _required_id(self, token: str) -> int:
         token_id = self._backend.token_to_id(token)
@@ -54,8 +59,11 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         folder = Path(path)
         config = _read_json(folder / "tokenizer_config.json") or {}
-        tokens = {name: _token_text(config.get(name)) or default for name, default in
-                  (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))}
+        tokens: dict[str, Any] = {name: _token_text(config.get(name)) or default for name, default in
+                                  (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))}
+        if "unk_token" in config and config["unk_token"] is None:
+            tokens["unk_token"] = None      # said explicitly: the vocabulary has no unknown token
+        tokens["add_bos_token"] = config.get("add_bos_token", True) is not False
         if (folder / "tokenizer.json").is_file():
             backend: _Backend = _FastBackend(folder / "tokenizer.json")
             source = str(folder / "tokenizer.json")
@@ -82,8 +90,10 @@ class Tokenizer:
         return self._backend.id_to_token(token_id)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of *text*; *add_bos*: this is the start of a sequence, so BOS goes first - when the
+        model's tokenizer adds one at all (``add_bos_token``, True unless tokenizer_config.json says false)."""
         ids = self._backend.encode(text)
-        return [self.bos_id] + ids if add_bos else ids
+        return [self.bos_id] + ids if add_bos and self.add_bos_token else ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text for ``ids``; the leading dummy-prefix space of the first piece is dropped, as in HF."""

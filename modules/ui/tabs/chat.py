@@ -34,6 +34,9 @@ def _build_widgets(controller: ChatController) -> dict[str, Any]:
         w["load"] = gr.Button("Load", elem_id="chat_load_model", scale=1)
         w["unload"] = gr.Button("Unload", elem_id="chat_unload_model", scale=1)
     w["model_status"] = gr.Markdown(elem_id="chat_model_status")
+    offer = controller.starter_offer()     # shown only while the starter model is not installed
+    w["install_starter"] = gr.Button(offer or "", visible=offer is not None, elem_id="chat_install_starter")
+    w["starter_status"] = gr.Markdown(elem_id="chat_starter_status")
     with gr.Row():
         with gr.Column(scale=3):
             w["chatbot"] = gr.Chatbot(elem_id="chat_chatbot", height=480, label="Chat", buttons=["copy"])
@@ -108,12 +111,15 @@ def build(ctx: Any) -> None:
         """The values above were computed when the UI was built: refresh them for every page load (model and
         chat lists, defaults changed in Settings)."""
         defaults = controller.defaults()
+        offer = controller.starter_offer()
         return {w["model"]: gr.update(choices=controller.model_choices(), value=controller.initial_model()),
                 w["saved"]: gr.update(choices=controller.chat_choices(), value=None),
+                w["install_starter"]: gr.update(value=offer or "", visible=offer is not None),
                 **{w[name]: value for name, value in defaults.items()}}
 
     gr.on(triggers=None, fn=page_load, inputs=None,
-          outputs=[w["model"], w["saved"], *(w[name] for name in controller.defaults())], queue=False)
+          outputs=[w["model"], w["saved"], w["install_starter"], *(w[name] for name in controller.defaults())],
+          queue=False)
 
     # -- replies: an instant first step arms Stop (and empties the box), then the reply streams ----------------
     stream_args = dict(outputs=view_outputs, show_progress="hidden", concurrency_limit=REPLY_CONCURRENCY)
@@ -142,6 +148,17 @@ def build(ctx: Any) -> None:
                          info=controller.unusable_models_note())
 
     w["refresh_models"].click(refresh_models, w["model"], w["model"], queue=False)
+
+    def install_starter(request: gr.Request):
+        """The starter model installs on the job queue; its progress streams into the status line."""
+        for view in controller.install_starter(owner=ui_owner(request)):
+            model = (gr.update(choices=view.choices, value=view.selected, info=controller.unusable_models_note())
+                     if view.choices is not None else gr.update())
+            yield {w["starter_status"]: view.status, w["install_starter"]: gr.update(visible=view.offer),
+                   w["model"]: model}
+
+    w["install_starter"].click(install_starter, None, [w["starter_status"], w["install_starter"], w["model"]],
+                               show_progress="hidden")
     w["load"].click(controller.load_model, w["model"], w["model_status"])
     w["unload"].click(controller.unload_model, w["model"], w["model_status"])
 

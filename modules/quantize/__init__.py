@@ -1,0 +1,1 @@
+"""Quantization: GGUF import and export, llama.cpp, torch-native quantized weights."""
