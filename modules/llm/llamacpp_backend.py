@@ -15,7 +15,8 @@ What Atelier keeps for itself, so that a reply is the same whichever backend pro
 * streaming, stop strings, token counts, finish reasons and timings: the engine's own row logic
   (:class:`modules.llm.engine._Row`).
 
-llama.cpp does only the forward pass (``eval(tokens)`` -> logits). One ``Llama`` object holds one
+llama.cpp does only the forward pass (``eval(tokens)`` -> logits, through
+:mod:`modules.llm.llamacpp_runtime`, which also says why not ``llama_cpp.Llama``). One context holds one
 sequence, so requests for a model run one after another on the device queue; the KV cache keeps the
 longest common prefix with the previous request (as llama-cpp-python's own ``generate`` does), so a chat
 that grows turn by turn is not prefilled again from the start. The object is loaded, leased and evicted
@@ -34,27 +35,12 @@ import torch
 from modules.jobs import Job
 from modules.llm.engine import (GenerationRequest, GenerationResult, LLMEngine, Sink, _Row, check_request,
                                 context_length, eos_token_ids)
+from modules.llm.llamacpp_runtime import LlamaCppContext, LlamaCppModel, LlamaCppUnavailable, llama_cpp_module
 from modules.llm.sampling import sample_next
 
 log = logging.getLogger(__name__)
 
 BACKEND = "llama.cpp"
-
-
-class LlamaCppUnavailable(RuntimeError):
-    """llama-cpp-python is not installed or its library does not load; the message says how to fix it."""
-
-
-def llama_cpp_module() -> Any:
-    """The imported ``llama_cpp`` package, or LlamaCppUnavailable saying how to install it."""
-    try:
-        import llama_cpp
-    except (ImportError, OSError) as exc:
-        raise LlamaCppUnavailable(
-            f"llama-cpp-python is not available ({type(exc).__name__}: {exc}). It is in requirements.txt: run "
-            "`python launch.py` once to install it (it compiles llama.cpp, about 8 minutes), or choose the "
-            "'atelier' GGUF backend in Settings to run GGUF files on Atelier's own engine.") from None
-    return llama_cpp
 
 
 def llama_cpp_report() -> str:
@@ -83,9 +69,10 @@ class LlamaCppLLM:
     config: Any
     tokenizer: Any
     template: Any
-    llama: Any
-    n_ctx: int
+    weights: LlamaCppModel
+    context: LlamaCppContext
     threads: int
+    extra_buffers: bool
     generation_config: dict[str, Any] = field(default_factory=dict)
     backend: str = BACKEND
     #: the tokens whose keys and values are in llama.cpp's cache, in order (prefix reuse across requests)
@@ -98,6 +85,10 @@ class LlamaCppLLM:
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
+
+    @property
+    def n_ctx(self) -> int:
+        return self.context.n_ctx
 
     @property
     def context_length(self) -> int:
@@ -114,9 +105,8 @@ class LlamaCppLLM:
         return self
 
     def close(self) -> None:
-        closer = getattr(self.llama, "close", None)
-        if callable(closer):
-            closer()
+        self.context.close()
+        self.weights.close()
 
     # -- the forward pass ------------------------------------------------------------------------------------
     def prefill(self, ids: list[int]) -> torch.Tensor:
@@ -125,9 +115,7 @@ class LlamaCppLLM:
         limit = min(len(ids) - 1, len(self.cached))       # the last prompt token is always evaluated for its logits
         while common < limit and self.cached[common] == ids[common]:
             common += 1
-        if common < len(self.cached):
-            self.llama._ctx.kv_cache_seq_rm(-1, common, -1)
-        self.llama.n_tokens = common
+        self.context.truncate(common)
         self.cached = self.cached[:common]
         return self._eval(ids[common:])
 
@@ -137,54 +125,39 @@ class LlamaCppLLM:
 
     def _eval(self, ids: list[int]) -> torch.Tensor:
         try:
-            self.llama.eval(ids)
+            logits = self.context.eval(ids)
         except BaseException:   # the cache now holds an unknown part of *ids*: start the next request afresh
             self.reset()
             raise
         self.cached.extend(ids)
-        return last_logits(self.llama)
+        return torch.from_numpy(logits)
 
     def reset(self) -> None:
-        self.llama.reset()
-        self.llama._ctx.kv_cache_clear()
+        self.context.clear()
         self.cached = []
 
 
-def last_logits(llama: Any) -> torch.Tensor:
-    """The logits [V] of the last token llama.cpp evaluated, copied out of its buffer.
-
-    Without ``logits_all``, llama-cpp-python's ``eval`` no longer copies them into ``Llama.scores`` (its own
-    sampler reads them in C), so they are read with ``llama_get_logits_ith(ctx, -1)`` directly.
-    """
-    import numpy as np
-    pointer = llama._ctx.get_logits_ith(-1)
-    return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(llama.n_vocab(),)).copy())
-
-
-def load_llamacpp(path: str | Path, files: Any, *, threads: int, n_ctx: int | None = None) -> LlamaCppLLM:
+def load_llamacpp(path: str | Path, files: Any, *, threads: int, extra_buffers: bool = False,
+                  n_ctx: int | None = None) -> LlamaCppLLM:
     """Open the GGUF at *path* in llama.cpp. *files* are its :class:`~modules.llm.loader.LLMFiles` (Atelier's
-    tokenizer, template and config for the same file). Raises ValueError when llama.cpp refuses the file."""
-    llama_cpp = llama_cpp_module()
+    tokenizer, template and config for the same file). *extra_buffers*: llama.cpp's AMX / repacked weight
+    buffers, only where :func:`~modules.llm.llamacpp_runtime.extra_buffers_work` said they run. Raises
+    ValueError when llama.cpp refuses the file."""
     path = Path(path)
     n_ctx = int(n_ctx or files.config.max_position_embeddings)
     threads = max(1, int(threads))
     started = time.perf_counter()
-    try:
-        llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                n_batch=512, logits_all=False, verbose=False)
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise ValueError(f"llama.cpp could not load {path.name}: {exc}. If the file is complete, it may use an "
-                         "architecture or quantization type this llama.cpp build does not know; try the 'atelier' "
-                         "GGUF backend in Settings, or re-export the model.") from exc
-    if llama.n_vocab() != files.config.vocab_size:
-        llama.close()
-        raise ValueError(f"{path.name}: llama.cpp reads {llama.n_vocab()} tokens but the file's metadata says "
+    weights = LlamaCppModel(path, extra_buffers=extra_buffers)
+    if weights.n_vocab != files.config.vocab_size:
+        weights.close()
+        raise ValueError(f"{path.name}: llama.cpp reads {weights.n_vocab} tokens but the file's metadata says "
                          f"{files.config.vocab_size}; the file is inconsistent")
-    log.info("Loaded %s in llama.cpp (%d threads, context %d) in %.1f s", path.name, threads, n_ctx,
-             time.perf_counter() - started)
+    context = LlamaCppContext(weights, n_ctx=n_ctx, threads=threads)
+    log.info("Loaded %s in llama.cpp (%d threads, context %d, %s buffers) in %.1f s", path.name, threads, n_ctx,
+             "extra" if extra_buffers else "plain CPU", time.perf_counter() - started)
     return LlamaCppLLM(name=files.name, path=path, config=files.config, tokenizer=files.tokenizer,
-                       template=files.template, llama=llama, n_ctx=n_ctx, threads=threads,
-                       generation_config=dict(files.generation_config or {}))
+                       template=files.template, weights=weights, context=context, threads=threads,
+                       extra_buffers=extra_buffers, generation_config=dict(files.generation_config or {}))
 
 
 @torch.inference_mode()

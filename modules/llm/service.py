@@ -108,6 +108,7 @@ class LLMService:
         self._lock = threading.Lock()
         self._current: str | None = None
         self._engines: dict[tuple[str, str], LLMEngine] = {}   # (model name, backend) -> engine
+        self._extra_buffers: bool | None = None   # llama.cpp's extra buffer types work here (probed on first use)
         self._reported_broken: set[tuple[str, str]] = set()  # (folder, reason) already logged once
         #: LLMFiles per model name, with the signature of the files they were read from
         self._files: dict[str, tuple[tuple, Any]] = {}
@@ -203,7 +204,8 @@ class LLMService:
             def load_gguf() -> Any:
                 from modules.llm.llamacpp_backend import load_llamacpp
                 try:
-                    return load_llamacpp(path, files, threads=devices.cpu_threads or os.cpu_count() or 1)
+                    return load_llamacpp(path, files, threads=devices.cpu_threads or os.cpu_count() or 1,
+                                         extra_buffers=self.llama_cpp_extra_buffers())
                 except ValueError as exc:
                     raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
 
@@ -277,9 +279,18 @@ class LLMService:
             return ATELIER
         if self.ctx.settings.get("llm.gguf_backend") != LLAMA_CPP:
             return ATELIER
-        from modules.llm.llamacpp_backend import llama_cpp_module
+        from modules.llm.llamacpp_runtime import llama_cpp_module
         llama_cpp_module()  # raises LlamaCppUnavailable with what to do
         return LLAMA_CPP
+
+    def llama_cpp_extra_buffers(self) -> bool:
+        """Whether llama.cpp may use its AMX / repacked weight buffers here: probed once, on the first GGUF
+        load (:func:`~modules.llm.llamacpp_runtime.extra_buffers_work`)."""
+        with self._lock:
+            if self._extra_buffers is None:
+                from modules.llm.llamacpp_runtime import extra_buffers_work
+                self._extra_buffers = extra_buffers_work()
+            return self._extra_buffers
 
     def engine(self, name: str) -> LLMEngine:
         """The engine for model *name* on its current backend (one per model and backend)."""

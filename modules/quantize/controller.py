@@ -12,7 +12,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from modules.quantize.report import COLUMNS, DEFAULT_FORMATS, QuantizeReport, known_formats, run_report
+from modules.quantize.report import (COLUMNS, DEFAULT_FORMATS, TORCH_FORMATS, QuantizeReport, known_formats,
+                                     run_report)
 
 JOB_KIND = "quantize"
 
@@ -82,7 +83,9 @@ class QuantizeController:
             threads = self.ctx.devices.cpu_threads or 2
 
             def work(job: Any) -> QuantizeReport:
+                extra = self.ctx.llm.llama_cpp_extra_buffers() if any(f not in TORCH_FORMATS for f in formats) else False
                 return run_report(models_dir, source, formats, threads=threads, overwrite=bool(overwrite),
+                                  extra_buffers=extra,
                                   models=self.ctx.models, check_interrupted=job.check_interrupted,
                                   progress=lambda fraction, text: job.report(int(fraction * 1000), 1000, text=text))
 

@@ -59,22 +59,20 @@ def chat_prompt_ids(files: Any, text: str) -> list[int]:
 
 # --------------------------------------------------------------------------------------------- perplexity
 class LlamaCppLogits:
-    """Every position's logits of a window from llama.cpp (a context opened with ``logits_all``)."""
+    """Every position's logits of a window from llama.cpp (a context of its own, cleared per window)."""
 
-    def __init__(self, path: str, n_ctx: int, threads: int):
-        from modules.llm.llamacpp_backend import llama_cpp_module
-        llama_cpp = llama_cpp_module()
-        self.llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                     n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+    def __init__(self, path: str, n_ctx: int, threads: int, extra_buffers: bool = False):
+        from modules.llm.llamacpp_runtime import LlamaCppContext, LlamaCppModel
+        self.weights = LlamaCppModel(path, extra_buffers=extra_buffers)
+        self.context = LlamaCppContext(self.weights, n_ctx=n_ctx, threads=threads)
 
     def __call__(self, ids: Sequence[int]) -> torch.Tensor:
-        self.llama.reset()
-        self.llama._ctx.kv_cache_clear()
-        self.llama.eval(list(ids))
-        return torch.from_numpy(self.llama.scores[:len(ids)].copy())
+        self.context.clear()
+        return torch.from_numpy(self.context.eval(list(ids), all_logits=True))
 
     def close(self) -> None:
-        self.llama.close()
+        self.context.close()
+        self.weights.close()
 
 
 def window_perplexity(logits_of: Any, tokenizer: Any, documents: Sequence[str], seq_len: int) -> dict:

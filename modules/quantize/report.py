@@ -162,16 +162,20 @@ def _weights_size(path: Path) -> int:
 
 def run_report(models_dir: str | Path, source: str, formats: Sequence[str], *, threads: int = 2,
                progress: Progress | None = None, overwrite: bool = False, max_new_tokens: int = 32,
-               heldout: Sequence[str] | None = None, models: Any = None,
+               heldout: Sequence[str] | None = None, models: Any = None, extra_buffers: bool | None = None,
                check_interrupted: Callable[[], None] | None = None) -> QuantizeReport:
     """Write every format of model *source* into *models_dir* and measure it (see the module docstring).
 
     progress(fraction, text): called as each stage (writing, quantizing, evaluating) starts.
     heldout: documents for perplexity (default :func:`measure.heldout_documents` with the model's template).
+    extra_buffers: llama.cpp's AMX / repacked buffers (None: probe, :func:`~modules.llm.llamacpp_runtime.extra_buffers_work`).
     """
     from modules.llm.loader import load_llm, read_llm_files
     models_dir = Path(models_dir)
     formats = _check_formats(formats)
+    if extra_buffers is None and any(f not in TORCH_FORMATS for f in formats):
+        from modules.llm.llamacpp_runtime import extra_buffers_work
+        extra_buffers = extra_buffers_work()
     folder = _source_folder(models_dir, source)
     files = read_llm_files(folder)
     loads = _Loads(models)
@@ -226,7 +230,8 @@ def run_report(models_dir: str | Path, source: str, formats: Sequence[str], *, t
             ppl, run = loads.run(str(out), lambda: load_llm(out), use)
             backend = "atelier"
         else:
-            ppl, run = _measure_gguf(out, files, documents, prompts, seq_len, threads, max_new_tokens, loads)
+            ppl, run = _measure_gguf(out, files, documents, prompts, seq_len, threads, max_new_tokens, loads,
+                                     bool(extra_buffers))
             backend = "llama.cpp"
         size = _weights_size(out)
         agree = measure.agreement(ref_run.tokens, run.tokens)
@@ -250,15 +255,16 @@ def _produce(folder: Path, out: Path, fmt: str, *, threads: int, overwrite: bool
 
 
 def _measure_gguf(path: Path, files: Any, documents: Sequence[str], prompts: list[list[int]], seq_len: int,
-                  threads: int, max_new_tokens: int, loads: _Loads) -> tuple[dict, measure.GreedyRun]:
+                  threads: int, max_new_tokens: int, loads: _Loads,
+                  extra_buffers: bool) -> tuple[dict, measure.GreedyRun]:
     """Perplexity through a logits-for-every-position llama.cpp context, speed and greedy tokens through the
     backend Chat uses (:class:`modules.llm.llamacpp_backend.LlamaCppLLM`)."""
     from modules.llm.llamacpp_backend import load_llamacpp
-    scorer = measure.LlamaCppLogits(str(path), n_ctx=seq_len, threads=threads)
+    scorer = measure.LlamaCppLogits(str(path), n_ctx=seq_len, threads=threads, extra_buffers=extra_buffers)
     try:
         ppl = measure.window_perplexity(scorer, files.tokenizer, documents, seq_len)
     finally:
         scorer.close()
-    run = loads.run(str(path), lambda: load_llamacpp(path, files, threads=threads),
+    run = loads.run(str(path), lambda: load_llamacpp(path, files, threads=threads, extra_buffers=extra_buffers),
                     lambda llm: measure.greedy_run(llm, prompts, max_new_tokens))
     return ppl, run
