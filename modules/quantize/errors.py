@@ -1,0 +1,6 @@
+"""The error every GGUF export step raises, so callers (CLI, Quantize tab, API) catch one type."""
+from __future__ import annotations
+
+
+class GGUFExportError(ValueError):
+    """A model that cannot be written as GGUF, or an export that failed; the message says why and what to do."""
