@@ -4,3 +4,11 @@ from __future__ import annotations
 
 class GGUFExportError(ValueError):
     """A model that cannot be written as GGUF, or an export that failed; the message says why and what to do."""
+
+
+class DiskFullError(GGUFExportError):
+    """The disk filled up while writing; ``needed`` is about how many bytes the export needs in all."""
+
+    def __init__(self, message: str, needed: int):
+        super().__init__(message)
+        self.needed = needed

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from modules.llm.config import LlamaConfig
-from modules.quantize.errors import GGUFExportError
+from modules.quantize.errors import DiskFullError, GGUFExportError
 from modules.quantize.gguf_names import PlannedTensor, permute_qk, tensor_plan
 from modules.quantize.gguf_tokenizer import GGUFTokenizer
 from modules.quantize.gguf_types import UNQUANTIZED, GGUFType, gguf_type
@@ -91,7 +91,7 @@ def _check_target(out_path: Path, overwrite: bool) -> None:
 def _check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise GGUFExportError(_disk_full_message(folder, needed, free))
+        raise DiskFullError(_disk_full_message(folder, needed, free), needed)
 
 
 def _disk_full_message(folder: Path, needed: int, free: int | None = None) -> str:
@@ -255,7 +255,7 @@ def write_gguf(config: LlamaConfig, tensors: Iterable[tuple[str, torch.Tensor]],
         writer.close()
         _remove(partial)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise GGUFExportError(_disk_full_message(out_path.parent, needed)) from None
+            raise DiskFullError(_disk_full_message(out_path.parent, needed), needed) from None
         raise GGUFExportError(f"Cannot write {out_path}: {exc.strerror or exc}; check the folder's permissions "
                               "and free space") from None
     except BaseException:
@@ -319,9 +319,13 @@ def export_model(source: str | Path, out_path: str | Path, out_type: str, *, ove
         _quantize_with_progress(temp, partial, kind, threads=threads, imatrix=imatrix, progress=progress,
                                 expected_bytes=final_bytes)
         os.replace(partial, out_path)
+    except DiskFullError:          # the message counts the temporary file and the output together
+        raise DiskFullError(_disk_full_message(out_path.parent, temp_bytes + final_bytes),
+                            temp_bytes + final_bytes) from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise GGUFExportError(_disk_full_message(out_path.parent, temp_bytes + final_bytes)) from None
+            raise DiskFullError(_disk_full_message(out_path.parent, temp_bytes + final_bytes),
+                                temp_bytes + final_bytes) from None
         raise GGUFExportError(f"Cannot write {out_path}: {exc.strerror or exc}") from None
     finally:
         _remove(temp, partial)
@@ -394,7 +398,7 @@ def _quantize_with_progress(src: Path, dst: Path, kind: GGUFType, *, threads: in
         exc = failure[0]
         free = shutil.disk_usage(dst.parent).free
         if isinstance(exc, GGUFExportError) and free < expected_bytes:
-            raise GGUFExportError(_disk_full_message(dst.parent, expected_bytes, free)) from None
+            raise DiskFullError(_disk_full_message(dst.parent, expected_bytes, free), expected_bytes) from None
         raise exc
     if progress is not None:
         progress("quantizing", 1.0)

@@ -12,7 +12,8 @@ measured from the file (:func:`modules.quantize.gguf_export.file_bits_per_weight
 
 ``needs_imatrix``: llama.cpp refuses these without an importance matrix (``llama-quant.cpp``
 ``tensor_requires_imatrix``: IQ1_*, IQ2_XXS/XS/S and IQ3_XXS tensors, and the Q2_K tensors of a Q2_K_S
-file): their 1.5-3 bit codebooks are fitted to the activations, and without them the model breaks.
+file; IQ3_XS is a mix with IQ3_XXS tensors): their 1.5-3 bit codebooks are fitted to the activations, and
+without them the model breaks. The test exporting every type checks this list against llama.cpp.
 
 The ``ftype`` numbers are llama.h's ``enum llama_ftype`` (a stable file-format ABI); the tests check them
 against ``llama_cpp``'s constants, so this module imports without llama_cpp.
@@ -70,7 +71,7 @@ _TABLE = [
     GGUFType("Q3_K_S", 11, "Q3_K", note="3-bit k-quant"),
     GGUFType("IQ3_M", 27, "IQ3_S", note="3.66-bit i-quant mix"),
     GGUFType("IQ3_S", 26, "IQ3_S", note="3.44-bit i-quant"),
-    GGUFType("IQ3_XS", 22, "IQ3_S", note="3.3-bit i-quant mix"),
+    GGUFType("IQ3_XS", 22, "IQ3_S", needs_imatrix=True, note="3.3-bit i-quant mix (some tensors IQ3_XXS)"),
     GGUFType("IQ3_XXS", 23, "IQ3_XXS", needs_imatrix=True, note="3.06-bit i-quant"),
     GGUFType("Q2_K", 10, "Q2_K", note="2-bit k-quant mix (+3.5 ppl on Llama-3-8B)"),
     GGUFType("Q2_K_S", 21, "Q2_K", needs_imatrix=True, note="2-bit k-quant, smaller"),
