@@ -32,7 +32,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -117,6 +116,8 @@ def _remove(*paths: Path) -> None:
             path.unlink()
         except FileNotFoundError:
             pass
+        except OSError as exc:          # never hide the error that brought us here behind this one
+            log.warning("Could not remove %s (%s); delete it by hand", path, exc)
 
 
 # ---------------------------------------------------------------------------- F32 / F16 / BF16 writing
@@ -197,7 +198,7 @@ def write_gguf(config: LlamaConfig, tensors: Iterable[tuple[str, torch.Tensor]],
     kind = gguf_type(out_type)
     if kind.name not in UNQUANTIZED:
         raise GGUFExportError(f"write_gguf writes {'/'.join(UNQUANTIZED)}; {kind.name} is made by llama.cpp's "
-                              "quantizer: use export_model")
+                              "quantizer: use export_model or export_tensors")
     check_llama_cpp_support(config, tokenizer)
     _check_target(out_path, overwrite)
 
@@ -242,7 +243,8 @@ def write_gguf(config: LlamaConfig, tensors: Iterable[tuple[str, torch.Tensor]],
             if hf in written:
                 raise GGUFExportError(f"tensor {hf} was given twice")
             if tuple(tensor.shape) != entry.shape:
-                raise GGUFExportError(f"tensor {hf} has shape {list(tensor.shape)}; the config implies {list(entry.shape)}")
+                raise GGUFExportError(f"tensor {hf} has shape {list(tensor.shape)}; "
+                                      f"the config implies {list(entry.shape)}")
             if entry.permute_heads is not None:
                 tensor = permute_qk(tensor, entry.permute_heads)
             data.write_at(offsets[hf], _to_array(tensor, types[hf], hf))
@@ -407,13 +409,15 @@ def _quantize_with_progress(src: Path, dst: Path, kind: GGUFType, *, threads: in
     worker.start()
     cancelled: BaseException | None = None
     while worker.is_alive():
-        worker.join(_POLL_SECONDS)
-        if progress is not None and cancelled is None:
-            size = dst.stat().st_size if dst.exists() else 0
-            try:
+        try:
+            worker.join(_POLL_SECONDS)
+            if progress is not None and cancelled is None:
+                size = dst.stat().st_size if dst.exists() else 0
                 progress("quantizing", min(size / max(expected_bytes, 1), 0.99))
-            except BaseException as exc:   # a cancel: let llama.cpp finish, then clean up
+        except BaseException as exc:   # a cancel from progress, or Ctrl-C: llama.cpp cannot be stopped,
+            if cancelled is None:      # so let it finish its file, then the caller removes it
                 cancelled = exc
+                log.info("Cancelled: waiting for llama.cpp's quantizer to finish, then removing its files")
     if cancelled is not None:
         raise cancelled
     if failure:

@@ -227,9 +227,9 @@ def _sentencepiece_vocab(folder: Path, config: dict) -> tuple[list[str], list[fl
     if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
         # llama.cpp's "llama" tokenizer merges pieces by score the way SentencePiece BPE does; a unigram
         # (or word/char) model would come out tokenized differently.
-        raise GGUFExportError(f"{path} is a SentencePiece {pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)} "
-                              "model; llama.cpp's Llama tokenizer reproduces SentencePiece BPE models only "
-                              "(Llama-2's kind)")
+        kind = pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+        raise GGUFExportError(f"{path} is a SentencePiece {kind} model; llama.cpp's Llama tokenizer reproduces "
+                              "SentencePiece BPE models only (Llama-2's kind)")
     tokens, scores, types = [], [], []
     for i in range(sp.GetPieceSize()):
         tokens.append(sp.IdToPiece(i))

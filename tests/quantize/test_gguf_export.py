@@ -218,6 +218,32 @@ def test_tied_embeddings_export_has_no_output_tensor_and_same_tokens(tmp_path):
             assert model.greedy(ids, 16) == atelier_greedy(llm.model, ids, 16), prompt
 
 
+def test_attention_and_mlp_biases_are_exported_permuted_and_used(tmp_path):
+    """q/k biases are rows too (permuted like the weights); llama.cpp's llama architecture adds all of them."""
+    pytest.importorskip("llama_cpp")
+    from safetensors.torch import load_file, save_file
+
+    from llama_cpp_runner import LlamaCppModel, atelier_greedy
+    from modules.llm.loader import load_llm
+    fields = {**FIXTURE_MODELS["tiny-llama-gqa"], "attention_bias": True, "mlp_bias": True}
+    folder = write_model(tmp_path / "bias", fields, seed=7)
+    state = load_file(str(folder / "model.safetensors"))
+    gen = torch.Generator().manual_seed(1)
+    state = {k: 0.5 * torch.randn(v.shape, generator=gen) if k.endswith(".bias") else v for k, v in state.items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    out = export_model(folder, tmp_path / "bias.gguf", "F32")
+    tensors = {t.name: np.array(t.data) for t in reader(out).tensors}
+    assert len(tensors) == 21 + 2 * 7
+    q_bias = state["model.layers.0.self_attn.q_proj.bias"]
+    assert np.array_equal(tensors["blk.0.attn_q.bias"], permute_qk(q_bias, 4).numpy())
+    assert np.array_equal(tensors["blk.1.ffn_down.bias"], state["model.layers.1.mlp.down_proj.bias"].numpy())
+    llm = load_llm(folder)
+    with LlamaCppModel(out) as model:
+        for prompt in PROMPTS[:3]:
+            ids = llm.tokenizer.encode(prompt)
+            assert model.greedy(ids, 16) == atelier_greedy(llm.model, ids, 16), prompt
+
+
 def test_demo_chat_model_f32_identical_and_q8_0_agreement(tmp_path, record_property):
     pytest.importorskip("llama_cpp")
     from llama_cpp_runner import LlamaCppModel, atelier_greedy

@@ -33,7 +33,8 @@ def train_bpe(kind: str):
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:
         regex = LLAMA3_REGEX if kind == "llama-bpe" else QWEN2_REGEX
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"), byte_level])
+        split = pre_tokenizers.Split(Regex(regex), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
         if kind == "qwen2":
             tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
@@ -51,7 +52,8 @@ def bpe_model_folder(root: Path, kind: str) -> tuple[Path, object]:
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "add_bos_token": False,
-        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"}))
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}"}))
     return folder, tok
 
 
@@ -89,7 +91,8 @@ def test_tokenizers_gguf_cannot_carry_are_refused_with_the_reason(tmp_path):
              "is a WordPiece tokenizer.*SentencePiece.*byte-level BPE"),
             (models.Unigram(), trainers.UnigramTrainer(vocab_size=300, special_tokens=["<unk>"], unk_token="<unk>"),
              "is a Unigram tokenizer"),
-            (models.BPE(), trainers.BpeTrainer(vocab_size=300), "(?s)no pre-tokenizer known.*Whitespace.*Supported: gpt-2")):
+            (models.BPE(), trainers.BpeTrainer(vocab_size=300),
+             "(?s)no pre-tokenizer known.*Whitespace.*Supported: gpt-2")):
         tok = Tokenizer(model)
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         if isinstance(model, models.BPE):
@@ -179,7 +182,8 @@ def test_smollm2_tokenizer_is_copied_field_for_field(smollm2, smollm2_tokenizer,
     assert GGUFTokenizer.from_gguf(copy) == tokenizer          # every tokenizer.* field, extras included
     assert set(tokenizer.extra) == {"tokenizer.ggml.add_space_prefix"}
     assert tokenizer.chat_template.startswith("{% for message in messages %}") and len(tokenizer.merges) == 48900
-    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id, tokenizer.pad_id, tokenizer.add_bos) == (1, 2, 0, 2, False)
+    ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id, tokenizer.pad_id)
+    assert ids == (1, 2, 0, 2) and tokenizer.add_bos is False
     with LlamaCppModel(smollm2) as a, LlamaCppModel(copy) as b:
         for text in PROBES:
             assert a.tokenize(text) == b.tokenize(text), text
