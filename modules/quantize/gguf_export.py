@@ -2,7 +2,7 @@
 
 :func:`write_gguf` writes F32, F16 or BF16 with the ``gguf`` package's ``GGUFWriter``, following llama.cpp's
 ``convert_hf_to_gguf.py``: the ``llama.*`` hyper-parameters, the full tokenizer
-(:class:`~modules.quantize.gguf_tokenizer.GGUFTokenizer`), tensors renamed and q/k rows re-ordered for
+(:class:`~modules.quantize.tokenizer_to_gguf.GGUFTokenizer`), tensors renamed and q/k rows re-ordered for
 llama.cpp's RoPE (:mod:`modules.quantize.gguf_names`), 1-D tensors (norms, biases) always F32, and no
 ``output.weight`` for tied embeddings (llama.cpp reuses ``token_embd``).
 
@@ -41,7 +41,7 @@ import torch
 from modules.llm.config import LlamaConfig
 from modules.quantize.errors import DiskFullError, GGUFExportError
 from modules.quantize.gguf_names import PlannedTensor, permute_qk, tensor_plan
-from modules.quantize.gguf_tokenizer import GGUFTokenizer
+from modules.quantize.tokenizer_to_gguf import GGUFTokenizer
 from modules.quantize.gguf_types import UNQUANTIZED, GGUFType, gguf_type
 from modules.quantize.imatrix import ImportanceMatrix
 

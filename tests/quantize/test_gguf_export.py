@@ -19,7 +19,7 @@ from modules.quantize.errors import DiskFullError, GGUFExportError
 from modules.quantize.gguf_export import export_model, write_gguf
 from modules.quantize.gguf_info import gguf_file_info
 from modules.quantize.gguf_names import permute_qk, tensor_plan, unpermute_qk
-from modules.quantize.gguf_tokenizer import GGUFTokenizer
+from modules.quantize.tokenizer_to_gguf import GGUFTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "models" / "LLM" / "atelier-tiny-chat"

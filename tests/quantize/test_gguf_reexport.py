@@ -13,7 +13,7 @@ import torch
 from modules.llm.config import LlamaConfig
 from modules.quantize.gguf_export import export_tensors
 from modules.quantize.gguf_names import hf_name, tensor_plan, unpermute_qk
-from modules.quantize.gguf_tokenizer import GGUFTokenizer
+from modules.quantize.tokenizer_to_gguf import GGUFTokenizer
 
 PROMPTS = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
            "The three primary colors are"]

@@ -14,7 +14,7 @@ from modules.quantize.bpe_pre import LLAMA3_REGEX, QWEN2_REGEX
 from modules.quantize.errors import GGUFExportError
 from modules.quantize.gguf_export import export_model, write_gguf
 from modules.quantize.gguf_names import tensor_plan
-from modules.quantize.gguf_tokenizer import CONTROL, NORMAL, UNUSED, GGUFTokenizer
+from modules.quantize.tokenizer_to_gguf import CONTROL, NORMAL, UNUSED, GGUFTokenizer
 
 PROBES = ["Hello world", "I've been told he's there, 'RE you sure?", "3 33 333 3333 33333", "3.14159 and 2,500",
           "  two leading spaces", "tabs\tand\nnew\n\nlines", "Ünïcödé café naïve", "emoji 🦙🚀 done",
