@@ -114,7 +114,10 @@ def write_gguf_tokenizer_files(header: GGUFHeader, out_dir: str | Path,
     ids = special_token_ids(header)
     if model == "llama":
         written = [_write_sentencepiece(header, tokens, types, ids, out / "tokenizer.model")]
-        add_bos_default, legacy = True, True
+        add_bos_default = True
+        # llama.cpp adds the dummy-prefix space after every special token ("legacy"); a file Atelier exported
+        # says how its source folder tokenized (modules.quantize.tokenizer_to_gguf.LEGACY_KEY)
+        legacy = header.get("tokenizer.atelier.legacy", True) is not False
     else:
         pre = header.get("tokenizer.ggml.pre") or "gpt-2"
         written = [_write_byte_level_bpe(header, tokens, types, pre, out / "tokenizer.json")]

@@ -20,7 +20,9 @@ space after every special token (SentencePiece's "legacy" behaviour), while a ``
 ``tokenizer_config.json`` (TinyLlama, Atelier's models) puts it only at the start of the text. Plain text
 tokenizes identically; a rendered chat prompt such as ``"...</s>\n<|assistant|>"`` gets an extra "▁" after
 ``</s>`` in llama.cpp. Code that serves a GGUF should therefore tokenize with Atelier's tokenizer and hand
-llama.cpp token ids, not text.
+llama.cpp token ids, not text. The folder's flag is kept in Atelier's own key ``tokenizer.atelier.legacy``
+(llama.cpp ignores keys it does not know), so importing an exported file tokenizes exactly as the folder
+did; a GGUF without it is tokenized as llama.cpp does.
 
 Any other tokenizer (WordPiece, Unigram, a SentencePiece-style ``tokenizer.json`` without its
 ``tokenizer.model``) raises :class:`GGUFExportError`: llama.cpp would tokenize it differently. The
@@ -49,6 +51,8 @@ ADDED_SCORE, PAD_SCORE = -1000.0, -10000.0
 #: special-token kinds with their own fields; GGUF key infix for each
 SPECIAL_KINDS = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
 _KEY = "tokenizer.ggml."
+#: Atelier's own key: the SentencePiece folder's ``legacy`` flag (no llama.cpp key says it; see the docstring)
+LEGACY_KEY = "tokenizer.atelier.legacy"
 
 
 @dataclass
@@ -132,6 +136,9 @@ class GGUFTokenizer:
         if add_prefix is not None:
             from gguf import GGUFValueType
             extra["tokenizer.ggml.add_space_prefix"] = GGUFValue(add_prefix, GGUFValueType.BOOL)
+        if model == "llama" and isinstance(config.get("legacy"), bool):
+            from gguf import GGUFValueType    # llama.cpp ignores it; Atelier's import tokenizes as the folder did
+            extra[LEGACY_KEY] = GGUFValue(config["legacy"], GGUFValueType.BOOL)
         return cls(model=model, pre=pre, tokens=tokens, token_types=types, scores=scores, merges=merges,
                    add_bos=add_bos, add_eos=add_eos, chat_template=_chat_template(folder, config), extra=extra,
                    **{f"{kind}_id": value for kind, value in ids.items()})
