@@ -56,7 +56,10 @@ def _installed(requirement: str) -> bool:
 def pip(*args: str) -> None:
     command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
     print("launch.py:", " ".join(shlex.quote(a) for a in command), flush=True)
-    result = subprocess.run(command)
+    # llama-cpp-python compiles llama.cpp with CMake: use every core for it (one by default)
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL",
+                                                                      str(os.cpu_count() or 1))}
+    result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise SystemExit(f"Installing {' '.join(args)} failed (pip exit code {result.returncode}); see pip's message "
                          "above. Fix the cause (network, disk space) and run launch.py again, or use --skip-install.")

@@ -11,6 +11,7 @@ BUILTIN = (
     "modules.llm.capability",        # Chat tab, /v1 OpenAI API
     "modules.diffusion.capability",  # txt2img, img2img, PNG Info tabs, /sdapi/v1 generation routes
     "modules.training.capability",   # Train tab (LLM pretraining runs on the device queue)
+    "modules.quantize.capability",   # Quantize tab (GGUF export, llama.cpp, torch int8/int4)
 )
 
 

@@ -51,6 +51,8 @@ class AppContext:
     training: Any = None
     #: the Train tab's image-section controller, set beside ``training``; None when not registered
     training_images: Any = None
+    #: the Quantize tab's controller (modules.quantize.capability.register); None when not registered
+    quantize: Any = None
     #: what the web UI shares between its tabs (the generation forms), set by modules.ui.app.build_ui;
     #: None with --nowebui. Services never hold UI objects.
     ui: UiState | None = None

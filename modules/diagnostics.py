@@ -25,6 +25,12 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def _llama_cpp() -> str:
+    """llama-cpp-python's version and the CPU features of its llama.cpp build (loads its library)."""
+    from modules.llm.llamacpp_backend import llama_cpp_report
+    return llama_cpp_report()
+
+
 def _gib(n: int | float) -> str:
     return f"{n / 1024 ** 3:.1f} GiB"
 
@@ -69,7 +75,7 @@ def collect(ctx: Any = None, paths: Any = None) -> dict[str, Any]:
         "cuda": torch.version.cuda or "none (CPU build of torch)",
         "devices": _devices(),
         "xformers": "available" if importlib.util.find_spec("xformers") else "not installed",
-        "llama.cpp": "available (llama-cpp-python)" if importlib.util.find_spec("llama_cpp") else "not installed",
+        "llama.cpp": _llama_cpp(),
         "packages": {name: _version(name) for name in KEY_PACKAGES},
     }
     if ctx is not None:

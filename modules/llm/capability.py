@@ -20,6 +20,10 @@ def settings_section() -> SettingsSection:
         SettingSpec("llm.cpu_row_parallel", ROW_PARALLEL_DEFAULT,
                     "CPU decode: split matrix products over threads by rows (models loaded afterwards; off by "
                     "measurement on an idle machine, see docs/performance.md)", bool),
+        SettingSpec("llm.gguf_backend", "llama.cpp",
+                    "GGUF models run on: llama.cpp (its quantized kernels, the file as it is) or atelier (Atelier's own "
+                    "engine, weights dequantized; what speculative decoding, LoRA and training need)", str,
+                    choices=("llama.cpp", "atelier")),
         SettingSpec("llm.system_prompt", DEFAULT_SYSTEM_PROMPT, "Default system prompt", str),
         # ranges are what SamplingParams.validate and the OpenAI API accept; the Chat sliders are built from them
         SettingSpec("llm.max_new_tokens", 512, "Max new tokens per reply", int, minimum=1, maximum=32768, step=1),

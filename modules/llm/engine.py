@@ -171,7 +171,7 @@ class _Row:
         self.sink = sink
         self.prompt_len = len(request.prompt_ids)
         self.state = RowState(request.params, request.prompt_ids, llm.config.vocab_size,
-                              device=llm.model.lm_head.weight.device)
+                              device=llm.device)
         # the reply may not run past the context: positions are 0 .. ctx_len - 1
         self.max_new = min(request.params.max_new_tokens, ctx_len - self.prompt_len)
         self.eos = set() if request.params.ignore_eos else eos

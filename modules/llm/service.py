@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ from modules.llm.engine import (GenerationHandle, GenerationRequest, GenerationR
 from modules.llm.sampling import SETTINGS_FIELDS, SamplingParams, setting_key
 
 log = logging.getLogger(__name__)
+
+#: the two backends a model can run on (see :meth:`LLMService.backend`)
+ATELIER, LLAMA_CPP = "atelier", "llama.cpp"
 
 
 class ModelNotFound(LookupError):
@@ -103,7 +107,8 @@ class LLMService:
         self.chats = ChatStore(ctx.paths.chats_dir)
         self._lock = threading.Lock()
         self._current: str | None = None
-        self._engines: dict[str, LLMEngine] = {}
+        self._engines: dict[tuple[str, str], LLMEngine] = {}   # (model name, backend) -> engine
+        self._extra_buffers: bool | None = None   # llama.cpp's extra buffer types work here (probed on first use)
         self._reported_broken: set[tuple[str, str]] = set()  # (folder, reason) already logged once
         #: LLMFiles per model name, with the signature of the files they were read from
         self._files: dict[str, tuple[tuple, Any]] = {}
@@ -179,15 +184,33 @@ class LLMService:
         from modules.llm.cpu_threading import row_parallel_threads
         from modules.weight_bytes import estimate_load_bytes
         key = self.model_key(name)
+        backend = self.backend(name)
         if self.ctx.models.is_loaded(key):
             try:  # already in memory: no need to scan the folder again
-                return self.ctx.models.acquire(key, kind="llm")
+                lease = self.ctx.models.acquire(key, kind="llm")
             except KeyError:
                 pass  # evicted in between; load it below
+            else:
+                if getattr(lease.model, "backend", "atelier") == backend:
+                    return lease
+                lease.release()  # loaded on the other GGUF backend before the setting changed: reload
+                self.ctx.models.unload(key)
         files = self.files(name)
         path = Path(files.path)
         devices = self.ctx.devices
         threads = row_parallel_threads(bool(self.ctx.settings.get("llm.cpu_row_parallel")), devices.cpu_threads)
+
+        if backend == LLAMA_CPP:
+            def load_gguf() -> Any:
+                from modules.llm.llamacpp_backend import load_llamacpp
+                try:
+                    return load_llamacpp(path, files, threads=devices.cpu_threads or os.cpu_count() or 1,
+                                         extra_buffers=self.llama_cpp_extra_buffers())
+                except ValueError as exc:
+                    raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
+
+            return self.ctx.models.acquire(key, load_gguf, kind="llm", size_bytes=path.stat().st_size,
+                                           meta={"name": name, "path": str(path), "backend": backend})
 
         def load() -> Any:
             from modules.llm.loader import load_llm
@@ -249,12 +272,38 @@ class LLMService:
                                 "(config.json, *.safetensors, tokenizer.model)")
         return names[0]
 
-    def engine(self, name: str) -> LLMEngine:
+    def backend(self, name: str) -> str:
+        """What runs model *name*: "llama.cpp" for a GGUF file while the ``llm.gguf_backend`` setting says so
+        (and llama-cpp-python loads), else "atelier" (Atelier's own engine)."""
+        if not name.lower().endswith(".gguf"):
+            return ATELIER
+        if self.ctx.settings.get("llm.gguf_backend") != LLAMA_CPP:
+            return ATELIER
+        from modules.llm.llamacpp_runtime import llama_cpp_module
+        llama_cpp_module()  # raises LlamaCppUnavailable with what to do
+        return LLAMA_CPP
+
+    def llama_cpp_extra_buffers(self) -> bool:
+        """Whether llama.cpp may use its AMX / repacked weight buffers here: probed once, on the first GGUF
+        load (:func:`~modules.llm.llamacpp_runtime.extra_buffers_work`)."""
         with self._lock:
-            engine = self._engines.get(name)
+            if self._extra_buffers is None:
+                from modules.llm.llamacpp_runtime import extra_buffers_work
+                self._extra_buffers = extra_buffers_work()
+            return self._extra_buffers
+
+    def engine(self, name: str) -> LLMEngine:
+        """The engine for model *name* on its current backend (one per model and backend)."""
+        backend = self.backend(name)
+        with self._lock:
+            engine = self._engines.get((name, backend))
             if engine is None:
-                engine = LLMEngine(self.ctx.jobs, name, lambda: self.acquire(name))
-                self._engines[name] = engine
+                if backend == LLAMA_CPP:
+                    from modules.llm.llamacpp_backend import LlamaCppEngine
+                    engine = LlamaCppEngine(self.ctx.jobs, name, lambda: self.acquire(name))
+                else:
+                    engine = LLMEngine(self.ctx.jobs, name, lambda: self.acquire(name))
+                self._engines[(name, backend)] = engine
             return engine
 
     # -- sampling defaults ---------------------------------------------------------------------------------
@@ -418,7 +467,7 @@ def describe(llm: Any) -> dict[str, Any]:
     return {"name": llm.name, "path": str(llm.path), "context_length": int(cfg.max_position_embeddings),
             "vocab_size": int(cfg.vocab_size), "layers": int(cfg.num_hidden_layers),
             "heads": int(cfg.num_attention_heads), "kv_heads": int(cfg.num_key_value_heads),
-            "memory_mb": round(llm.memory_bytes() / 2**20, 1)}
+            "memory_mb": round(llm.memory_bytes() / 2**20, 1), "backend": getattr(llm, "backend", ATELIER)}
 
 
 def _files_signature(folder: Path) -> tuple:

@@ -146,6 +146,7 @@ def test_service_lists_gguf_files_and_serves_one(make_ctx, tiny_folder, tiny_ggu
     shutil.copy(refused / "qwen.gguf", llm_dir / "other-arch.gguf")
     (llm_dir / "notes.txt").write_text("not a model", encoding="utf-8")
     ctx = make_ctx(data_dir=tmp_path / "data")
+    ctx.settings.set("llm.gguf_backend", "atelier")   # Atelier's own engine (llama.cpp: tests/llm/test_llamacpp_backend.py)
     service = ctx.llm
     listed = {m["name"]: m for m in service.list_models()}
     assert list(listed) == [tiny_folder.name, "other-arch.gguf", "tiny.gguf"]      # folders first
@@ -259,7 +260,9 @@ def test_smollm_greedy_chat_through_the_service(make_ctx, smollm_gguf, tmp_path)
     llm_dir = tmp_path / "data" / "models" / "LLM"
     llm_dir.mkdir(parents=True)
     (llm_dir / smollm_gguf.name).symlink_to(smollm_gguf)
-    service = make_ctx(data_dir=tmp_path / "data").llm
+    ctx = make_ctx(data_dir=tmp_path / "data")
+    ctx.settings.set("llm.gguf_backend", "atelier")   # imported into Atelier's own model (llama.cpp: below)
+    service = ctx.llm
     assert service.model_names() == [smollm_gguf.name]
     greedy = SamplingParams(temperature=0, max_new_tokens=16)
     run = service.chat([{"role": "user", "content": "What is the capital of France?"}], greedy)
@@ -269,3 +272,25 @@ def test_smollm_greedy_chat_through_the_service(make_ctx, smollm_gguf, tmp_path)
     assert "Paris" in result.text, result.text
     handle, _ = service.complete("The capital of France is", SamplingParams(temperature=0, max_new_tokens=4))
     assert "Paris" in handle.result(timeout=300).text
+
+
+def test_smollm_served_by_llama_cpp_answers_and_counts_like_the_native_engine(make_ctx, smollm_gguf, tmp_path):
+    """The real Q4_1 file through the llama.cpp backend (the default for GGUF): same prompt ids as Atelier's
+    engine, a sensible completion, token counts. Its greedy chat reply may differ from the dequantized model's:
+    llama.cpp multiplies 4-bit weights with 8-bit-quantized activations, and SmolLM2's first reply token is a
+    near tie ("The" 25.33 vs "L" 25.24 in fp32)."""
+    from modules.llm.sampling import SamplingParams
+    llm_dir = tmp_path / "data" / "models" / "LLM"
+    llm_dir.mkdir(parents=True)
+    (llm_dir / smollm_gguf.name).symlink_to(smollm_gguf)
+    ctx = make_ctx(data_dir=tmp_path / "data")
+    service = ctx.llm
+    assert service.backend(smollm_gguf.name) == "llama.cpp"
+    handle, _ = service.complete("The capital of France is", SamplingParams(temperature=0, max_new_tokens=4))
+    result = handle.result(timeout=300)
+    assert "Paris" in result.text and result.completion_tokens <= 4 and result.prompt_tokens == 5
+    run = service.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(temperature=0, max_new_tokens=24))
+    reply = run.result(timeout=300)
+    assert reply.prompt_tokens == len(run.plan.ids) and reply.completion_tokens >= 1
+    assert reply.finish_reason in ("stop", "length")
