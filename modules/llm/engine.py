@@ -171,7 +171,7 @@ class _Row:
         self.sink = sink
         self.prompt_len = len(request.prompt_ids)
         self.state = RowState(request.params, request.prompt_ids, llm.config.vocab_size,
-                              device=llm.model.lm_head.weight.device)
+                              device=llm.model.model.embed_tokens.weight.device)
         # the reply may not run past the context: positions are 0 .. ctx_len - 1
         self.max_new = min(request.params.max_new_tokens, ctx_len - self.prompt_len)
         self.eos = set() if request.params.ignore_eos else eos
@@ -289,7 +289,7 @@ class _Batch:
 
     def __init__(self, llm: Any, rows: list[_Row]):
         self.model = llm.model
-        self.device = self.model.lm_head.weight.device
+        self.device = self.model.model.embed_tokens.weight.device   # lm_head may be quantized
         width = max(r.prompt_len for r in rows)
         self.cache = _new_cache(self.model, len(rows), width + max(r.max_new for r in rows))
         self.logits, self.key_mask = _prefill(self.model, rows, self.cache, self.device)

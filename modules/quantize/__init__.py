@@ -1,0 +1,1 @@
+"""Quantization: GGUF export and import, and torch-native int8 / int4 weights for Atelier's own engine."""
