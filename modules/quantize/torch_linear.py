@@ -239,7 +239,7 @@ class Int8Linear(nn.Module):
             y = int8_matmul_generic(x2, self.qweight, self.scales)
         y = y.to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -343,7 +343,7 @@ class Int4Linear(nn.Module):
             y = y[:, :self.out_features]
         y = y.to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def values(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
