@@ -28,8 +28,13 @@ The scales (and zeros) must have the activations' dtype, so they are kept in ``k
 another dtype are cast at the layer's boundary (the output is cast back): an fp32 model keeps fp32 norms,
 residuals, attention and logits, and only the matrix products see bf16 activations.
 
-**Devices.** int8 also runs off the CPU (CUDA, MPS): there the product is ``F.linear(x, q) * scale`` (exact
-for per-channel scales; the weight is converted per call, so it saves memory, not time). int4 runs on the
+**Prefill.** Both kernels are built for decode: their time grows with every input row, so at 512 rows they
+are slower than fp32 ``F.linear`` (300 against 157 ms per layer). int8 inputs of 16 rows or more therefore
+multiply by the weight converted to bf16 (``F.linear(x, q) * scale``, exact for per-channel scales: 49 ms at
+512 rows); int4 has no such path (see :data:`INT8_DEQUANT_ROWS`), so its prefill stays slower than fp32's.
+
+**Devices.** int8 also runs off the CPU (CUDA, MPS) with that converted-weight product (the weight is
+converted per call, so it saves memory, not time). int4 runs on the
 CPU only: torch's CUDA int4 kernel needs another packing (``_convert_weight_to_int4pack``, bf16 only), which
 this module does not implement: there was no GPU to test it on.
 
@@ -56,6 +61,12 @@ INT4_ROW_MULTIPLE = 16
 _CPU_INT4_BLOCK = 64
 #: the kernels' activation dtype on the CPU (see the module docstring)
 DEFAULT_KERNEL_DTYPE = torch.bfloat16
+#: inputs of at least this many rows (prefill) multiply by the weight converted to the kernel dtype instead of
+#: calling the int8 kernel, which is built for decode: 7 linears of a TinyLlama layer in bf16, 2 threads,
+#: rows 8 / 16 / 64 / 512: kernel 7.3 / 12.8 / 43 / 300 ms, converted weight 11.8 / 12.2 / 16 / 49 ms
+INT8_DEQUANT_ROWS = 16
+#: int4 has no such path: converting its weight (unpacking the nibbles, a scale and an offset per group) took
+#: ~80 ms per 5632x2048 matrix, about what the kernel itself spends on a 512-token prefill
 
 
 def _round_up_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -233,7 +244,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        if self.qweight.device.type == "cpu":
+        if self.qweight.device.type == "cpu" and x2.shape[0] < INT8_DEQUANT_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         else:
             y = int8_matmul_generic(x2, self.qweight, self.scales)

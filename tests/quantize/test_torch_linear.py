@@ -1,4 +1,6 @@
 """int8 / int4 weight-only layers: kernel output against the dequantized weight, error bounds, packing, shapes."""
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -54,10 +56,12 @@ def test_constant_and_zero_groups_quantize_exactly():
 
 @pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g64", "int4-g128"])
 def test_kernel_output_equals_the_dequantized_weight_product(kind):
-    """fp32 kernels: exact to fp32 rounding; bf16 kernels: the same product of bf16-rounded activations."""
+    """fp32 kernels: exact to fp32 rounding; bf16 kernels: the same product of bf16-rounded activations.
+    10 rows take the decode kernels, 40 rows (prefill) int8's converted-weight product."""
     layer = linear(96, 256, bias=True)
-    x = torch.randn(2, 5, 256)
-    for kernel_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+    for x, kernel_dtype in itertools.product((torch.randn(2, 5, 256), torch.randn(40, 256)),
+                                             (torch.float32, torch.bfloat16)):
+        tol = 1e-5 if kernel_dtype == torch.float32 else 1e-2
         if kind == "int8":
             q = Int8Linear.from_float(layer, kernel_dtype)
         else:
@@ -66,7 +70,7 @@ def test_kernel_output_equals_the_dequantized_weight_product(kind):
         assert w.shape == (96, 256)
         ref = x.to(kernel_dtype).float() @ w.T + layer.bias.detach()
         y = q(x)
-        assert y.shape == (2, 5, 96) and y.dtype == torch.float32
+        assert y.shape == (*x.shape[:-1], 96) and y.dtype == torch.float32
         assert (y - ref).abs().max() <= tol * ref.abs().max()
         yb = q(x.bfloat16())                                                # bf16 inputs work too, stay bf16
         assert yb.dtype == torch.bfloat16 and (yb.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
