@@ -12,8 +12,10 @@ speeds are described in :mod:`modules.quantize.torch_linear`.
 Why ``lm_head`` is quantized by default: decode reads every weight once per token, and TinyLlama's
 lm_head (32000 x 2048) is 6 % of the fp32 bytes but a third of what is left once the blocks are int4.
 With tied embeddings the quantized lm_head is a separate copy (the embedding table stays in the model's
-dtype; only one row of it is read per token). ``lm_head=False`` keeps it in the model's dtype; the perplexity
-each choice costs is printed by ``benchmarks/quantize_torch.py``.
+dtype; only one row of it is read per token). ``lm_head=False`` keeps it in the model's dtype. Measured by
+``benchmarks/quantize_torch.py`` (2026-12-02, 2 threads): int4-g32 decodes the 1.1B shape at 2.78x fp32 with
+lm_head quantized and 2.48x without; on the demo chat model the answer perplexity changes by +0.46 % and
++0.44 %, int8 by -0.03 %.
 
 A quantized folder is an ordinary Hugging Face folder whose ``model.safetensors`` holds the quantized
 tensors (``<linear>.weight`` int8 or uint8 nibbles, ``<linear>.weight_scale``, int4 also ``.weight_zero``) and
