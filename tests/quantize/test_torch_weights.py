@@ -116,13 +116,21 @@ def test_setting_is_declared_with_its_choices():
 
 
 def test_service_applies_the_setting(make_ctx, folder):
+    """The Chat tab and /v1 load through LLMService: the setting applies there, and the model manager records
+    the quantized size."""
     ctx = make_ctx(data_dir=folder.parent.parent.parent)
-    ctx.settings.set("llm.weight_quantization", "int8")
-    lease = ctx.llm.acquire(folder.name)
-    try:
-        assert isinstance(lease.model.model.lm_head, Int8Linear)
-    finally:
-        lease.release()
+    sizes = {}
+    for choice in ("none", "int8"):
+        ctx.settings.set("llm.weight_quantization", choice)
+        lease = ctx.llm.acquire(folder.name)
+        try:
+            assert isinstance(lease.model.model.lm_head, Int8Linear) is (choice == "int8")
+            sizes[choice] = ctx.models.loaded("llm")[0]["size_mb"]
+        finally:
+            lease.release()
+        if choice == "none":
+            ctx.llm.unload(folder.name)
+    assert sizes["int8"] < 0.5 * sizes["none"]
     run = ctx.llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(temperature=0, max_new_tokens=6,
                                                                                ignore_eos=True))
     assert run.result(60).completion_tokens == 6
