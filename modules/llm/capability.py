@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from modules.llm.cpu_threading import ROW_PARALLEL_DEFAULT
+from modules.quantize.torch_weights import WEIGHT_QUANT_CHOICES
 from modules.settings import SettingSpec, SettingsSection
 from modules.tabs import TabSpec, lazy_build
 
@@ -24,6 +25,11 @@ def settings_section() -> SettingsSection:
                     "GGUF models run on: llama.cpp (its quantized kernels, the file as it is) or atelier (Atelier's own "
                     "engine, weights dequantized; what speculative decoding, LoRA and training need)", str,
                     choices=("llama.cpp", "atelier")),
+        SettingSpec("llm.weight_quantization", "none",
+                    "Weight quantization of Atelier's own engine at load time (models loaded afterwards): int8 per "
+                    "channel, or int4 in groups of 32/64/128 weights (CPU only); smaller and faster to decode, "
+                    "slightly less accurate (benchmarks/quantize_torch.py measures both)", str,
+                    choices=WEIGHT_QUANT_CHOICES),
         SettingSpec("llm.system_prompt", DEFAULT_SYSTEM_PROMPT, "Default system prompt", str),
         # ranges are what SamplingParams.validate and the OpenAI API accept; the Chat sliders are built from them
         SettingSpec("llm.max_new_tokens", 512, "Max new tokens per reply", int, minimum=1, maximum=32768, step=1),

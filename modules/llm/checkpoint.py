@@ -156,9 +156,18 @@ def expected_shapes(model: Llama) -> dict[str, tuple[int, ...]]:
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                allow_unsafe_pickle: bool = False, config: LlamaConfig | None = None) -> Llama:
-    """Build the model described by ``folder/config.json`` and load its weights, cast to ``dtype``."""
+    """Build the model described by ``folder/config.json`` and load its weights, cast to ``dtype``.
+
+    A folder saved by :func:`modules.quantize.torch_weights.save_quantized_folder` (``quantization_config``
+    in config.json) loads as that quantized model, from its stored int8/int4 tensors.
+    """
+    from modules.quantize.torch_weights import load_quantized_model, read_quantization_config
+
     folder = Path(folder)
     config = config or LlamaConfig.from_json_file(folder / "config.json")
+    quant = read_quantization_config(folder)
+    if quant is not None:
+        return load_quantized_model(folder, device, dtype, config=config, quant=quant)
     files = weight_files(folder, allow_unsafe_pickle)
     with torch.device("meta"):
         model = Llama(config)

@@ -77,6 +77,8 @@ class RowParallel:
 
     def linears(self, x: torch.Tensor, modules: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
         """``[m(x) for m in modules]``, with row blocks computed by whichever thread is free."""
+        if not all(isinstance(m, nn.Linear) for m in modules):   # int8/int4 layers (modules.quantize) run whole
+            return [m(x) for m in modules]
         total = sum(m.weight.shape[0] for m in modules)
         if total < self.min_rows or not self.applies(x):
             return [m(x) for m in modules]

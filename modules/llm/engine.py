@@ -289,7 +289,7 @@ class _Batch:
 
     def __init__(self, llm: Any, rows: list[_Row]):
         self.model = llm.model
-        self.device = self.model.lm_head.weight.device
+        self.device = self.model.model.embed_tokens.weight.device   # lm_head may be quantized
         width = max(r.prompt_len for r in rows)
         self.cache = _new_cache(self.model, len(rows), width + max(r.max_new for r in rows))
         self.logits, self.key_mask = _prefill(self.model, rows, self.cache, self.device)

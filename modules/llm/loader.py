@@ -42,11 +42,11 @@ class LoadedLLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.model.embed_tokens.weight.device   # lm_head may be quantized (no .weight)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        return self.model.model.embed_tokens.weight.dtype
 
     @property
     def context_length(self) -> int:
@@ -94,7 +94,7 @@ def read_llm_files(path: str | Path) -> LLMFiles:
 
 def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              allow_unsafe_pickle: bool = False, row_parallel_threads: int = 1,
-             files: LLMFiles | None = None, attention: str = "sdpa") -> LoadedLLM:
+             files: LLMFiles | None = None, attention: str = "sdpa", weight_quant: str = "none") -> LoadedLLM:
     """Load a Hugging Face Llama folder: config, tokenizer and template first (cheap, fail fast), then weights.
 
     row_parallel_threads: on CPU, split decode matmuls over this many threads
@@ -102,8 +102,12 @@ def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     ``llm.cpu_row_parallel`` setting's choice.
     files: the folder's :func:`read_llm_files`, when the caller has it already (the tokenizer is then shared).
     attention: "sdpa" or "xformers" (``--xformers``).
+    weight_quant: "none", or a :mod:`modules.quantize.torch_weights` scheme ("int8", "int4-g32", "int4-g64",
+    "int4-g128") applied after loading (the ``llm.weight_quantization`` setting); a folder saved quantized
+    keeps its own scheme.
     """
     from modules.llm.checkpoint import load_model
+    from modules.quantize.torch_weights import apply_weight_quant
 
     if is_gguf(path):
         from modules.quantize.gguf_import import load_gguf_llm
@@ -115,12 +119,14 @@ def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     model = load_model(folder, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,
                        config=files.config)
     model.use_attention(attention)
-    if torch.device(device).type == "cpu" and row_parallel_threads > 1:
+    quant = apply_weight_quant(model, weight_quant, folder.name)   # None: plain weights
+    if torch.device(device).type == "cpu" and row_parallel_threads > 1 and quant is None:
         model.use_row_parallel(row_parallel_threads)
     llm = LoadedLLM(name=folder.name, path=folder, config=files.config, model=model, tokenizer=files.tokenizer,
                     template=files.template, generation_config=files.generation_config)
-    log.info("Loaded LLM %s (%.1fM parameters, %s, %s) in %.1f s", folder.name, model.num_parameters() / 1e6,
-             str(dtype).replace("torch.", ""), device, time.perf_counter() - started)
+    log.info("Loaded LLM %s (%.1fM parameters, %s%s, %s) in %.1f s", folder.name,
+             files.config.num_parameters() / 1e6, str(dtype).replace("torch.", ""),
+             f", weights {quant}" if quant else "", device, time.perf_counter() - started)
     return llm
 
 

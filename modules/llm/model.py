@@ -285,7 +285,8 @@ class Llama(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A cache for ``batch_size`` rows and ``max_len`` token slots, on the model's device and dtype."""
         # Slots may exceed max_position_embeddings: left-padded rows use more slots than positions.
-        weight = self.lm_head.weight
+        # The embedding, never quantized, has the compute dtype (lm_head may be an int8/int4 layer).
+        weight = self.model.embed_tokens.weight
         return KVCache(self.config.num_hidden_layers, batch_size, self.config.num_key_value_heads, max_len,
                        self.config.head_dim, dtype=weight.dtype, device=weight.device)
 

@@ -199,6 +199,7 @@ class LLMService:
         path = Path(files.path)
         devices = self.ctx.devices
         threads = row_parallel_threads(bool(self.ctx.settings.get("llm.cpu_row_parallel")), devices.cpu_threads)
+        weight_quant = self.ctx.settings.get("llm.weight_quantization") or "none"
 
         if backend == LLAMA_CPP:
             def load_gguf() -> Any:
@@ -217,7 +218,7 @@ class LLMService:
             try:
                 return load_llm(path, devices.device, devices.dtype, files=files, row_parallel_threads=threads,
                                 allow_unsafe_pickle=bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False)),
-                                attention=devices.attention)
+                                attention=devices.attention, weight_quant=weight_quant)
             except (ValueError, OSError, KeyError) as exc:
                 raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
 

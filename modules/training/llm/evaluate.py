@@ -128,7 +128,7 @@ def loglikelihoods(model: Llama, requests: Sequence[tuple[Sequence[int], Sequenc
         whole = (list(context) + list(continuation))[-(max_len + 1):][:-1]
         inputs.append((index, whole, list(continuation)))
     inputs.sort(key=lambda r: -len(r[1]))       # longest first: padding stays small, memory peaks early
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device     # lm_head may be an int8/int4 layer
     vocab = model.config.vocab_size
     results: list[tuple[float, bool] | None] = [None] * len(inputs)
     start = 0
