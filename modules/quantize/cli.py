@@ -11,6 +11,7 @@ import logging
 #: command name -> module implementing it
 COMMANDS: dict[str, str] = {
     "export": "modules.quantize.export_command",
+    "report": "modules.quantize.report_command",
 }
 
 

@@ -43,11 +43,11 @@ class QuantizeController:
 
     # -- choices -------------------------------------------------------------------------------------------
     def source_choices(self) -> list[str]:
-        """Hugging Face model folders of models/LLM that load (GGUF files are already quantized)."""
+        """The models of models/LLM that load: Hugging Face folders, and GGUF files (re-exported into other
+        types and measured against their own weights dequantized)."""
         if self.ctx.llm is None:
             return []
-        return [m["name"] for m in self.ctx.llm.list_models()
-                if not m.get("error") and not m["name"].lower().endswith(".gguf")]
+        return self.ctx.llm.model_names()
 
     @staticmethod
     def format_choices() -> list[str]:

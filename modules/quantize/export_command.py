@@ -3,7 +3,8 @@
     python -m modules.quantize export MODEL --type Q4_K_M [--out FILE] [--overwrite] [--threads N]
                                       [--imatrix-text FILE] [--data-dir DIR]
 
-MODEL is a folder of ``models/LLM/`` in the data dir, or a path to a Hugging Face Llama folder. The file goes
+MODEL is a folder of ``models/LLM/`` in the data dir, or a path to a Hugging Face Llama folder, or a GGUF file
+(re-exported as another type: its weights dequantized, its tokenizer copied). The file goes
 to ``models/LLM/<MODEL>.<TYPE>.gguf`` unless ``--out`` says otherwise: the type after the model name and a
 dot, upper-case as llama.cpp spells it, is the naming most published GGUF files use
 (``SmolLM2-135M-Instruct.Q4_1.gguf``), so a folder of exports sorts by model and reads by type. An existing
@@ -70,7 +71,8 @@ def export(args: argparse.Namespace) -> Path:
     kind = gguf_type(args.type)
     llm_dir = Paths.from_options(args.data_dir).model_dir("LLM")
     folder = resolve_model(args.model, llm_dir)
-    out = args.out if args.out is not None else llm_dir / f"{folder.name}.{kind.name}.gguf"
+    stem = folder.name[:-len(".gguf")].rsplit(".", 1)[0] if folder.suffix.lower() == ".gguf" else folder.name
+    out = args.out if args.out is not None else llm_dir / f"{stem}.{kind.name}.gguf"
     if out.exists() and not args.overwrite:
         raise GGUFExportError(f"{out} already exists; pass --overwrite to replace it, or --out to write elsewhere")
     if args.threads < 0:
@@ -93,6 +95,8 @@ def resolve_model(spec: str, llm_dir: Path) -> Path:
 
     for candidate in (Path(spec).expanduser(), llm_dir / spec):
         if candidate.is_dir() and (candidate / "config.json").is_file():
+            return candidate.resolve()
+        if candidate.is_file() and candidate.suffix.lower() == ".gguf":     # a re-export of another GGUF
             return candidate.resolve()
     names = sorted(p.name for p in llm_dir.iterdir() if (p / "config.json").is_file()) if llm_dir.is_dir() else []
     available = f"models there: {', '.join(names)}" if names else "there are no models there"

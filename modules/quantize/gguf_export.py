@@ -291,6 +291,9 @@ def export_model(source: str | Path, out_path: str | Path, out_type: str, *, ove
     kind = gguf_type(out_type)
     folder = Path(source).expanduser()
     out_path = Path(out_path).expanduser()
+    if folder.is_file() and folder.suffix.lower() == ".gguf":
+        return _export_gguf(folder, out_path, kind, overwrite=overwrite, imatrix=imatrix, threads=threads,
+                            progress=progress)
     if not (folder / "config.json").is_file():
         raise GGUFExportError(f"{folder} is not a model folder (no config.json); give a Hugging Face Llama folder, "
                               "e.g. models/LLM/<name>")
@@ -311,6 +314,27 @@ def export_model(source: str | Path, out_path: str | Path, out_type: str, *, ove
     return export_tensors(config, reader.tensors(wanted), tokenizer, out_path, kind.name, name=folder.name,
                           source_type=source_type, overwrite=overwrite, imatrix=imatrix, threads=threads,
                           progress=progress)
+
+
+def _export_gguf(path: Path, out_path: Path, kind: GGUFType, *, overwrite: bool, imatrix: ImportanceMatrix | None,
+                 threads: int, progress: Progress | None) -> Path:
+    """Re-export a GGUF (another type of the same model): its weights dequantized to float32 by
+    :func:`~modules.quantize.gguf_import.gguf_state_dict`, its tokenizer fields copied verbatim."""
+    from modules.quantize.gguf_import import GGUFImportError, gguf_config, gguf_state_dict
+    if out_path.resolve() == path.resolve():
+        raise GGUFExportError(f"{out_path} is the source file itself; write the re-export elsewhere")
+    try:
+        config = gguf_config(path)
+    except GGUFImportError as exc:
+        raise GGUFExportError(f"{path.name} cannot be re-exported: {exc}") from None
+    _check_target(out_path, overwrite)
+    _check_imatrix(kind, imatrix)
+    tokenizer = GGUFTokenizer.from_gguf(path)
+    check_llama_cpp_support(config, tokenizer)
+    state = gguf_state_dict(path, dtype=torch.float32)
+    name = path.name[:-len(".gguf")]
+    return export_tensors(config, state.items(), tokenizer, out_path, kind.name, name=name, source_type="F32",
+                          overwrite=overwrite, imatrix=imatrix, threads=threads, progress=progress)
 
 
 def export_tensors(config: LlamaConfig, tensors: Iterable[tuple[str, torch.Tensor]], tokenizer: GGUFTokenizer,

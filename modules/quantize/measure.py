@@ -2,11 +2,10 @@
 
 One definition of each figure for every format, so the rows of a report compare:
 
-* **perplexity**: lm-eval's rolling windows (:func:`modules.training.llm.evaluate.rolling_windows`, disjoint
-  windows of the model's context, the first predicted from BOS), ``exp(total NLL / tokens)``. Atelier's own
-  models are scored with :func:`modules.training.llm.evaluate.perplexity`; a GGUF is scored by llama.cpp on
-  exactly the same windows (:class:`LlamaCppLogits`, a context that keeps every position's logits, as
-  llama.cpp's own ``llama-perplexity`` tool does);
+* **perplexity**: of the assistant's answers given their prompts, over the held-out chats of
+  :mod:`modules.quantize.heldout_text` (why answers and not whole chats: that module's docstring), with the
+  same inputs on every backend: Atelier's forward pass, or llama.cpp through a context that keeps every
+  position's logits (:class:`LlamaCppLogits`, as llama.cpp's own ``llama-perplexity`` tool does);
 * **greedy agreement**: over a fixed prompt set, the share of the reference's greedy tokens that the
   quantized model reproduces before its first divergence (1.0 = identical continuations), and the share of
   prompts whose continuations are identical;
@@ -36,20 +35,6 @@ AGREEMENT_PROMPTS = (
 )
 
 
-def heldout_documents(template: Any, count: int = 120, seed: int = 0) -> list[str]:
-    """Held-out chats rendered with *template*: the synthetic families of ``make-sft-data`` phrased only with
-    its held-out templates (made by code, so no download, and never in the demo model's training data)."""
-    import random
-
-    from modules.training.llm.drawing_requests import drawing_items
-    from modules.training.llm.small_tasks import arithmetic_items, formatting_items
-    rng = random.Random(seed)
-    per = max(1, count // 3)
-    items = (drawing_items(per, rng, held_out=True) + arithmetic_items(per, rng, held_out=True)
-             + formatting_items(per, rng, held_out=True))
-    return [template.render(item["messages"], add_generation_prompt=False) for item in items[:count]]
-
-
 def chat_prompt_ids(files: Any, text: str) -> list[int]:
     """A one-turn chat prompt for *text* with the model's template, as the Chat tab builds it."""
     from modules.llm.chat_template import prompt_ids
@@ -75,28 +60,30 @@ class LlamaCppLogits:
         self.weights.close()
 
 
-def window_perplexity(logits_of: Any, tokenizer: Any, documents: Sequence[str], seq_len: int) -> dict:
-    """Perplexity over lm-eval's rolling windows with *logits_of(ids) -> [T, V]* (any backend)."""
-    from modules.training.llm.evaluate import rolling_windows
-    nll, tokens = 0.0, 0
-    for document in documents:
-        ids = tokenizer.encode(document, add_bos=False)
-        for context, continuation in rolling_windows(ids, tokenizer.bos_id, seq_len):
-            whole = (list(context) + list(continuation))[-(seq_len + 1):]
-            logits = logits_of(whole[:-1]).float()
-            scored = torch.log_softmax(logits[-len(continuation):], dim=-1)
-            target = torch.tensor(continuation, dtype=torch.long)
-            nll -= float(scored.gather(1, target[:, None]).sum())
-            tokens += len(continuation)
+def answer_requests(files: Any, per_family: int = 40, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of the held-out chats (:mod:`modules.quantize.heldout_text`) for this model's
+    tokenizer and template."""
+    from modules.quantize.heldout_text import answer_requests as requests_for, heldout_chats
+    return requests_for(files.tokenizer, files.template, heldout_chats(per_family, seed))
+
+
+def answer_perplexity(logits_of: Any, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      seq_len: int) -> dict:
+    """{"ppl", "nll", "tokens", "greedy"} of the answers given their prompts, with *logits_of(ids) -> [T, V]*
+    from any backend: the input is ``(prompt + answer)[-(seq_len + 1):][:-1]`` and its last ``len(answer)``
+    positions score the answer (lm-eval's log-likelihood convention); ``greedy`` is the share of answers that
+    are the argmax at every token."""
+    nll, tokens, greedy = 0.0, 0, 0
+    for context, answer in requests:
+        whole = (list(context) + list(answer))[-(seq_len + 1):]
+        logits = logits_of(whole[:-1]).float()[-len(answer):]
+        target = torch.tensor(list(answer), dtype=torch.long)
+        nll -= float(torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).sum())
+        greedy += int(bool((logits.argmax(dim=-1) == target).all()))
+        tokens += len(answer)
     if not tokens:
-        raise ValueError("the held-out text is empty")
-    return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens}
-
-
-def atelier_perplexity(llm: Any, documents: Sequence[str], seq_len: int | None = None) -> dict:
-    """Perplexity of a loaded Atelier model (batched, :func:`modules.training.llm.evaluate.perplexity`)."""
-    from modules.training.llm.evaluate import perplexity
-    return perplexity(llm.model, llm.tokenizer, list(documents), seq_len=seq_len or llm.config.max_position_embeddings)
+        raise ValueError("there are no answers to score")
+    return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens, "greedy": greedy / len(requests)}
 
 
 # ------------------------------------------------------------------------------------- greedy and speed
@@ -119,11 +106,11 @@ class GreedyRun:
 
 
 def greedy_run(llm: Any, prompts: Sequence[list[int]], max_new_tokens: int = 32) -> GreedyRun:
-    """Greedy replies (EOS ignored, so every prompt yields *max_new_tokens*) on *llm*'s own backend."""
+    """Greedy replies, ending at EOS or *max_new_tokens*, on *llm*'s own backend (what Chat would answer
+    at temperature 0; past EOS a chat model's tokens mean nothing, so they are not compared)."""
     from modules.llm.engine import GenerationRequest, _NullSink, generate
     from modules.llm.sampling import SamplingParams
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, ignore_eos=True,
-                            repetition_penalty=1.0)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, repetition_penalty=1.0)
     out, decode_tokens, decode_seconds, prefill_tokens, prefill_seconds = [], 0, 0.0, 0, 0.0
     for ids in prompts:
         request = GenerationRequest(list(ids), params, label="quantize report")

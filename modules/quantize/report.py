@@ -42,7 +42,7 @@ class QuantizeError(ValueError):
 
 
 def gguf_types() -> dict[str, Any]:
-    from modules.quantize.gguf_export import GGUF_TYPES
+    from modules.quantize.gguf_types import GGUF_TYPES
     return dict(GGUF_TYPES)
 
 
@@ -51,11 +51,19 @@ def known_formats() -> list[str]:
     return list(gguf_types()) + list(TORCH_FORMATS)
 
 
+def model_stem(name: str) -> str:
+    """The model's name without ``.gguf`` and a GGUF type: ``SmolLM2-135M-Instruct.Q4_1.gguf`` ->
+    ``SmolLM2-135M-Instruct``, so re-exports are named after the model, not after the file they came from."""
+    if not name.lower().endswith(".gguf"):
+        return name
+    base = name[:-5]
+    head, _, tail = base.rpartition(".")
+    return head if head and tail.upper() in gguf_types() else base
+
+
 def output_path(models_dir: Path, source: str, fmt: str) -> Path:
     """Where format *fmt* of model *source* is written (see the module docstring)."""
-    base = Path(source).name
-    if base.lower().endswith(".gguf"):
-        base = base[:-5]
+    base = model_stem(Path(source).name)
     return models_dir / (f"{base}-{fmt}" if fmt in TORCH_FORMATS else f"{base}.{fmt}.gguf")
 
 
@@ -101,8 +109,8 @@ class QuantizeReport:
     def markdown(self) -> str:
         head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
         body = "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in self.table_rows())
-        return (f"Model {self.source} ({self.parameters / 1e6:.2f}M parameters); perplexity on "
-                f"{self.heldout_tokens} held-out tokens; greedy agreement over {len(measure.AGREEMENT_PROMPTS)} "
+        return (f"Model {self.source} ({self.parameters / 1e6:.2f}M parameters); perplexity of the answers of held-out "
+                f"chats ({self.heldout_tokens} tokens); greedy agreement over {len(measure.AGREEMENT_PROMPTS)} "
                 f"prompts.\n\n" + head + body)
 
 
@@ -111,13 +119,14 @@ COLUMNS = ("format", "model", "backend", "size MB", "bits/weight", "perplexity",
 
 
 def _source_folder(models_dir: Path, source: str) -> Path:
+    """The model to quantize: a Hugging Face folder, or a GGUF file (measured against its dequantized weights)."""
     path = Path(source)
     folder = path if path.is_absolute() or path.exists() else models_dir / source
     if not folder.exists():
-        raise QuantizeError(f"no model {source!r} in {models_dir}: give a model folder name from models/LLM or a path")
-    if folder.is_file():
-        raise QuantizeError(f"{folder.name} is a file; quantize reports start from a Hugging Face model folder "
-                            "(config.json + safetensors): the unquantized reference is measured from it")
+        raise QuantizeError(f"no model {source!r} in {models_dir}: give a model folder or .gguf file name from "
+                            "models/LLM, or a path")
+    if folder.is_file() and folder.suffix.lower() != ".gguf":
+        raise QuantizeError(f"{folder.name} is neither a model folder (config.json + safetensors) nor a .gguf file")
     return folder
 
 
@@ -161,13 +170,13 @@ def _weights_size(path: Path) -> int:
 
 
 def run_report(models_dir: str | Path, source: str, formats: Sequence[str], *, threads: int = 2,
-               progress: Progress | None = None, overwrite: bool = False, max_new_tokens: int = 32,
-               heldout: Sequence[str] | None = None, models: Any = None, extra_buffers: bool | None = None,
+               progress: Progress | None = None, overwrite: bool = False, max_new_tokens: int = 48,
+               heldout: Sequence[tuple[list[int], list[int]]] | None = None, models: Any = None, extra_buffers: bool | None = None,
                check_interrupted: Callable[[], None] | None = None) -> QuantizeReport:
     """Write every format of model *source* into *models_dir* and measure it (see the module docstring).
 
     progress(fraction, text): called as each stage (writing, quantizing, evaluating) starts.
-    heldout: documents for perplexity (default :func:`measure.heldout_documents` with the model's template).
+    heldout: (prompt ids, answer ids) to score (default :func:`measure.answer_requests` for the model).
     extra_buffers: llama.cpp's AMX / repacked buffers (None: probe, :func:`~modules.llm.llamacpp_runtime.extra_buffers_work`).
     """
     from modules.llm.loader import load_llm, read_llm_files
@@ -181,7 +190,7 @@ def run_report(models_dir: str | Path, source: str, formats: Sequence[str], *, t
     loads = _Loads(models)
     say = progress or (lambda fraction, text: None)
     check = check_interrupted or (lambda: None)
-    documents = list(heldout) if heldout is not None else measure.heldout_documents(files.template)
+    requests = list(heldout) if heldout is not None else measure.answer_requests(files)
     prompts = [measure.chat_prompt_ids(files, text) for text in measure.AGREEMENT_PROMPTS]
     seq_len = int(files.config.max_position_embeddings)
     params = files.config.num_parameters()
@@ -201,36 +210,38 @@ def run_report(models_dir: str | Path, source: str, formats: Sequence[str], *, t
 
     def measure_reference(llm: Any) -> tuple[dict, measure.GreedyRun]:
         with torch.inference_mode():
-            return (measure.window_perplexity(atelier_logits(llm), files.tokenizer, documents, seq_len),
+            return (measure.answer_perplexity(atelier_logits(llm), requests, seq_len),
                     measure.greedy_run(llm, prompts, max_new_tokens))
 
     ref_ppl, ref_run = loads.run(str(folder), lambda: load_llm(folder, files=files),
                                  measure_reference)
     reference = ReportRow("F32 (reference)", folder.name, "atelier", params * 4, 32.0,
                           ref_ppl["ppl"], 0.0, 1.0, 1.0, ref_run.decode_tps, ref_run.prefill_tps,
-                          note="Atelier's own engine, fp32 weights in memory")
+                          note="Atelier's own engine, fp32 weights in memory"
+                          + (" (the GGUF's weights dequantized)" if folder.is_file() else ""))
     report = QuantizeReport(folder.name, params, ref_ppl["tokens"], reference)
 
     for fmt in formats:
         out = output_path(models_dir, folder.name, fmt)
         started = time.perf_counter()
         if out.exists() and not overwrite:
-            note, seconds = "existing file measured (tick 'replace' to rewrite it)", 0.0
+            note, seconds = "existing file measured as it is (replace it to rewrite)", 0.0
             done[0] += 1
         else:
             stage(f"{fmt}: writing and quantizing {out.name}")
-            _produce(folder, out, fmt, threads=threads, overwrite=overwrite, progress=say)
+            _produce(folder, out, fmt, threads=threads, overwrite=overwrite, progress=say,
+                     base=(done[0] - 1) / steps, span=1 / steps)
             note, seconds = "", time.perf_counter() - started
         stage(f"{fmt}: evaluating {out.name}")
         if fmt in TORCH_FORMATS:
             def use(llm: Any) -> tuple[dict, measure.GreedyRun]:
                 with torch.inference_mode():
-                    return (measure.window_perplexity(atelier_logits(llm), files.tokenizer, documents, seq_len),
+                    return (measure.answer_perplexity(atelier_logits(llm), requests, seq_len),
                             measure.greedy_run(llm, prompts, max_new_tokens))
             ppl, run = loads.run(str(out), lambda: load_llm(out), use)
             backend = "atelier"
         else:
-            ppl, run = _measure_gguf(out, files, documents, prompts, seq_len, threads, max_new_tokens, loads,
+            ppl, run = _measure_gguf(out, files, requests, prompts, seq_len, threads, max_new_tokens, loads,
                                      bool(extra_buffers))
             backend = "llama.cpp"
         size = _weights_size(out)
@@ -242,19 +253,33 @@ def run_report(models_dir: str | Path, source: str, formats: Sequence[str], *, t
     return report
 
 
-def _produce(folder: Path, out: Path, fmt: str, *, threads: int, overwrite: bool, progress: Progress) -> None:
-    """Write format *fmt* of the model in *folder* to *out*."""
+def _produce(folder: Path, out: Path, fmt: str, *, threads: int, overwrite: bool, progress: Progress,
+             base: float, span: float) -> None:
+    """Write format *fmt* of the model in *folder* to *out*; progress moves from *base* over *span*."""
     if fmt in TORCH_FORMATS:
+        import tempfile
+
         from modules.llm.loader import load_llm
         from modules.quantize.torch_weights import quantize_model, save_quantized_folder
         llm = load_llm(folder)
-        save_quantized_folder(quantize_model(llm.model, fmt), out, fmt, tokenizer_dir=folder)
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            if folder.is_file():          # a GGUF: its tokenizer as Hugging Face files, for the new folder
+                from modules.quantize.gguf_import import gguf_tokenizer_files
+                gguf_tokenizer_files(folder, tokenizer_dir)
+            save_quantized_folder(quantize_model(llm.model, fmt), out, fmt,
+                                  tokenizer_dir=tokenizer_dir if folder.is_file() else folder,
+                                  generation_config=llm.generation_config or None, overwrite=overwrite)
         return
     from modules.quantize.gguf_export import export_model
-    export_model(folder, out, fmt, overwrite=overwrite, threads=threads)
+
+    def stage(name: str, fraction: float) -> None:   # export_model's progress: ("writing" | "quantizing", 0..1)
+        progress(base + span * (0.5 * fraction if name == "writing" else 0.5 + 0.5 * fraction), f"{fmt}: {name}")
+
+    export_model(folder, out, fmt, overwrite=overwrite, threads=threads, progress=stage)
 
 
-def _measure_gguf(path: Path, files: Any, documents: Sequence[str], prompts: list[list[int]], seq_len: int,
+def _measure_gguf(path: Path, files: Any, requests: Sequence[tuple[list[int], list[int]]], prompts: list[list[int]],
+                  seq_len: int,
                   threads: int, max_new_tokens: int, loads: _Loads,
                   extra_buffers: bool) -> tuple[dict, measure.GreedyRun]:
     """Perplexity through a logits-for-every-position llama.cpp context, speed and greedy tokens through the
@@ -262,7 +287,7 @@ def _measure_gguf(path: Path, files: Any, documents: Sequence[str], prompts: lis
     from modules.llm.llamacpp_backend import load_llamacpp
     scorer = measure.LlamaCppLogits(str(path), n_ctx=seq_len, threads=threads, extra_buffers=extra_buffers)
     try:
-        ppl = measure.window_perplexity(scorer, files.tokenizer, documents, seq_len)
+        ppl = measure.answer_perplexity(scorer, requests, seq_len)
     finally:
         scorer.close()
     run = loads.run(str(path), lambda: load_llamacpp(path, files, threads=threads, extra_buffers=extra_buffers),
