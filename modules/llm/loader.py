@@ -109,10 +109,14 @@ def load_llm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     from modules.llm.checkpoint import load_model
     from modules.quantize.torch_weights import apply_weight_quant
 
-    if is_gguf(path):
+    if is_gguf(path):   # dequantized into Atelier's model, then (per the setting) kept 8- or 4-bit in memory
         from modules.quantize.gguf_import import load_gguf_llm
-        return load_gguf_llm(path, device, dtype, row_parallel_threads=row_parallel_threads, files=files,
-                             attention=attention)
+        llm = load_gguf_llm(path, device, dtype, files=files, attention=attention,
+                            row_parallel_threads=row_parallel_threads if weight_quant == "none" else 1)
+        quant = apply_weight_quant(llm.model, weight_quant, llm.name)
+        if quant:
+            log.info("LLM %s: weights %s in memory", llm.name, quant)
+        return llm
     folder = Path(path)
     started = time.perf_counter()
     files = files or read_llm_files(folder)

@@ -294,3 +294,20 @@ def test_smollm_served_by_llama_cpp_answers_and_counts_like_the_native_engine(ma
     reply = run.result(timeout=300)
     assert reply.prompt_tokens == len(run.plan.ids) and reply.completion_tokens >= 1
     assert reply.finish_reason in ("stop", "length")
+
+
+def test_a_gguf_can_be_kept_8_bit_in_atelier_s_model(tiny_ggufs):
+    """Point 2 with point 4: a GGUF dequantized into Atelier's model, then held as int8 weights (the
+    ``llm.weight_quantization`` setting), smaller and still giving the same greedy tokens on this model."""
+    from modules.llm.engine import GenerationRequest, generate
+    from modules.llm.loader import load_llm
+    from modules.llm.sampling import SamplingParams
+    from modules.quantize.torch_linear import Int8Linear
+    plain = load_llm(tiny_ggufs["Q8_0"])
+    kept = load_llm(tiny_ggufs["Q8_0"], weight_quant="int8")
+    assert isinstance(kept.model.model.layers[0].mlp.down_proj, Int8Linear)
+    assert kept.memory_bytes() < 0.6 * plain.memory_bytes()
+    ids = plain.tokenizer.encode("Once upon a time")
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    a, b = (generate(llm, [GenerationRequest(ids, params)])[0] for llm in (plain, kept))
+    assert b.completion_tokens == 8 and b.token_ids[:3] == a.token_ids[:3]
