@@ -143,6 +143,7 @@ def ours_decode(config, model, prompts: list[list[int]], new_tokens: int) -> tup
     if generate is not None:
         stamps = _Stamps()
         llm = SimpleNamespace(model=model, config=config, generation_config={},
+                              device=model.model.embed_tokens.weight.device,
                               tokenizer=SimpleNamespace(eos_id=None, id_to_token=lambda i: ""))
         params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
         requests = [GenerationRequest(prompt_ids=p, params=params) for p in prompts]
