@@ -232,6 +232,10 @@ def test_diagnose_prints_report(tmp_path):
     for needle in ("python:", "torch:", "cuda:", "devices:", "xformers:", "llama.cpp:", "packages:", "free disk:",
                    "model files:", "extensions:", "atelier-example", "log (last 200 lines):"):
         assert needle in out.stdout, needle
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp"):   # a requirement: its version and the CPU features of its build
+        import re
+        assert re.search(r"llama\.cpp: llama-cpp-python \d+\.\d+\.\d+; CPU features: .*AVX", out.stdout)
 
 
 @pytest.mark.parametrize("flags, missing", [
