@@ -108,8 +108,11 @@ class Bare:
     """A GGUF through llama-cpp-python's C API and nothing else: the reference the backend is compared with."""
 
     def __init__(self, path: Path, threads: int, n_ctx: int, extra_buffers: bool):
+        import logging
+
         import llama_cpp as lib
         self.lib = lib
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)    # llama.cpp's load log: errors only
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
         params.use_extra_bufts = extra_buffers
