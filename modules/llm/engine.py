@@ -69,6 +69,9 @@ class TokenDelta:
     #: the token's logprob and its top alternatives [(id, logprob)], when the request asked for logprobs
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    #: on a row's first delta only, when it asked for prompt logprobs (so a stream can echo them first)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass
@@ -233,7 +236,10 @@ class _Row:
         logprob = top = None
         if self.token_logprobs and token_id >= 0:
             logprob, top = self.token_logprobs[-1], self.top_logprobs[-1]
-        self.sink.emit(TokenDelta(text, token_id, len(self.tokens) - 1, logprob, top))
+        first = len(self.tokens) == 1
+        self.sink.emit(TokenDelta(text, token_id, len(self.tokens) - 1, logprob, top,
+                                  self.prompt_logprobs if first else None,
+                                  self.prompt_top_logprobs if first else None))
 
     @property
     def wants_prompt_logits(self) -> bool:

@@ -88,9 +88,9 @@ class SamplingParams:
             else:
                 for key, value in self.logit_bias.items():
                     if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-                        problems.append(f"logit_bias key {key!r} must be a token id (an integer >= 0)")
+                        problems.append(f"logit_bias={{{key!r}: ...}}: keys must be token ids (integers >= 0)")
                     elif isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-                        problems.append(f"logit_bias[{key}]={value!r} must be a number between -100 and 100")
+                        problems.append(f"logit_bias={{{key}: {value!r}}}: values must be numbers between -100 and 100")
         if problems:
             raise ValueError("invalid sampling parameters: " + "; ".join(problems))
         return self
