@@ -30,6 +30,10 @@ def settings_section() -> SettingsSection:
                     "channel, or int4 in groups of 32/64/128 weights (CPU only); smaller and faster to decode, "
                     "slightly less accurate (benchmarks/quantize_torch.py measures both)", str,
                     choices=WEIGHT_QUANT_CHOICES),
+        SettingSpec("llm.api_max_n", 16, "API: most choices (n) one request may ask for", int, minimum=1,
+                    maximum=128),
+        SettingSpec("llm.api_max_logprobs", 20, "API: most top log-probabilities (top_logprobs / logprobs) per token",
+                    int, minimum=0, maximum=1000),
         SettingSpec("llm.system_prompt", DEFAULT_SYSTEM_PROMPT, "Default system prompt", str),
         # ranges are what SamplingParams.validate and the OpenAI API accept; the Chat sliders are built from them
         SettingSpec("llm.max_new_tokens", 512, "Max new tokens per reply", int, minimum=1, maximum=32768, step=1),

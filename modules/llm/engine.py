@@ -52,6 +52,11 @@ class GenerationRequest:
     #: the reply continues text mid-sentence: keep the space SentencePiece's decode drops from a first
     #: "▁word" piece (a fresh reply starts without it, as transformers' decode gives)
     keep_leading_space: bool = False
+    #: None: no log-probabilities; k >= 0: record each generated token's logprob and the k most likely
+    #: alternatives (of the raw distribution: log_softmax of the model's fp32 logits, before any processor)
+    logprobs: int | None = None
+    #: also record each prompt token's logprob (given the tokens before it; the first has none): echo
+    prompt_logprobs: bool = False
 
 
 @dataclass
@@ -61,6 +66,12 @@ class TokenDelta:
     text: str
     token_id: int
     index: int  # 0-based index of the token in the completion
+    #: the token's logprob and its top alternatives [(id, logprob)], when the request asked for logprobs
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    #: on a row's first delta only, when it asked for prompt logprobs (so a stream can echo them first)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass
@@ -75,6 +86,12 @@ class GenerationResult:
     seconds: float = 0.0  # from the start of the batch to this row's last token
     prefill_seconds: float = 0.0
     stop_string: str | None = None  # the stop string that ended the reply, if one did
+    #: per generated token (when the request's ``logprobs`` is set): its logprob and [(id, logprob)] top-k
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    #: per prompt token (when ``prompt_logprobs``): None for the first, then as above
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -162,6 +179,23 @@ def held_suffix(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+# -- log-probabilities ---------------------------------------------------------------------------------------
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                   k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Logprobs of *token_ids* [N] under *logits* [N, V] and each row's top *k*, from one fp32 log_softmax.
+
+    Both come out of the same tensor, so a token that is its row's arg-max has exactly the float of its
+    top-1 entry (lm-eval's greedy check compares them with ``==``)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, token_ids.view(-1, 1).to(logp.device)).view(-1).tolist()
+    if k <= 0:
+        return chosen, [[] for _ in chosen]
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    tops = [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+    return chosen, tops
+
+
 # -- one row of a batch -----------------------------------------------------------------------------------------
 
 class _Row:
@@ -185,6 +219,12 @@ class _Row:
         self.started = time.perf_counter()  # the row is made right before its prefill
         self.prefilled_at = self.started
         self.finished_at = self.started
+        self.logprobs_k = request.logprobs
+        self.token_logprobs: list[float] | None = [] if request.logprobs is not None else None
+        self.top_logprobs: list[list[tuple[int, float]]] | None = [] if request.logprobs is not None else None
+        self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+        self._prompt_seen = 0  # prompt positions whose logits take_prompt_logits has received
 
     @property
     def position(self) -> int:
@@ -193,10 +233,45 @@ class _Row:
 
     def _emit(self, text: str, token_id: int) -> None:
         self.text += text
-        self.sink.emit(TokenDelta(text, token_id, len(self.tokens) - 1))
+        logprob = top = None
+        if self.token_logprobs and token_id >= 0:
+            logprob, top = self.token_logprobs[-1], self.top_logprobs[-1]
+        first = len(self.tokens) == 1
+        self.sink.emit(TokenDelta(text, token_id, len(self.tokens) - 1, logprob, top,
+                                  self.prompt_logprobs if first else None,
+                                  self.prompt_top_logprobs if first else None))
 
-    def accept(self, token_id: int) -> None:
-        """Take one sampled token: decode it, check stop conditions, stream what is safe to show."""
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """Whether the prefill must hand this row its full [prompt_len, V] logits (echo with logprobs)."""
+        return self.request.prompt_logprobs
+
+    def take_prompt_logits(self, logits_2d: torch.Tensor) -> None:
+        """Record prompt logprobs from the next consecutive chunk of this row's prefill logits.
+
+        Row j of all chunks together is the model's output after prompt token j, so it scores token j + 1;
+        chunked prefill calls this once per chunk, in order. The first prompt token has no logprob (None)."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs, self.prompt_top_logprobs = [None], [None]
+        start = self._prompt_seen
+        n = min(logits_2d.shape[0], self.prompt_len - 1 - start)  # the last row scores the first new token
+        self._prompt_seen += logits_2d.shape[0]
+        if n <= 0:
+            return
+        targets = torch.tensor(self.request.prompt_ids[start + 1:start + 1 + n], dtype=torch.long)
+        chosen, tops = token_logprobs(logits_2d[:n], targets, self.logprobs_k or 0)
+        self.prompt_logprobs.extend(chosen)
+        self.prompt_top_logprobs.extend(tops)
+
+    def accept(self, token_id: int, logits: torch.Tensor | None = None) -> None:
+        """Take one sampled token: decode it, check stop conditions, stream what is safe to show.
+
+        *logits* are the raw [V] next-token logits the token was chosen from; with them, the token's logprob
+        (and top-k) are recorded when the request asked for logprobs."""
+        if self.token_logprobs is not None and logits is not None:
+            chosen, tops = token_logprobs(logits.view(1, -1), torch.tensor([token_id]), self.logprobs_k)
+            self.token_logprobs.append(chosen[0])
+            self.top_logprobs.append(tops[0])
         self.tokens.append(token_id)
         if token_id in self.eos:
             self._finish("stop", token_id)
@@ -236,7 +311,8 @@ class _Row:
             text=self.text, token_ids=list(self.tokens), finish_reason=self.finish_reason or "interrupted",
             prompt_tokens=self.prompt_len, completion_tokens=len(self.tokens), seed=self.state.seed,
             seconds=max(0.0, self.finished_at - self.started), prefill_seconds=self.prefilled_at - self.started,
-            stop_string=self.stop_string)
+            stop_string=self.stop_string, token_logprobs=self.token_logprobs, top_logprobs=self.top_logprobs,
+            prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs)
 
 
 # -- the batch loop -------------------------------------------------------------------------------------------
@@ -258,7 +334,8 @@ def _new_cache(model: Any, batch: int, slots: int) -> Any:
 def _prefill(model: Any, rows: list[_Row], cache: Any,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the left-padded prompts through the model in chunks; return the last logits [B, V] and the
-    key mask [B, width] (False on padding slots)."""
+    key mask [B, width] (False on padding slots). Rows that want prompt logits get each chunk's full
+    logits (the model computes every position's logits only for chunks of batches holding such a row)."""
     width = max(r.prompt_len for r in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -270,11 +347,16 @@ def _prefill(model: Any, rows: list[_Row], cache: Any,
         key_mask[i, pad:] = True
     ids, positions, key_mask = ids.to(device), positions.to(device), key_mask.to(device)
     padded = bool((~key_mask).any())
+    wanting = [i for i, row in enumerate(rows) if row.wants_prompt_logits]
     logits = None
     for start in range(0, width, PREFILL_CHUNK):
         end = min(width, start + PREFILL_CHUNK)
         logits = model(ids[:, start:end], positions=positions[:, start:end], cache=cache,
-                       key_mask=key_mask[:, :end] if padded else None, last_only=True)
+                       key_mask=key_mask[:, :end] if padded else None, last_only=not wanting)
+        for i in wanting:
+            first = max(start, width - rows[i].prompt_len)  # this row's prompt starts after its padding
+            if first < end:
+                rows[i].take_prompt_logits(logits[i, first - start:])
     return logits[:, -1], key_mask
 
 
@@ -344,8 +426,9 @@ class _Batch:
         self.rows.extend(rows)
 
     def sample(self) -> None:
-        for row, token in zip(self.rows, sample_next(self.logits, [r.state for r in self.rows])):
-            row.accept(token)
+        picks = sample_next(self.logits, [r.state for r in self.rows])
+        for i, (row, token) in enumerate(zip(self.rows, picks)):
+            row.accept(token, self.logits[i])
         self.logits = None
 
     def forward(self) -> None:

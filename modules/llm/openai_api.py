@@ -22,6 +22,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Literal, Union
 
 from fastapi import APIRouter, Request
@@ -31,12 +32,16 @@ from starlette.concurrency import run_in_threadpool
 
 from modules.job_owner import api_owner
 from modules.llm.engine import GenerationResult, PromptTooLong
+from modules.llm.openai_logprobs import CompletionLogprobs, chat_entries, merge
 from modules.llm.sampling import FIELD_NAMES, SamplingParams
 
 log = logging.getLogger(__name__)
 
 #: legacy /v1/completions default, as OpenAI documents it
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+#: defaults of the llm.api_max_n / llm.api_max_logprobs settings (OpenAI allows 20 top logprobs)
+DEFAULT_MAX_N = 16
+DEFAULT_MAX_LOGPROBS = 20
 
 
 # -- request bodies ----------------------------------------------------------------------------------------
@@ -248,83 +253,185 @@ def build_router(ctx: Any) -> APIRouter:
     async def chat_completions(request: Request):
         try:
             body: ChatBody = await _parse(request, ChatBody)
-            _check_n(body)
+            n, k = _check_unsupported(ctx, body, chat=True)
             _check_size(ctx, [m.text() for m in body.messages], "messages")
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in body.messages]
             params = _params(body, default_max=None)
             owner = api_owner(request.headers, api_auth=bool(ctx.opts.api_auth))
-            run = await run_in_threadpool(lambda: service().chat(messages, params, model=body.model, owner=owner))
+            runs = await run_in_threadpool(lambda: [
+                service().chat(messages, p, model=body.model, owner=owner, logprobs=k, fire_user=i == 0)
+                for i, p in enumerate(_seeded(params, n))])
+            tokenizer = service().files(runs[0].model).tokenizer
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
             return _translate(exc).response()
+        model = runs[0].model
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+        choices = [_Choice(i, run.handle, run.result, chat=True, tokenizer=tokenizer, logprobs=k is not None)
+                   for i, run in enumerate(runs)]
         if body.stream:
-            return _sse(request, run.handle, run.result, lambda delta, reason: {
-                "id": ident, "object": "chat.completion.chunk", "created": created, "model": run.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]},
-                chat=True, include_usage=body.include_usage, usage_base={"id": ident, "created": created,
-                                                                         "object": "chat.completion.chunk",
-                                                                         "model": run.model})
-        result = await _wait(request, run.handle, run.result)
-        if isinstance(result, ApiError):
-            return result.response()
+            return _sse(request, choices, base, n=n, include_usage=body.include_usage)
+        results = await _wait_all(request, choices)
+        if isinstance(results, ApiError):
+            return results.response()
         return JSONResponse({
-            "id": ident, "object": "chat.completion", "created": created, "model": run.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "logprobs": None, "finish_reason": _finish(result)}],
-            "usage": result.usage(), "system_fingerprint": fingerprint(run.model)})
+            "id": ident, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": r.text, "refusal": None},
+                         "logprobs": c.final_logprobs(r), "finish_reason": _finish(r)}
+                        for c, r in zip(choices, results)],
+            "usage": _usage(results, n=n), "system_fingerprint": fingerprint(model)})
 
     @router.post("/completions")
     async def completions(request: Request):
         try:
             body: CompletionBody = await _parse(request, CompletionBody)
-            _check_n(body)
-            prompt = _one_prompt(body.prompt)
-            if isinstance(prompt, str):
-                _check_size(ctx, [prompt], "prompt")
-            params = _params(body, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
+            n, k = _check_unsupported(ctx, body, chat=False)
+            prompts = _prompts(body.prompt)
+            _check_size(ctx, [p for p in prompts if isinstance(p, str)], "prompt")
+            score_only = body.echo and _max_tokens(body) == 0  # echo the prompt's logprobs, generate nothing
+            params = _params(body, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS, allow_zero=score_only)
             owner = api_owner(request.headers, api_auth=bool(ctx.opts.api_auth))
-            handle, model = await run_in_threadpool(lambda: service().complete(prompt, params, model=body.model,
-                                                                               owner=owner))
+            echo_logprobs = body.echo and k is not None
+
+            def submit() -> list[tuple[Any, str]]:
+                return [service().complete(prompt, p, model=body.model, owner=owner, logprobs=k,
+                                           prompt_logprobs=echo_logprobs)
+                        for prompt in prompts for p in _seeded(params, n)]
+
+            submitted = await run_in_threadpool(submit)
+            model = submitted[0][1]
+            tokenizer = service().files(model).tokenizer
         except Exception as exc:  # noqa: BLE001
             return _translate(exc).response()
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = prompt if body.echo and isinstance(prompt, str) else ""
+        base = {"id": ident, "object": "text_completion", "created": created, "model": model}
+        choices = []
+        for i, (handle, _model) in enumerate(submitted):
+            prompt = prompts[i // n]
+            echo = "" if not body.echo else prompt if isinstance(prompt, str) else \
+                tokenizer.decode(list(prompt), skip_special_tokens=True)
+            choices.append(_Choice(i, handle, handle.result, chat=False, tokenizer=tokenizer,
+                                   logprobs=k is not None, echo=echo, echo_logprobs=echo_logprobs,
+                                   score_only=score_only))
         if body.stream:
-            return _sse(request, handle, handle.result, lambda delta, reason: {
-                "id": ident, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": delta.get("content", ""), "logprobs": None,
-                             "finish_reason": reason}]},
-                chat=False, include_usage=body.include_usage, prefix=echo,
-                usage_base={"id": ident, "created": created, "object": "text_completion", "model": model})
-        result = await _wait(request, handle, handle.result)
-        if isinstance(result, ApiError):
-            return result.response()
+            return _sse(request, choices, base, n=n, include_usage=body.include_usage)
+        results = await _wait_all(request, choices)
+        if isinstance(results, ApiError):
+            return results.response()
         return JSONResponse({
-            "id": ident, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": echo + result.text, "logprobs": None,
-                         "finish_reason": _finish(result)}],
-            "usage": result.usage()})
+            **base, "choices": [{"index": c.index, "text": c.echo + ("" if score_only else r.text),
+                                 "logprobs": c.final_logprobs(r), "finish_reason": _finish(r)}
+                                for c, r in zip(choices, results)],
+            "usage": _usage(results, n=n, score_only=score_only)})
 
     return router
 
 
-def _check_n(body: _Sampling) -> None:
-    """Reject what this server cannot do instead of silently ignoring it."""
-    if body.n is not None and body.n != 1:
-        raise ApiError(400, f"n={body.n} is not supported: Atelier returns one choice per request (n=1)",
-                       param="n")
-    for name in ("logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call",
-                 "suffix"):
-        value = getattr(body, name)
-        if value not in (None, False, [], {}, "") and not (name == "tool_choice" and value == "none"):
-            raise ApiError(400, f"{name} is not supported by this server yet; leave it out", param=name)
-    if body.best_of is not None and body.best_of != 1:
-        raise ApiError(400, f"best_of={body.best_of} is not supported: Atelier generates one candidate (best_of=1)",
-                       param="best_of")
+def _limit(ctx: Any, key: str, default: int) -> int:
+    try:
+        return int(ctx.settings.get(key))
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
+def _check_unsupported(ctx: Any, body: _Sampling, *, chat: bool) -> tuple[int, int | None]:
+    """Reject what this server cannot do instead of silently ignoring it; return (n, logprobs k or None)."""
+    if not body.model:
+        raise ApiError(400, "the request names no model: set \"model\" to one of GET /v1/models's ids",
+                       param="model", code="model_required")
+    max_n = _limit(ctx, "llm.api_max_n", DEFAULT_MAX_N)
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= max_n:
+        raise ApiError(400, f"n={n} must be between 1 and {max_n} (setting llm.api_max_n)", param="n")
+    for name in ("tools", "functions", "function_call", "suffix"):
+        if getattr(body, name) not in (None, [], {}, ""):
+            raise ApiError(400, f"{name} is not supported by this server; leave it out", param=name)
+    if body.tool_choice not in (None, "none"):
+        raise ApiError(400, "tool_choice is not supported by this server (no tools); leave it out",
+                       param="tool_choice")
+    if body.best_of is not None and body.best_of != n:
+        raise ApiError(400, f"best_of={body.best_of} is not supported: Atelier generates n candidates and returns "
+                            "them all (leave best_of out)", param="best_of")
     if body.response_format is not None and body.response_format.get("type", "text") != "text":
         raise ApiError(400, f"response_format {body.response_format.get('type')!r} is not supported yet; only "
                             "{\"type\": \"text\"}", param="response_format")
+    max_k = _limit(ctx, "llm.api_max_logprobs", DEFAULT_MAX_LOGPROBS)
+    if chat:
+        if body.logprobs not in (None, True, False):
+            raise ApiError(400, "logprobs must be true or false for chat (top_logprobs says how many "
+                                "alternatives)", param="logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        param = "top_logprobs"
+    else:
+        if isinstance(body.logprobs, bool) or body.top_logprobs is not None:
+            raise ApiError(400, "completions take logprobs as an integer (the number of alternatives), not "
+                                "logprobs: true / top_logprobs", param="logprobs")
+        k = body.logprobs
+        param = "logprobs"
+    if k is not None and not 0 <= k <= max_k:
+        raise ApiError(400, f"{param}={k} must be between 0 and {max_k} (setting llm.api_max_logprobs)", param=param)
+    return n, k
+
+
+def _max_tokens(body: _Sampling) -> int | None:
+    return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+
+
+def _params(body: _Sampling, default_max: int | None, *, allow_zero: bool = False) -> SamplingParams:
+    """SamplingParams from the body; a missing max_tokens means "until the context is full". With
+    *allow_zero* (echo scoring), max_tokens 0 runs one step whose token is then dropped."""
+    params = body.params(default_max if default_max is not None else 2**31 - 1)
+    if allow_zero and params.max_new_tokens == 0:
+        params.max_new_tokens = 1
+    if body.logit_bias:
+        bias = {}
+        for key, value in body.logit_bias.items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise ApiError(400, f"logit_bias key {key!r} is not a token id: keys are token ids as strings "
+                                    "(e.g. {\"50256\": -100})", param="logit_bias") from None
+        params.logit_bias = bias
+    try:
+        return params.validate()
+    except ValueError as exc:
+        raise _sampling_error(exc) from None
+
+
+def _seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """*n* copies of *params* with different seeds derived from one (the request's, or a random one), so
+    n samples differ and a seeded request replays."""
+    if n == 1:
+        return [params]
+    base = params.with_seed().seed
+    return [replace(params, seed=(base + i) % (2**63)) for i in range(n)]
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """The prompts of a completions body: one string, one token list, or a list of either (a batch)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is empty: give a string, a list of token ids, or a list of those",
+                       param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, list) and p for p in prompt) or all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise ApiError(400, "prompt must be a string, a list of token ids, a list of strings or a list of token-id "
+                        "lists (not a mix, no empty lists)", param="prompt")
+
+
+def _usage(results: list[GenerationResult], *, n: int, score_only: bool = False) -> dict:
+    """OpenAI's usage: each prompt counted once (its n samples share it), completion tokens summed."""
+    prompt_tokens = sum(r.prompt_tokens for r in results[::n])
+    completion = 0 if score_only else sum(r.completion_tokens for r in results)
+    cached = sum(getattr(r, "cached_tokens", 0) for r in results[::n])
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _check_size(ctx: Any, texts: list[str], param: str) -> None:
@@ -358,25 +465,6 @@ def engine_source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def _params(body: _Sampling, default_max: int | None) -> SamplingParams:
-    """SamplingParams from the body; a missing max_tokens means "until the context is full"."""
-    params = body.params(default_max if default_max is not None else 2**31 - 1)
-    try:
-        return params.validate()
-    except ValueError as exc:
-        raise _sampling_error(exc) from None
-
-
-def _one_prompt(prompt: Any) -> str | list[int]:
-    if isinstance(prompt, str):
-        return prompt
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return list(prompt)
-    if isinstance(prompt, list) and len(prompt) == 1:
-        return prompt[0]
-    raise ApiError(400, "prompt must be one string or one list of token ids (batched prompts are not supported; "
-                        "send one request per prompt - they are batched on the server)", param="prompt")
-
 
 #: our GenerationResult.finish_reason -> the API's. OpenAI defines "stop" (EOS or a stop string) and "length"
 #: (max_tokens or the context); it has no value for a reply cut short, so, as vLLM does, such a reply ends
@@ -388,16 +476,51 @@ def _finish(result: GenerationResult) -> str:
     return FINISH_REASONS[result.finish_reason]
 
 
-async def _wait(request: Request, handle: Any, get_result: Callable[[], GenerationResult]):
-    """Wait for a non-streamed result, interrupting the job if the client disconnects meanwhile."""
-    waiter = asyncio.ensure_future(run_in_threadpool(get_result))
+
+
+class _Choice:
+    """One choice of a response: its generation handle and how its text and logprobs are shown."""
+
+    def __init__(self, index: int, handle: Any, get_result: Callable[[], GenerationResult], *, chat: bool,
+                 tokenizer: Any, logprobs: bool, echo: str = "", echo_logprobs: bool = False,
+                 score_only: bool = False):
+        self.index, self.handle, self.get_result, self.chat = index, handle, get_result, chat
+        self.tokenizer, self.logprobs, self.echo = tokenizer, logprobs, echo
+        self.echo_logprobs, self.score_only = echo_logprobs, score_only
+        self.stream_offsets = CompletionLogprobs(tokenizer, len(echo))  # text_offset while streaming
+        self.result: GenerationResult | None = None  # set once streamed
+
+    def _prompt_part(self, source: Any) -> dict[str, Any] | None:
+        """The echoed prompt's legacy logprobs (from a result or the first stream delta)."""
+        if not self.echo_logprobs or source.prompt_logprobs is None:
+            return None
+        return CompletionLogprobs(self.tokenizer).add(self.handle.request.prompt_ids, source.prompt_logprobs,
+                                                      source.prompt_top_logprobs)
+
+    def final_logprobs(self, result: GenerationResult) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        ids, lps, tops = result.token_ids, result.token_logprobs or [], result.top_logprobs or []
+        if self.chat:
+            return {"content": chat_entries(self.tokenizer, ids, lps, tops), "refusal": None}
+        prompt = self._prompt_part(result)
+        if self.score_only:
+            return prompt
+        offset = len(self.echo) if prompt is None else sum(len(t) for t in prompt["tokens"])
+        return merge(prompt, CompletionLogprobs(self.tokenizer, offset).add(ids, lps, tops))
+
+
+async def _wait_all(request: Request, choices: list[_Choice]) -> list[GenerationResult] | ApiError:
+    """Wait for every choice's result, interrupting them all if the client disconnects meanwhile."""
+    waiter = asyncio.ensure_future(run_in_threadpool(lambda: [c.get_result() for c in choices]))
     interrupted = False
     while True:
         done, _pending = await asyncio.wait({waiter}, timeout=0.25)
         if done:
             break
         if not interrupted and await request.is_disconnected():
-            handle.interrupt()  # nobody will read the reply; the job ends at its next token
+            for choice in choices:
+                choice.handle.interrupt()  # nobody will read the reply; each job ends at its next token
             interrupted = True
     try:
         return waiter.result()
@@ -405,39 +528,79 @@ async def _wait(request: Request, handle: Any, get_result: Callable[[], Generati
         return _translate(exc)
 
 
-def _sse(request: Request, handle: Any, get_result: Callable[[], GenerationResult],
-         chunk: Callable[[dict, str | None], dict], *, chat: bool, include_usage: bool,
-         usage_base: dict[str, Any], prefix: str = "") -> StreamingResponse:
-    """Stream *handle* as SSE chunks; always ends with ``data: [DONE]``. Interrupts the job on disconnect."""
+def _sse(request: Request, choices: list[_Choice], base: dict[str, Any], *, n: int,
+         include_usage: bool) -> StreamingResponse:
+    """Stream the choices as SSE chunks, one after the other (they are generated together, so the later
+    ones are already buffered); always ends with ``data: [DONE]``. Interrupts the jobs on disconnect."""
 
     def line(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    def chunk(choice: _Choice, text: str | None, reason: str | None, logprobs: Any = None,
+              role: bool = False) -> dict[str, Any]:
+        if choice.chat:
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            return {**base, "choices": [{"index": choice.index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": reason}]}
+        return {**base, "choices": [{"index": choice.index, "text": text or "", "logprobs": logprobs,
+                                     "finish_reason": reason}]}
+
+    def delta_logprobs(choice: _Choice, deltas: list[Any]) -> Any:
+        if not choice.logprobs or not deltas:
+            return None
+        ids = [d.token_id for d in deltas]
+        lps = [d.logprob for d in deltas]
+        tops = [d.top_logprobs or [] for d in deltas]
+        if choice.chat:
+            return {"content": chat_entries(choice.tokenizer, ids, lps, tops), "refusal": None}
+        return choice.stream_offsets.add(ids, lps, tops)
+
+    async def one(choice: _Choice) -> AsyncIterator[str]:
+        if choice.chat:
+            yield line(chunk(choice, None, None, role=True))
+        stream = choice.handle.events()
+        pending: list[Any] = []  # deltas whose text is held back (stop strings, split characters)
+        first = True
+        while True:
+            delta = await run_in_threadpool(next, stream, None)
+            if delta is None:
+                break
+            if first and not choice.chat and choice.echo:
+                prompt = choice._prompt_part(delta)
+                if prompt is not None:
+                    choice.stream_offsets.offset = sum(len(t) for t in prompt["tokens"])
+                yield line(chunk(choice, choice.echo, None, prompt))
+            first = False
+            if choice.score_only:
+                continue
+            if delta.token_id >= 0 and delta.logprob is not None:
+                pending.append(delta)
+            if delta.text:
+                yield line(chunk(choice, delta.text, None, delta_logprobs(choice, pending)))
+                pending = []
+        result = await run_in_threadpool(choice.get_result)
+        if first and choice.echo and not choice.chat:  # nothing streamed (stopped at once): echo still shown
+            yield line(chunk(choice, choice.echo, None, choice._prompt_part(result)))
+        yield line(chunk(choice, None if choice.chat else "", _finish(result), delta_logprobs(choice, pending)))
+        choice.result = result
+
     async def events() -> AsyncIterator[str]:
         finished = False
         try:
-            if chat:
-                yield line(chunk({"role": "assistant", "content": ""}, None))
-            if prefix:
-                yield line(chunk({"content": prefix}, None))
-            stream = handle.events()
-            while True:
-                delta = await run_in_threadpool(next, stream, None)
-                if delta is None:
-                    break
-                if delta.text:
-                    yield line(chunk({"content": delta.text}, None))
-            result = await run_in_threadpool(get_result)
+            for choice in choices:
+                async for text in one(choice):
+                    yield text
             finished = True
-            yield line(chunk({}, _finish(result)))
             if include_usage:
-                yield line({**usage_base, "choices": [], "usage": result.usage()})
+                yield line({**base, "choices": [], "usage": _usage([c.result for c in choices], n=n,
+                                                                   score_only=choices[0].score_only)})
         except Exception as exc:  # noqa: BLE001 - the error goes to the client as a chunk, the server lives on
             finished = True
             yield line(_translate(exc).payload())
         finally:
-            if not finished:
-                handle.interrupt()  # client went away (the task was cancelled) before the reply ended
+            if not finished:  # client went away (the task was cancelled) before the reply ended
+                for choice in choices:
+                    choice.handle.interrupt()
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -39,6 +39,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings, never included in the output
     seed: int | None = None  # None or -1: a random seed (reported back with the result)
     ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks)
+    #: OpenAI's logit_bias: token id -> a value in [-100, 100] added to its logit before any processor
+    #: (-100 bans the token, +100 all but forces it); applied to greedy rows too
+    logit_bias: dict[int, float] | None = None
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +82,15 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -1 <= self.seed < 2**63):
             problems.append(f"seed={self.seed!r} must be an integer >= 0 (or -1 / empty for a random seed)")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                problems.append(f"logit_bias={self.logit_bias!r} must map token ids to numbers")
+            else:
+                for key, value in self.logit_bias.items():
+                    if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+                        problems.append(f"logit_bias={{{key!r}: ...}}: keys must be token ids (integers >= 0)")
+                    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                        problems.append(f"logit_bias={{{key}: {value!r}}}: values must be numbers between -100 and 100")
         if problems:
             raise ValueError("invalid sampling parameters: " + "; ".join(problems))
         return self
@@ -193,12 +205,25 @@ class RowState:
         self.needs_counts = self.params.presence_penalty != 0 or self.params.frequency_penalty != 0
         self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device) if self.needs_seen else None
         self.counts = torch.zeros(vocab_size, dtype=torch.int32, device=device) if self.needs_counts else None
+        self.bias = None
+        if self.params.logit_bias:
+            outside = sorted(k for k in self.params.logit_bias if not 0 <= k < vocab_size)
+            if outside:
+                raise ValueError(f"logit_bias names token ids {outside[:5]} outside the vocabulary [0, {vocab_size})")
+            self.bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            self.bias[list(self.params.logit_bias)] = torch.tensor(list(self.params.logit_bias.values()),
+                                                                   dtype=torch.float32, device=device)
+        #: a constraint on what may come next (JSON output): ``allowed() -> Bool[V] | None`` and
+        #: ``advance(token_id)``; None means unconstrained
+        self.constraint: Any = None
         if self.seen is not None and len(prompt_ids):
             ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab_size], dtype=torch.long, device=device)
             self.seen[ids] = True
 
     def observe(self, token_id: int) -> None:
         """Record a generated token."""
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
         if 0 <= token_id < self.vocab_size:
             if self.seen is not None:
                 self.seen[token_id] = True
@@ -217,6 +242,14 @@ def process_logits(scores: torch.Tensor, rows: Sequence[RowState]) -> torch.Tens
     they were.
     """
     device = scores.device
+    if any(r.bias is not None for r in rows):
+        scores = scores + torch.stack([r.bias if r.bias is not None else torch.zeros_like(scores[0]) for r in rows])
+    if any(r.constraint is not None for r in rows):
+        masks = [r.constraint.allowed() if r.constraint is not None else None for r in rows]
+        if any(m is not None for m in masks):
+            allowed = torch.stack([m.to(device) if m is not None else torch.ones_like(scores[0], dtype=torch.bool)
+                                   for m in masks])
+            scores = scores.masked_fill(~allowed, float("-inf"))
     if any(r.needs_seen for r in rows):
         seen = torch.stack([r.seen if r.seen is not None else torch.zeros_like(scores[0], dtype=torch.bool)
                             for r in rows])

@@ -350,12 +350,14 @@ class LLMService:
     # -- generation ------------------------------------------------------------------------------------------
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
              model: str | None = None, system_prompt: str | None = None, chat_id: str | None = None,
-             continue_last: bool = False, fire_user: bool = True, owner: str | None = None) -> ChatRun:
+             continue_last: bool = False, fire_user: bool = True, owner: str | None = None,
+             logprobs: int | None = None) -> ChatRun:
         """Queue a reply to *messages* (OpenAI-style dicts); returns at once with a :class:`ChatRun`.
 
         *continue_last*: the last message is an assistant reply to extend. *fire_user*: report the last user
         message to ``on_chat_message`` (False when regenerating a reply to a message already reported).
         *owner*: who asked (see :mod:`modules.job_owner`); only the returned run's ``interrupt`` stops it.
+        *logprobs*: record each generated token's logprob and this many alternatives (None: off).
         """
         params = (params or self.default_params()).validate()
         check_messages(messages)
@@ -365,7 +367,7 @@ class LLMService:
         if fire_user and messages[-1].get("role") == "user" and not continue_last:
             self.fire_message("user", messages[-1]["content"], chat_id, name)
         request = GenerationRequest(plan.ids, params, label=f"chat {chat_id or ''}".strip(),
-                                    keep_leading_space=continue_last)
+                                    keep_leading_space=continue_last, logprobs=logprobs)
         return ChatRun(self.engine(name).submit(request, owner=owner), plan, name, chat_id, self)
 
     def stream_reply(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
@@ -401,9 +403,12 @@ class LLMService:
         yield ReplyUpdate(base + [final], run.notice, result)
 
     def complete(self, prompt: str | list[int], params: SamplingParams | None = None, *,
-                 model: str | None = None, add_bos: bool = True,
-                 owner: str | None = None) -> tuple[GenerationHandle, str]:
-        """Queue a plain completion of *prompt* (text, or token ids); returns (handle, model name)."""
+                 model: str | None = None, add_bos: bool = True, owner: str | None = None,
+                 logprobs: int | None = None, prompt_logprobs: bool = False) -> tuple[GenerationHandle, str]:
+        """Queue a plain completion of *prompt* (text, or token ids); returns (handle, model name).
+
+        *logprobs*: record generated tokens' logprobs with this many alternatives; *prompt_logprobs*: the
+        prompt's too (echo)."""
         params = (params or self.default_params()).validate()
         name = self.resolve_model(model)
         llm = self.files(name)
@@ -412,7 +417,9 @@ class LLMService:
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {llm.config.vocab_size}), got {bad[:5]}")
         check_prompt_fits(len(ids), context_length(llm))
-        return self.engine(name).submit(GenerationRequest(ids, params, label="completion"), owner=owner), name
+        request = GenerationRequest(ids, params, label="completion", logprobs=logprobs,
+                                    prompt_logprobs=prompt_logprobs)
+        return self.engine(name).submit(request, owner=owner), name
 
     def count_tokens(self, text: str, model: str | None = None) -> int:
         return len(self.files(self.resolve_model(model)).tokenizer.encode(text, add_bos=False))

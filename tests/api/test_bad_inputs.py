@@ -120,8 +120,11 @@ def test_unpickling_refusal_is_a_4xx():
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logit_bias": {"1": 5}}, "logit_bias"),
-    ({"n": 2}, "n"),
+    ({"logit_bias": {"1": 500}}, "logit_bias"),
+    ({"logit_bias": {"one": 5}}, "logit_bias"),
+    ({"n": 1000}, "n"),
+    ({"logprobs": True, "top_logprobs": 1000}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
 ])
 def test_openai_rejects_what_openai_rejects_or_we_do_not_do(app_env, extra, param):
     _ctx, client, _data = app_env

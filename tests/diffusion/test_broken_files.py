@@ -152,6 +152,9 @@ def test_broken_llm_folders_are_not_models_and_never_the_default(damaged):
     assert set(unusable) == set(written["LLM"]) and all(unusable.values())
     assert "header claims" in unusable["aaa-huge-header-length"]
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text  # OpenAI requires it
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": LLM, "prompt": "Hello", "max_tokens": 2},
+                   timeout=120)
     assert r.status_code == 200 and r.json()["model"] == LLM, r.text
     r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
                    json={"model": "aaa-one-data-offset", "messages": [{"role": "user", "content": "hi"}]})

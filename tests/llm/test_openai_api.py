@@ -108,11 +108,12 @@ def test_stop_strings(client):
 
 @pytest.mark.parametrize("field,value,param", [
     ("temperature", -1, "temperature"), ("top_p", 1.5, "top_p"), ("top_p", 0, "top_p"),
-    ("max_tokens", 0, "max_tokens"), ("n", 2, "n"), ("logprobs", True, "logprobs"),
-    ("logit_bias", {"5": 10}, "logit_bias")])
+    ("max_tokens", 0, "max_tokens"), ("n", 17, "n"), ("n", 0, "n"), ("top_logprobs", 21, "top_logprobs"),
+    ("logit_bias", {"5": 101}, "logit_bias"), ("logit_bias", {"x": 1}, "logit_bias")])
 def test_invalid_values_are_400_in_openai_shape(server, client, field, value, param):
+    extra = {"logprobs": True} if field == "top_logprobs" else {}
     with pytest.raises(openai.BadRequestError) as err:
-        chat(client, **{field: value})
+        chat(client, **{field: value}, **extra)
     assert err.value.status_code == 400
     body = err.value.body
     assert body["param"] == param and body["type"] == "invalid_request_error" and field in body["message"]
