@@ -52,6 +52,9 @@ class GenerationRequest:
     #: the reply continues text mid-sentence: keep the space SentencePiece's decode drops from a first
     #: "▁word" piece (a fresh reply starts without it, as transformers' decode gives)
     keep_leading_space: bool = False
+    #: speculative decoding (:mod:`modules.llm.speculative`): None = as the llm.draft_model setting says,
+    #: True = required (an error when no usable draft is set), False = off
+    speculative: bool | None = None
 
 
 @dataclass
@@ -75,6 +78,16 @@ class GenerationResult:
     seconds: float = 0.0  # from the start of the batch to this row's last token
     prefill_seconds: float = 0.0
     stop_string: str | None = None  # the stop string that ended the reply, if one did
+    #: speculative decoding only: tokens the draft proposed, how many the target accepted, and the target's
+    #: forward passes (prefill included); all 0 for plain decoding
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    target_passes: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens, None when nothing was drafted."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def tokens_per_second(self) -> float:
@@ -195,7 +208,7 @@ class _Row:
         self.text += text
         self.sink.emit(TokenDelta(text, token_id, len(self.tokens) - 1))
 
-    def accept(self, token_id: int) -> None:
+    def accept(self, token_id: int, logits: torch.Tensor | None = None) -> None:
         """Take one sampled token: decode it, check stop conditions, stream what is safe to show."""
         self.tokens.append(token_id)
         if token_id in self.eos:
