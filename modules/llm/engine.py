@@ -57,6 +57,9 @@ class GenerationRequest:
     logprobs: int | None = None
     #: also record each prompt token's logprob (given the tokens before it; the first has none): echo
     prompt_logprobs: bool = False
+    #: speculative decoding (:mod:`modules.llm.speculative`): None = as the llm.draft_model setting says,
+    #: True = required (an error when no usable draft is set), False = off
+    speculative: bool | None = None
 
 
 @dataclass
@@ -92,6 +95,16 @@ class GenerationResult:
     #: per prompt token (when ``prompt_logprobs``): None for the first, then as above
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    #: speculative decoding only: tokens the draft proposed, how many the target accepted, and the target's
+    #: forward passes (prefill included); all 0 for plain decoding
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    target_passes: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens, None when nothing was drafted."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def tokens_per_second(self) -> float:

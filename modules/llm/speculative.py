@@ -1,0 +1,326 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward pass.
+
+One request at a time (batch 1), on Atelier's own model, driving the normal engine's
+:class:`~modules.llm.engine._Row` so that streaming, stop strings, EOS, max tokens and the result look
+exactly as they do in :func:`~modules.llm.engine.generate`.
+
+One round, with ``seq`` the prompt plus the tokens accepted so far and both KV caches holding ``seq[:-1]``
+(the draft's may lag one more token after a fully accepted round):
+
+1. the draft feeds the tokens its cache lacks, then proposes ``d_1 .. d_k`` one at a time, each drawn
+   from its processed distribution ``q_i``;
+2. the target feeds ``[seq[-1], d_1 .. d_k]`` in one pass: ``k + 1`` next-token distributions ``p_i``;
+3. the rule of Leviathan et al. (arXiv 2211.17192) and Chen et al. (arXiv 2302.01318): accept ``d_i`` with
+   probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first rejection draw from ``norm(max(0, p_i - q_i))``
+   and stop; when all k are accepted, draw a bonus token from ``p_{k+1}``. Every emitted token is then
+   distributed exactly as plain sampling from the target would draw it. Greedy is the same rule with
+   one-hot distributions: accept while ``d_i`` is the target's arg-max, else take the arg-max;
+4. both caches are truncated back to the new ``seq[:-1]`` (KV rollback), and k adapts: +1 when every draft
+   was accepted, -1 otherwise, within ``1 .. max_k``.
+
+What p and q are. Both are the distributions *after* Atelier's processors (:func:`~modules.llm.sampling.
+process_logits`: penalties, then temperature, top-k, top-p, min-p), computed with the same request
+parameters. Penalties depend on the tokens generated so far, so ``p_i`` and ``q_i`` are both processed with
+the hypothetical context ``seq + d_1 .. d_{i-1}`` (a forked sampling state that observes the drafts): ``p_i``
+is then exactly the distribution the plain engine would sample from after that prefix, which is what makes
+the output distribution equal the plain engine's with penalties on too. The draft's processed q only
+affects speed (how often drafts are accepted), never the output distribution.
+
+Random numbers: the target side (acceptance draws, resamples, bonus tokens) uses the request's own
+generator, the draft's proposals a second generator seeded from the same seed, so a seeded request
+replays exactly; it does not reproduce the plain engine's token sequence for that seed (no speculative
+sampler can), only its distribution.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from modules.llm.engine import (GenerationRequest, GenerationResult, Sink, _NullSink, _Row, check_request,
+                                context_length, eos_token_ids)
+from modules.llm.sampling import RowState, make_generator, process_logits
+
+log = logging.getLogger(__name__)
+
+#: the most tokens a draft proposes per round unless the ``llm.speculative_k`` setting says otherwise
+DEFAULT_MAX_K = 8
+#: the largest ``llm.speculative_k`` accepted (vLLM's MAX_SPEC_LEN is 128; a tiny draft is wrong long before)
+MAX_K_LIMIT = 32
+#: mixed into the request's seed for the draft's own generator
+_DRAFT_SEED_SALT = 0x5BD1E995
+
+
+class DraftIncompatible(ValueError):
+    """The draft model cannot draft for the target (different tokenizer)."""
+
+
+@dataclass
+class DraftSetup:
+    """Which draft model a request uses and how far it may look ahead."""
+    name: str
+    #: returns a model-manager lease on the draft's LoadedLLM (key ``llm:<name>``)
+    acquire: Callable[[], Any]
+    max_k: int = DEFAULT_MAX_K
+
+
+# -- draft / target compatibility ---------------------------------------------------------------------------
+
+def vocabulary_fingerprint(tokenizer: Any, vocab_size: int) -> str:
+    """A hash of every token string by id plus the BOS/EOS ids: equal exactly when two tokenizers map ids to
+    the same pieces (what speculative decoding needs: the target scores the draft's ids as its own)."""
+    digest = hashlib.sha256()
+    for i in range(vocab_size):
+        piece = tokenizer.id_to_token(i)
+        digest.update(b"\x01" if piece is None else piece.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+    digest.update(f"bos={getattr(tokenizer, 'bos_id', None)};eos={getattr(tokenizer, 'eos_id', None)}".encode())
+    return digest.hexdigest()
+
+
+def check_draft_compatible(target: Any, draft: Any, *, target_name: str = "the target",
+                           draft_name: str = "the draft") -> None:
+    """Raise DraftIncompatible, with the reason, unless *draft* shares *target*'s vocabulary.
+
+    *target* and *draft* are anything with ``config`` and ``tokenizer`` (a LoadedLLM, or LLMFiles, which
+    need no weights: the service checks before loading anything).
+    """
+    tv, dv = int(target.config.vocab_size), int(draft.config.vocab_size)
+    if tv != dv:
+        raise DraftIncompatible(f"draft model {draft_name!r} cannot draft for {target_name!r}: its vocabulary has "
+                                f"{dv} tokens, the target's {tv}; choose a draft trained with the target's tokenizer")
+    tt, dt = target.tokenizer, draft.tokenizer
+    if int(tt.vocab_size) != int(dt.vocab_size):
+        raise DraftIncompatible(f"draft model {draft_name!r} cannot draft for {target_name!r}: its tokenizer has "
+                                f"{dt.vocab_size} pieces, the target's {tt.vocab_size}")
+    n = min(tv, int(tt.vocab_size))
+    if vocabulary_fingerprint(tt, n) != vocabulary_fingerprint(dt, n):
+        first = next((i for i in range(n) if tt.id_to_token(i) != dt.id_to_token(i)), None)
+        where = (f"token {first} is {tt.id_to_token(first)!r} for the target but {dt.id_to_token(first)!r} for the "
+                 "draft" if first is not None else "their BOS/EOS ids differ")
+        raise DraftIncompatible(f"draft model {draft_name!r} cannot draft for {target_name!r}: the tokenizers "
+                                f"differ ({where}); choose a draft that uses the target's tokenizer")
+
+
+# -- adaptive look-ahead -----------------------------------------------------------------------------------
+
+class AdaptiveK:
+    """The number of tokens to draft next round: +1 after a fully accepted round, -1 after a rejection,
+    within ``1 .. max_k`` (HF's "heuristic" schedule, with a step of 1 up)."""
+
+    def __init__(self, max_k: int, start: int | None = None):
+        if not 1 <= max_k <= MAX_K_LIMIT:
+            raise ValueError(f"max_k={max_k} must be between 1 and {MAX_K_LIMIT}")
+        self.max_k = max_k
+        self.k = max(1, min(max_k, start if start is not None else max_k))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.k = min(self.max_k, self.k + 1) if accepted == drafted else max(1, self.k - 1)
+
+
+# -- processed distributions --------------------------------------------------------------------------------
+
+def _stateless(state: RowState) -> bool:
+    """True when the processors ignore which tokens came before (no penalties): no fork is needed."""
+    return not (state.needs_seen or state.needs_counts) and not hasattr(state, "fork")
+
+
+def _fork(state: RowState) -> RowState:
+    """A copy of *state* that can observe hypothetical tokens (the drafts) without touching the original.
+    A RowState with more per-token state (a grammar) provides ``fork()`` itself."""
+    if hasattr(state, "fork"):
+        return state.fork()
+    twin = copy.copy(state)
+    twin.generator = None
+    twin.seen = state.seen.clone() if state.seen is not None else None
+    twin.counts = state.counts.clone() if state.counts is not None else None
+    return twin
+
+
+def _scores(logits: torch.Tensor, state: RowState) -> torch.Tensor:
+    """Processed scores [V] of one row of raw logits [V] under *state*."""
+    return process_logits(logits.float()[None], [state])[0]
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+# -- the decode loop ----------------------------------------------------------------------------------------
+
+class _Model:
+    """One model and its batch-1 KV cache, fed token ids at consecutive positions."""
+
+    def __init__(self, llm: Any, slots: int):
+        self.model = llm.model
+        self.device = llm.device
+        self.cache = llm.model.new_kv_cache(1, slots)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def feed(self, ids: list[int], *, last_only: bool, chunk: int = 512) -> torch.Tensor:
+        """Logits [T, V] (or [1, V] with *last_only*) after appending *ids* to the cache."""
+        logits = None
+        for start in range(0, len(ids), chunk):
+            part = torch.tensor([ids[start:start + chunk]], dtype=torch.long, device=self.device)
+            logits = self.model(part, cache=self.cache, last_only=last_only)[0]
+        return logits
+
+    def truncate(self, n: int) -> None:
+        if n < self.cache.length:
+            self.cache.truncate(n)
+
+
+@torch.inference_mode()
+def generate_speculative(target: Any, draft: Any, request: GenerationRequest, sink: Sink | None = None, *,
+                         max_k: int = DEFAULT_MAX_K, adaptive: bool = True, target_name: str = "the target",
+                         draft_name: str = "the draft",
+                         stream_decoder: Callable[[Any], Any] | None = None) -> GenerationResult:
+    """Generate *request* on *target* (a LoadedLLM) with *draft* proposing tokens; return its result.
+
+    Streams :class:`~modules.llm.engine.TokenDelta` items to *sink* exactly as the normal engine does. With
+    *adaptive* False, k stays at *max_k*. Raises ValueError for an invalid request and DraftIncompatible
+    when the draft's tokenizer differs from the target's.
+    """
+    if stream_decoder is None:
+        from modules.llm.tokenizer import StreamDecoder
+        stream_decoder = StreamDecoder
+    sink = sink if sink is not None else _NullSink()
+    ctx_len = context_length(target)
+    check_request(request, ctx_len)
+    check_draft_compatible(target, draft, target_name=target_name, draft_name=draft_name)
+    if context_length(draft) < ctx_len:
+        # the draft sees the same positions as the target; past its context its RoPE is untrained
+        ctx_len = context_length(draft)
+        check_request(request, ctx_len)
+    schedule = AdaptiveK(max_k)
+    row = _Row(target, request, sink, ctx_len, eos_token_ids(target), stream_decoder)
+    state = row.state
+    draft_state = RowState(state.params, request.prompt_ids, target.config.vocab_size, device=draft.device)
+    if draft_state.generator is not None:
+        draft_state.generator = make_generator(state.seed ^ _DRAFT_SEED_SALT, draft.device)
+    big, small = _Model(target, ctx_len), _Model(draft, ctx_len)
+    seq = list(request.prompt_ids)
+    drafted_total = accepted_total = passes = 0
+
+    def take(token: int, logits: torch.Tensor | None) -> bool:
+        """Hand one token to the row; False once the row is finished."""
+        state.observe(token)
+        draft_state.observe(token)
+        seq.append(token)
+        row.accept(token, logits)
+        return row.finish_reason is None
+
+    # the first token comes from the target's prefill, as in the plain engine
+    first_logits = big.feed(seq, last_only=True)[-1]
+    passes += 1
+    row.prefilled_at = time.perf_counter()
+    alive = take(_pick(first_logits, state, state.generator), first_logits)
+    if alive:
+        small.feed(seq[:-1], last_only=True)
+    while alive:
+        if sink.interrupted:
+            row.interrupt()
+            break
+        remaining = row.max_new - len(row.tokens)
+        k = min(schedule.k if adaptive else max_k, remaining - 1)
+        drafts, q = _propose(small, seq, k, draft_state)
+        logits = big.feed([seq[-1], *drafts], last_only=False)                    # [k + 1, V]
+        passes += 1
+        accepted, token = _verify(logits, drafts, q, state)
+        drafted_total += len(drafts)
+        accepted_total += accepted
+        for i in range(accepted):
+            if not take(drafts[i], logits[i]):
+                alive = False
+                break
+        if alive:
+            alive = take(token, logits[accepted])
+        # roll back: both caches hold seq[:-1] (the draft may hold less, it catches up next round)
+        big.truncate(len(seq) - 1)
+        small.truncate(len(seq) - 1)
+        schedule.update(len(drafts), accepted)
+    result = row.result()
+    result.draft_tokens, result.accepted_tokens = drafted_total, accepted_total
+    result.target_passes = passes
+    log.info("%s: speculative (%s drafting): %d new tokens in %d target passes, %d/%d drafts accepted, %.1f "
+             "tokens/s, finish: %s", request.label, draft_name, result.completion_tokens, passes, accepted_total,
+             drafted_total, result.tokens_per_second, result.finish_reason)
+    return result
+
+
+def _pick(logits: torch.Tensor, state: RowState, generator: torch.Generator | None) -> int:
+    """One token from *state*'s processed distribution over raw *logits* [V] (arg-max when greedy)."""
+    scores = _scores(logits, state)
+    if state.params.greedy or generator is None:
+        return int(scores.argmax())
+    return _draw(torch.softmax(scores, dim=-1), generator)
+
+
+def _propose(small: _Model, seq: list[int], k: int, draft_state: RowState) -> tuple[list[int], list[torch.Tensor]]:
+    """Draft up to *k* tokens after *seq*; return them and the processed distribution each was drawn from
+    (for greedy rows, the distribution is not needed and the list holds the scores)."""
+    if k <= 0:
+        return [], []
+    fork = draft_state if _stateless(draft_state) else _fork(draft_state)
+    logits = small.feed(seq[small.length:], last_only=True)[-1]
+    drafts: list[int] = []
+    dists: list[torch.Tensor] = []
+    while True:
+        scores = _scores(logits, fork)
+        if draft_state.params.greedy:
+            token = int(scores.argmax())
+            dists.append(scores)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+            token = _draw(probs, draft_state.generator)
+            dists.append(probs)
+        drafts.append(token)
+        if len(drafts) == k:
+            return drafts, dists
+        if fork is not draft_state:
+            fork.observe(token)
+        logits = small.feed([token], last_only=True)[-1]
+
+
+def _verify(logits: torch.Tensor, drafts: list[int], q: list[torch.Tensor],
+            state: RowState) -> tuple[int, int]:
+    """The acceptance rule over the target's raw *logits* [k + 1, V]: (number of drafts accepted, the token
+    that follows them: the resample at the first rejection, or the bonus token)."""
+    k = len(drafts)
+    stateless = _stateless(state)
+    fork = state if stateless else _fork(state)
+    # without penalties every position's processing is independent: do them in one call
+    batch = process_logits(logits.float(), [state] * (k + 1)) if stateless else None
+    gen = state.generator
+    for i in range(k + 1):
+        scores = batch[i] if batch is not None else _scores(logits[i], fork)
+        if state.params.greedy:
+            best = int(scores.argmax())
+            if i < k and drafts[i] == best:
+                continue
+            return i, best
+        p = torch.softmax(scores, dim=-1)
+        if i == k:                                   # every draft accepted: the bonus token from p_{k+1}
+            return k, _draw(p, gen)
+        x = drafts[i]
+        px, qx = float(p[x]), float(q[i][x])
+        r = float(torch.rand((), generator=gen, device=p.device))
+        if qx > 0 and r < px / qx:
+            if fork is not state:
+                fork.observe(x)
+            continue
+        residual = torch.clamp(p - q[i], min=0)
+        total = float(residual.sum())
+        # p == q up to rounding leaves nothing to resample from; p itself is then the right distribution
+        return i, _draw(residual / total if total > 0 else p, gen)
+    raise AssertionError("unreachable")
