@@ -76,8 +76,10 @@ def _files_from_index(index_path: Path) -> list[Path]:
     return files
 
 
-class _Reader:
-    """Uniform access to tensor names, shapes and values across safetensors and pickle files."""
+class CheckpointReader:
+    """Uniform access to tensor names, shapes and values across safetensors and pickle files.
+
+    Public because the GGUF exporter reads checkpoints through it too: one reader, one set of key checks."""
 
     def __init__(self, files: list[Path]):
         self.files = files
@@ -171,7 +173,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     files = weight_files(folder, allow_unsafe_pickle)
     with torch.device("meta"):
         model = Llama(config)
-    reader = _Reader(files)
+    reader = CheckpointReader(files)
     found = reader.shapes()
     check_keys_and_shapes(expected_shapes(model), found, config, folder)
     wanted = set(expected_shapes(model))

@@ -390,12 +390,13 @@ def _open_weights(folder: Path, config: LlamaConfig, allow_unsafe_pickle: bool):
     """The checkpoint reader (keys and shapes checked), the names to read, and the precision to keep."""
     # The reader is checkpoint.py's own: the same files, key checks and memory-mapped, one-at-a-time reads
     # that load_model uses, without building the model.
-    from modules.llm.checkpoint import CheckpointError, _Reader, check_keys_and_shapes, expected_shapes, weight_files
+    from modules.llm.checkpoint import (CheckpointError, CheckpointReader, check_keys_and_shapes, expected_shapes,
+                                        weight_files)
     from modules.llm.model import Llama
 
     try:
         files = weight_files(folder, allow_unsafe_pickle)
-        reader = _Reader(files)
+        reader = CheckpointReader(files)
         with torch.device("meta"):
             expected = expected_shapes(Llama(config))
         check_keys_and_shapes(expected, reader.shapes(), config, folder)
