@@ -313,3 +313,73 @@ def test_page_load_takes_defaults_from_settings(page, server):
     finally:  # the other tests expect the defaults
         httpx.post(url, timeout=30, json={k: original[k] for k in
                                           ("llm.system_prompt", "llm.temperature", "llm.repetition_penalty")})
+
+
+def set_temperature(page, value: float):
+    box = page.locator("#chat_temperature input[type=number]")
+    if not box.is_visible():
+        page.get_by_text("Parameters").click()
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_two_tabs_and_an_api_stream_at_once_stop_leaves_the_others_running(browser, page, server):
+    """Issue 11's "done when": two browser tabs chat while a third client streams through the ``openai`` client;
+    Stop in one tab ends only that reply, and every finished reply equals the same request run alone."""
+    import threading
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server[0].url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    settings = client._client.get(server[0].url + "/sdapi/v1/options").json()
+    other = open_chat(browser, server[0].url)
+    streamed: dict = {}
+    api_messages = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+    api_params = dict(model="slow-llama", max_tokens=80, temperature=0, seed=3)
+
+    def stream_through_api():
+        parts, finish = [], None
+        for chunk in client.chat.completions.create(messages=api_messages, stream=True, **api_params):
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        streamed.update(text="".join(parts), finish=finish, chunks=len(parts))
+
+    try:
+        for pg, n in ((page, 800), (other, 60)):
+            pick(pg, "#chat_model", "slow-llama")
+            set_max_new_tokens(pg, n)
+            set_temperature(pg, 0)
+        set_ignore_eos(page, True)  # the first tab's reply runs until Stop
+        stopped_text, kept_text = unique("Stop this one, please."), unique("Keep this one going.")
+        send(page, stopped_text)
+        page.wait_for_function(f"[...document.querySelectorAll('{BOTS}')].pop()?.innerText.trim().length > 0",
+                               timeout=60000)
+        api = threading.Thread(target=stream_through_api)
+        api.start()
+        send(other, kept_text)
+        other.wait_for_function(f"[...document.querySelectorAll('{BOTS}')].pop()?.innerText.trim().length > 0",
+                                timeout=60000)
+        page.locator("#chat_stop").click()
+        assert "stopped" in watch_reply(page, "tokens/s")[-1]
+        wait_replies(other, 1, timeout=120000)
+        api.join(timeout=180)
+        assert not api.is_alive(), "the API stream did not finish"
+    finally:
+        other.close()
+
+    _path, stopped = saved_chat(server[1], stopped_text)
+    assert stopped["messages"][-1]["meta"]["finish_reason"] == "interrupted"
+    _path, kept = saved_chat(server[1], kept_text)
+    assert kept["messages"][-1]["meta"]["finish_reason"] in ("stop", "length")
+    assert streamed["finish"] in ("stop", "length") and streamed["chunks"] >= 2
+
+    # each reply equals the same request run alone (greedy: the batch must not change a token)
+    alone = client.chat.completions.create(messages=api_messages, **api_params)
+    assert streamed["text"] == alone.choices[0].message.content
+    # the tab adds the settings' system prompt and repetition penalty (greedy ignores top-k/top-p/min-p)
+    tab_alone = client.chat.completions.create(
+        model="slow-llama", max_tokens=60, temperature=0,
+        messages=[{"role": "system", "content": settings["llm.system_prompt"]}, {"role": "user", "content": kept_text}],
+        extra_body={"repetition_penalty": settings["llm.repetition_penalty"]})
+    assert kept["messages"][-1]["content"] == tab_alone.choices[0].message.content
