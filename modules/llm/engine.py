@@ -100,6 +100,8 @@ class GenerationResult:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     target_passes: int = 0
+    #: prompt tokens whose keys/values came from the paged engine's prefix cache instead of being computed
+    cached_tokens: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -238,6 +240,7 @@ class _Row:
         self.prompt_logprobs: list[float | None] | None = None
         self.prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
         self._prompt_seen = 0  # prompt positions whose logits take_prompt_logits has received
+        self.cached_tokens = 0  # prompt tokens served from the paged engine's prefix cache
 
     @property
     def position(self) -> int:
@@ -258,6 +261,11 @@ class _Row:
     def wants_prompt_logits(self) -> bool:
         """Whether the prefill must hand this row its full [prompt_len, V] logits (echo with logprobs)."""
         return self.request.prompt_logprobs
+
+    @property
+    def prompt_positions_seen(self) -> int:
+        """Prompt positions whose logits :meth:`take_prompt_logits` has received so far."""
+        return self._prompt_seen
 
     def take_prompt_logits(self, logits_2d: torch.Tensor) -> None:
         """Record prompt logprobs from the next consecutive chunk of this row's prefill logits.
@@ -325,7 +333,8 @@ class _Row:
             prompt_tokens=self.prompt_len, completion_tokens=len(self.tokens), seed=self.state.seed,
             seconds=max(0.0, self.finished_at - self.started), prefill_seconds=self.prefilled_at - self.started,
             stop_string=self.stop_string, token_logprobs=self.token_logprobs, top_logprobs=self.top_logprobs,
-            prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs)
+            prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs,
+            cached_tokens=self.cached_tokens)
 
 
 # -- the batch loop -------------------------------------------------------------------------------------------
