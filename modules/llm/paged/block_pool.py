@@ -42,7 +42,8 @@ class BlockPool:
     """Keys/values of every sequence of one model, in blocks; the free list; refcounts; the prefix cache.
 
     Counters (for stats and tests): ``hits`` (blocks served from the prefix cache), ``evictions`` (cached
-    blocks whose content was dropped to make room).
+    blocks whose content was dropped to make room), ``preemptions`` (sequences the scheduler sent back to the
+    queue because no block was left).
     """
 
     def __init__(self, num_blocks: int, *, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -61,6 +62,7 @@ class BlockPool:
         self._block_of: dict[int, int] = {}                           # content hash -> block
         self.hits = 0
         self.evictions = 0
+        self.preemptions = 0
 
     @staticmethod
     def bytes_for(num_blocks: int, *, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,

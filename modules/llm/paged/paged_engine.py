@@ -44,7 +44,8 @@ def generate_paged(llm: Any, pool: BlockPool, requests: Sequence[GenerationReque
                    stream_decoder: Callable[[Any], Any] | None = None) -> list[GenerationResult]:
     """:func:`modules.llm.engine.generate` on a paged KV pool: same arguments, same results (plus
     ``cached_tokens``). Rows join from *arrivals* whenever fewer than *max_batch* are running or waiting,
-    without copying anything; rows that finish free their blocks at once."""
+    without copying anything; rows that finish free their blocks at once. *arrivals* must check each request
+    with :func:`check_paged_request` (LLMEngine's do)."""
     if stream_decoder is None:
         from modules.llm.tokenizer import StreamDecoder
         stream_decoder = StreamDecoder
@@ -66,10 +67,6 @@ def generate_paged(llm: Any, pool: BlockPool, requests: Sequence[GenerationReque
 
     rows = [add(req, sink) for req, sink in zip(requests, sinks)]
 
-    def fits(request: GenerationRequest) -> bool:
-        check_paged_request(request, ctx_len, pool)   # raises: the arrival fails alone
-        return True
-
     def finish(seq: Seq) -> None:
         scheduler.finish(seq)
         row = seq.row
@@ -88,7 +85,7 @@ def generate_paged(llm: Any, pool: BlockPool, requests: Sequence[GenerationReque
         if arrivals is not None:
             room = max_batch - len(scheduler.running) - len(scheduler.waiting)
             if room > 0:
-                for request, sink in arrivals.take(fits, room):
+                for request, sink in arrivals.take(lambda request: True, room):
                     add(request, sink)
         if not scheduler.has_work():
             break

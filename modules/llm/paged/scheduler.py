@@ -141,6 +141,7 @@ class Scheduler:
         step.prefill = [(s, n) for s, n in step.prefill if s is not seq]
         seq.free()
         seq.preemptions += 1
+        self.pool.preemptions += 1
         step.preempted.append(seq)
         self.waiting.appendleft(seq)
 
