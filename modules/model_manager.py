@@ -104,6 +104,7 @@ class ModelEntry:
     def info(self) -> dict:
         return {"key": self.key, "kind": self.kind, "size_mb": round(self.size / MB, 1),
                 "attached_mb": round(self.attached_bytes / MB, 1),
+                "attached": {name: obj.stats() for name, obj in self.attached.items() if callable(getattr(obj, "stats", None))},
                 "leases": self.leases, "on_device": self.on_device,
                 "last_used": self.last_used, **self.meta}
 

@@ -30,6 +30,10 @@ def settings_section() -> SettingsSection:
                     "channel, or int4 in groups of 32/64/128 weights (CPU only); smaller and faster to decode, "
                     "slightly less accurate (benchmarks/quantize_torch.py measures both)", str,
                     choices=WEIGHT_QUANT_CHOICES),
+        SettingSpec("llm.engine", "paged",
+                    "Atelier's own engine: paged (KV cache in blocks, prefix caching, docs/serving.md) or contiguous "
+                    "(the earlier batch loop, kept for comparisons such as benchmarks/serving.py)", str,
+                    choices=("paged", "contiguous")),
         SettingSpec("llm.max_batch", 16, "Most replies one model decodes together (continuous batching)", int,
                     minimum=1, maximum=256),
         SettingSpec("llm.kv_cache_mb", 0,

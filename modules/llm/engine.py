@@ -612,7 +612,8 @@ class LLMEngine:
         #: lease -> the model's BlockPool (the service allocates it through the model manager); None: the
         #: engine sizes one itself (:func:`modules.llm.paged.kv_memory.pool_blocks`, automatic size)
         self._kv_pool = kv_pool
-        #: read at the start of each batch: {"max_batch": int, "prefix_caching": bool} (the llm.* settings)
+        #: read at the start of each batch: {"max_batch": int, "prefix_caching": bool, "paged": bool} (the
+        #: llm.* settings), overriding the arguments
         self._options = options
         self._own_pool: tuple[Any, Any] | None = None   # (weakref to the model, its pool) without kv_pool
 
@@ -666,10 +667,11 @@ class LLMEngine:
         try:
             llm = lease.model
             ctx_len = context_length(llm)
-            options = {"max_batch": self.max_batch, "prefix_caching": True, **(self._options() if self._options else {})}
+            options = {"max_batch": self.max_batch, "prefix_caching": True, "paged": self.paged,
+                       **(self._options() if self._options else {})}
             max_batch = int(options["max_batch"])
             check = functools.partial(check_request, ctx_len=ctx_len)
-            if self.paged:
+            if options["paged"]:
                 from modules.llm.paged.paged_engine import check_paged_request, generate_paged
                 pool = self._pool_for(lease, max_batch)
                 check = functools.partial(check_paged_request, ctx_len=ctx_len, pool=pool)

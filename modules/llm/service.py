@@ -310,7 +310,8 @@ class LLMService:
 
     def _engine_options(self) -> dict[str, Any]:
         settings = self.ctx.settings
-        return {"max_batch": int(settings.get("llm.max_batch")), "prefix_caching": bool(settings.get("llm.prefix_caching"))}
+        return {"max_batch": int(settings.get("llm.max_batch")), "prefix_caching": bool(settings.get("llm.prefix_caching")),
+                "paged": settings.get("llm.engine") != "contiguous"}
 
     def _kv_pool(self, lease: Any) -> Any:
         """The leased model's KV block pool: sized by ``llm.kv_cache_mb`` when first needed, owned by the model

@@ -71,6 +71,12 @@ class BlockPool:
         item = torch.empty((), dtype=dtype).element_size()
         return 2 * layers * num_blocks * block_size * kv_heads * head_dim * item
 
+    def stats(self) -> dict[str, int]:
+        """What /sdapi/v1/memory reports for the pool (through the model manager's entry)."""
+        return {"blocks": self.usable_blocks, "free_blocks": self.free_blocks, "cached_blocks": self.cached_blocks,
+                "block_size": self.block_size, "hits": self.hits, "evictions": self.evictions,
+                "preemptions": self.preemptions, "bytes": self.memory_bytes()}
+
     def memory_bytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
