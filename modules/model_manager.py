@@ -92,9 +92,19 @@ class ModelEntry:
     meta: dict = field(default_factory=dict)
     #: lease count per holding thread (a thread waiting for room never waits for its own leases)
     holders: dict[int, int] = field(default_factory=dict)
+    #: buffers that belong to the model but are not its weights (an LLM's KV pool), by name; see attach()
+    attached: dict[str, Any] = field(default_factory=dict)
+    attached_bytes: int = 0
+
+    @property
+    def total_size(self) -> int:
+        """Weights plus attached buffers: what evicting or moving this entry frees or costs."""
+        return self.size + self.attached_bytes
 
     def info(self) -> dict:
         return {"key": self.key, "kind": self.kind, "size_mb": round(self.size / MB, 1),
+                "attached_mb": round(self.attached_bytes / MB, 1),
+                "attached": {name: obj.stats() for name, obj in self.attached.items() if callable(getattr(obj, "stats", None))},
                 "leases": self.leases, "on_device": self.on_device,
                 "last_used": self.last_used, **self.meta}
 
@@ -271,6 +281,35 @@ class ModelManager:
             raise
         return [pinned.get(r.key) or loaded[r.key] for r in requests]
 
+    def attach(self, key: str, name: str, size_bytes: int, make: Callable[[], T]) -> T:
+        """A buffer named *name* that belongs to loaded model *key* (an LLM's KV pool), made once.
+
+        Admitted like a load: room for *size_bytes* is made first (idle models evicted LRU-first, else
+        OutOfMemoryBudget), then *make()* runs outside the lock. The buffer lives and dies with the model (an
+        unload or eviction frees it) and is reported apart from the weights (``attached_mb``), so a model's
+        ``size_mb`` stays what its weights take. The caller must hold a lease on *key*."""
+        holder = threading.get_ident()
+        with self._cv:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise KeyError(f"model {key!r} is not loaded; acquire it before attaching {name!r}")
+            if name in entry.attached:
+                return entry.attached[name]
+            self._admit(size_bytes, slots=0, keep={key}, holder=holder)
+            self._reserved += size_bytes
+        try:
+            obj = make()
+        finally:
+            with self._cv:
+                self._reserved -= size_bytes
+        with self._cv:
+            if name in entry.attached:   # another thread attached it meanwhile: keep the first
+                return entry.attached[name]
+            entry.attached[name] = obj
+            entry.attached_bytes += size_bytes
+            self._log(f"attached {name} to {entry.kind} {key} ({size_bytes / MB:.1f} MB)")
+            return obj
+
     def is_loaded(self, key: str) -> bool:
         with self._lock:
             return key in self._entries
@@ -301,7 +340,7 @@ class ModelManager:
 
     def memory_report(self) -> dict:
         with self._lock:
-            held = sum(e.size for e in self._entries.values() if e.on_device)
+            held = sum(e.total_size for e in self._entries.values() if e.on_device)
             return {"device": str(self.device), "free_bytes": self._free_memory(),
                     "reserve_bytes": self.reserve_bytes, "reserved_for_loads_bytes": self._reserved,
                     "models_bytes": held, "models": [e.info() for e in self._entries.values()]}
@@ -356,7 +395,7 @@ class ModelManager:
             # models other threads hold: worth waiting for only if their release would make it fit
             others = [e for e in self._entries.values()
                       if e.key not in keep and e.leases and holder not in e.holders]
-            would_fit = (not short_memory or self.budget_free() + sum(e.size for e in others if e.on_device) >= needed) \
+            would_fit = (not short_memory or self.budget_free() + sum(e.total_size for e in others if e.on_device) >= needed) \
                 and (not short_slots or len(self._entries) + slots - len(others) <= self.max_loaded)
             remaining = deadline - time.monotonic()
             if others and would_fit and remaining > 0:
@@ -419,7 +458,8 @@ class ModelManager:
         except TypeError:
             pass  # not weak-referenceable; nothing to watch
         entry.obj = None
-        self._log(f"{reason} {entry.kind} {entry.key} ({entry.size / MB:.1f} MB)")
+        entry.attached.clear()
+        self._log(f"{reason} {entry.kind} {entry.key} ({entry.total_size / MB:.1f} MB)")
 
     def _give_back_memory(self) -> None:
         """Outside the lock: gc, empty_cache, malloc_trim, then report models that are still alive."""

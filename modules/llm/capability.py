@@ -30,6 +30,19 @@ def settings_section() -> SettingsSection:
                     "channel, or int4 in groups of 32/64/128 weights (CPU only); smaller and faster to decode, "
                     "slightly less accurate (benchmarks/quantize_torch.py measures both)", str,
                     choices=WEIGHT_QUANT_CHOICES),
+        SettingSpec("llm.engine", "paged",
+                    "Atelier's own engine: paged (KV cache in blocks, prefix caching, docs/serving.md) or contiguous "
+                    "(the earlier batch loop, kept for comparisons such as benchmarks/serving.py)", str,
+                    choices=("paged", "contiguous")),
+        SettingSpec("llm.max_batch", 16, "Most replies one model decodes together (continuous batching)", int,
+                    minimum=1, maximum=256),
+        SettingSpec("llm.kv_cache_mb", 0,
+                    "KV cache pool per model in MB (models loaded afterwards); 0 = automatic: a quarter of the free "
+                    "memory budget, at most what llm.max_batch full-context replies need (docs/serving.md)", int,
+                    minimum=0, maximum=1048576),
+        SettingSpec("llm.prefix_caching", True,
+                    "Prefix caching: reuse the KV cache of repeated prompt beginnings (system prompt, chat history, "
+                    "n samples)", bool),
         SettingSpec("llm.api_max_n", 16, "API: most choices (n) one request may ask for", int, minimum=1,
                     maximum=128),
         SettingSpec("llm.api_max_logprobs", 20, "API: most top log-probabilities (top_logprobs / logprobs) per token",

@@ -20,6 +20,7 @@ no padding slots, prefix sharing.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ class GenerationResult:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     target_passes: int = 0
+    #: prompt tokens whose keys/values came from the paged engine's prefix cache instead of being computed
+    cached_tokens: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -238,6 +241,7 @@ class _Row:
         self.prompt_logprobs: list[float | None] | None = None
         self.prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
         self._prompt_seen = 0  # prompt positions whose logits take_prompt_logits has received
+        self.cached_tokens = 0  # prompt tokens served from the paged engine's prefix cache
 
     @property
     def position(self) -> int:
@@ -258,6 +262,11 @@ class _Row:
     def wants_prompt_logits(self) -> bool:
         """Whether the prefill must hand this row its full [prompt_len, V] logits (echo with logprobs)."""
         return self.request.prompt_logprobs
+
+    @property
+    def prompt_positions_seen(self) -> int:
+        """Prompt positions whose logits :meth:`take_prompt_logits` has received so far."""
+        return self._prompt_seen
 
     def take_prompt_logits(self, logits_2d: torch.Tensor) -> None:
         """Record prompt logprobs from the next consecutive chunk of this row's prefill logits.
@@ -325,7 +334,8 @@ class _Row:
             prompt_tokens=self.prompt_len, completion_tokens=len(self.tokens), seed=self.state.seed,
             seconds=max(0.0, self.finished_at - self.started), prefill_seconds=self.prefilled_at - self.started,
             stop_string=self.stop_string, token_logprobs=self.token_logprobs, top_logprobs=self.top_logprobs,
-            prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs)
+            prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs,
+            cached_tokens=self.cached_tokens)
 
 
 # -- the batch loop -------------------------------------------------------------------------------------------
@@ -588,12 +598,37 @@ class LLMEngine:
         max_batch: most rows decoded together.
     """
 
-    def __init__(self, jobs: Any, model_name: str, acquire: Callable[[], Any], *, max_batch: int = 8):
+    def __init__(self, jobs: Any, model_name: str, acquire: Callable[[], Any], *, max_batch: int = 8,
+                 paged: bool = True, kv_pool: Callable[[Any], Any] | None = None,
+                 options: Callable[[], dict[str, Any]] | None = None):
         self.jobs = jobs
         self.model_name = model_name
         self.batch_key = f"llm:{model_name}"
         self._acquire = acquire
         self.max_batch = max_batch
+        #: True: the paged engine (modules.llm.paged); False: the contiguous batch loop (:func:`generate`),
+        #: kept for benchmarks and comparisons
+        self.paged = paged
+        #: lease -> the model's BlockPool (the service allocates it through the model manager); None: the
+        #: engine sizes one itself (:func:`modules.llm.paged.kv_memory.pool_blocks`, automatic size)
+        self._kv_pool = kv_pool
+        #: read at the start of each batch: {"max_batch": int, "prefix_caching": bool, "paged": bool} (the
+        #: llm.* settings), overriding the arguments
+        self._options = options
+        self._own_pool: tuple[Any, Any] | None = None   # (weakref to the model, its pool) without kv_pool
+
+    def _pool_for(self, lease: Any, max_batch: int) -> Any:
+        if self._kv_pool is not None:
+            return self._kv_pool(lease)
+        import weakref
+
+        from modules.llm.paged.kv_memory import new_pool, pool_blocks
+        llm = lease.model
+        if self._own_pool is None or self._own_pool[0]() is not llm:
+            self._own_pool = None   # drop the old model's pool before allocating
+            blocks = pool_blocks(llm, kv_cache_mb=0, max_batch=max_batch, free_bytes=None)
+            self._own_pool = (weakref.ref(llm), new_pool(llm, blocks))
+        return self._own_pool[1]
 
     def submit(self, request: GenerationRequest, *, owner: str | None = None) -> GenerationHandle:
         """Queue *request*; *owner* (see :mod:`modules.job_owner`) is recorded on its job. Only the returned
@@ -632,20 +667,30 @@ class LLMEngine:
         try:
             llm = lease.model
             ctx_len = context_length(llm)
-            arrivals = _QueueArrivals(self.jobs, self.batch_key, ctx_len, on_take)
+            options = {"max_batch": self.max_batch, "prefix_caching": True, "paged": self.paged,
+                       **(self._options() if self._options else {})}
+            max_batch = int(options["max_batch"])
+            check = functools.partial(check_request, ctx_len=ctx_len)
+            if options["paged"]:
+                from modules.llm.paged.paged_engine import check_paged_request, generate_paged
+                pool = self._pool_for(lease, max_batch)
+                check = functools.partial(check_paged_request, ctx_len=ctx_len, pool=pool)
+                run = functools.partial(generate_paged, llm, pool, prefix_caching=bool(options["prefix_caching"]))
+            else:
+                run = functools.partial(generate, llm)
+            arrivals = _QueueArrivals(self.jobs, self.batch_key, check, on_take)
             first = []
             for job in jobs:
                 try:
-                    check_request(job.payload, ctx_len)
+                    check(job.payload)
                     first.append(job)
                 except ValueError as exc:
                     job.finish(error=exc)  # a bad request fails alone; the others run
             running[0] = len(first)
             while first:
-                generate(llm, [job.payload for job in first], first, arrivals=arrivals, max_batch=self.max_batch,
-                         on_done=on_done)
+                run([job.payload for job in first], first, arrivals=arrivals, max_batch=max_batch, on_done=on_done)
                 # requests that did not fit the last batch's slot budget start the next one
-                first = [job for _request, job in arrivals.take(lambda request: True, self.max_batch)]
+                first = [job for _request, job in arrivals.take(lambda request: True, max_batch)]
             return [None] * len(jobs)
         except BaseException as exc:  # the queue fails the jobs it handed over; the ones pulled in fail here
             for job in arrivals.taken if arrivals is not None else []:
@@ -665,8 +710,10 @@ class _QueueArrivals:
     so peeking at the head and then taking one job claims exactly the job that was peeked at.
     """
 
-    def __init__(self, jobs: Any, batch_key: str, ctx_len: int, on_take: Callable[[list[Job]], None]):
-        self.jobs, self.batch_key, self.ctx_len, self.on_take = jobs, batch_key, ctx_len, on_take
+    def __init__(self, jobs: Any, batch_key: str, check: Callable[[GenerationRequest], None],
+                 on_take: Callable[[list[Job]], None]):
+        """*check(request)* raises ValueError for a request that cannot run (it then fails alone)."""
+        self.jobs, self.batch_key, self.check, self.on_take = jobs, batch_key, check, on_take
         self.taken: list[Job] = []
 
     def take(self, fits: Callable[[GenerationRequest], bool], limit: int) -> list[tuple[GenerationRequest, Job]]:
@@ -677,7 +724,7 @@ class _QueueArrivals:
                 break
             head = waiting[0]
             try:
-                check_request(head.payload, self.ctx_len)
+                self.check(head.payload)
             except ValueError as exc:
                 for job in self.jobs.take_waiting(self.batch_key, 1):
                     job.finish(error=exc)

@@ -190,6 +190,9 @@ def _translate(exc: Exception) -> ApiError:
         return ApiError(400, str(exc), param="model", code="model_not_loadable")
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    from modules.llm.paged.kv_memory import KVCacheExhausted
+    if isinstance(exc, KVCacheExhausted):
+        return ApiError(400, str(exc), param="max_tokens", code="kv_cache_exhausted")
     from modules.llm.llamacpp_runtime import LlamaCppUnavailable
     if isinstance(exc, LlamaCppUnavailable):  # the server lacks a backend the model needs: not the client's fault
         return ApiError(503, str(exc), param="model", code="backend_unavailable", kind="server_error")

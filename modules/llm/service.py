@@ -303,9 +303,29 @@ class LLMService:
                     from modules.llm.llamacpp_backend import LlamaCppEngine
                     engine = LlamaCppEngine(self.ctx.jobs, name, lambda: self.acquire(name))
                 else:
-                    engine = LLMEngine(self.ctx.jobs, name, lambda: self.acquire(name))
+                    engine = LLMEngine(self.ctx.jobs, name, lambda: self.acquire(name), kv_pool=self._kv_pool,
+                                       options=self._engine_options)
                 self._engines[(name, backend)] = engine
             return engine
+
+    def _engine_options(self) -> dict[str, Any]:
+        settings = self.ctx.settings
+        return {"max_batch": int(settings.get("llm.max_batch")), "prefix_caching": bool(settings.get("llm.prefix_caching")),
+                "paged": settings.get("llm.engine") != "contiguous"}
+
+    def _kv_pool(self, lease: Any) -> Any:
+        """The leased model's KV block pool: sized by ``llm.kv_cache_mb`` when first needed, owned by the model
+        manager's entry (counted against its budget, freed with the model)."""
+        from modules.llm.paged.block_pool import BlockPool
+        from modules.llm.paged.kv_memory import new_pool, pool_blocks
+        llm = lease.model
+        blocks = pool_blocks(llm, kv_cache_mb=int(self.ctx.settings.get("llm.kv_cache_mb")),
+                             max_batch=int(self.ctx.settings.get("llm.max_batch")),
+                             free_bytes=max(0, self.ctx.models.budget_free()))
+        config = llm.config
+        size = BlockPool.bytes_for(blocks, layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
+                                   head_dim=config.head_dim, dtype=llm.dtype)
+        return self.ctx.models.attach(lease.key, "kv_pool", size, lambda: new_pool(llm, blocks))
 
     # -- sampling defaults ---------------------------------------------------------------------------------
     def default_params(self, **overrides: Any) -> SamplingParams:
