@@ -42,7 +42,9 @@ def test_chat_logprobs_and_refusal(client):
         assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
         assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
         assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
-    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    # an integer count (other tests in this module may already have cached this prompt's blocks)
+    cached = reply.usage.prompt_tokens_details.cached_tokens
+    assert isinstance(cached, int) and 0 <= cached < reply.usage.prompt_tokens
 
 
 def test_chat_streamed_logprobs_equal_non_streamed(client):
