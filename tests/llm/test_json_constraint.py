@@ -134,3 +134,23 @@ def test_malformed_response_formats(response_format, words):
 
 def test_text_format_is_unconstrained():
     assert schema_for({"type": "text"}) is None
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_speculative_decoding_keeps_the_grammar(llm, compiler, tmp_path, temperature):
+    """The draft proposes under its own grammar state and the target verifies each position after the
+    drafts before it (forked state); greedy output equals the plain engine's."""
+    from modules.fixtures.llm import FIXTURE_MODELS, write_model
+    from modules.llm.loader import load_llm
+    from modules.llm.speculative import generate_speculative
+    draft = load_llm(write_model(tmp_path / "draft", dict(FIXTURE_MODELS["tiny-llama-gqa"], num_hidden_layers=1),
+                                 seed=1), "cpu", torch.float32)
+    ids = llm.tokenizer.encode("Reply in JSON:", add_bos=True)
+    for seed in range(3):
+        params = SamplingParams(temperature=temperature, seed=seed, max_new_tokens=200,
+                                constraint=spec(compiler, llm, SCHEMA))
+        got = generate_speculative(llm, draft, GenerationRequest(ids, params), max_k=4)
+        assert got.finish_reason == "stop" and got.draft_tokens > 0
+        jsonschema.validate(json.loads(got.text), SCHEMA)
+        if temperature == 0:
+            assert got.text == generate(llm, [GenerationRequest(ids, params)])[0].text
