@@ -154,3 +154,46 @@ def test_speculative_decoding_keeps_the_grammar(llm, compiler, tmp_path, tempera
         jsonschema.validate(json.loads(got.text), SCHEMA)
         if temperature == 0:
             assert got.text == generate(llm, [GenerationRequest(ids, params)])[0].text
+
+
+def _byte_level_tokenizer(folder):
+    """A GPT-2-style byte-level BPE tokenizer.json (SmolLM's kind), trained on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lines = ["The quick brown fox jumps over the lazy dog.", 'He said: "Let\'s meet at noon," and left.',
+             '{"name": "Ada", "age": 36, "tags": ["a", "b"], "ok": true, "kind": null}', "Numbers 12, 345, 6789."]
+    tok.train_from_iterator(lines * 8, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": None, "add_bos_token": False}))
+
+
+@pytest.mark.parametrize("kind", ["metaspace", "byte-level"])
+def test_tokenizer_json_models(llm, tmp_path, kind):
+    """The tokenizer.json path (llguidance reads the file itself): a SentencePiece vocabulary converted by
+    transformers (Metaspace, "▁") and a byte-level BPE ("Ġ") both give schema-valid JSON."""
+    import shutil
+    from modules.llm.loader import load_llm
+    folder = tmp_path / "fast"
+    shutil.copytree(llm.path, folder)
+    if kind == "metaspace":
+        import transformers
+        transformers.AutoTokenizer.from_pretrained(llm.path).save_pretrained(folder)
+    else:
+        _byte_level_tokenizer(folder)
+    (folder / "tokenizer.model").unlink()
+    fast = load_llm(folder, "cpu", torch.float32)
+    assert fast.tokenizer.hf_json() is not None
+    compiler = GrammarCompiler()
+    ids = fast.tokenizer.encode("Reply in JSON:", add_bos=True)
+    for seed in range(3):
+        params = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=200,
+                                constraint=compiler.compile(SCHEMA, fast.tokenizer, fast.config.vocab_size,
+                                                            eos_token_ids(fast)))
+        result = generate(fast, [GenerationRequest(ids, params)])[0]
+        assert result.finish_reason == "stop", result.text
+        jsonschema.validate(json.loads(result.text), SCHEMA)
