@@ -13,7 +13,10 @@ Interrupts (``/sdapi/v1/interrupt``) and other clients never cut a reply.
 
 Extra sampling fields beyond OpenAI's: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos`` (and
 ``seed``, which OpenAI has too). Defaults are OpenAI's (temperature 1, top_p 1); ``max_tokens`` defaults to the rest of
-the context for chat and to 16 for legacy completions, as in OpenAI's API.
+the context for chat and to 16 for legacy completions, as in OpenAI's API, and, as there, a prompt plus
+``max_tokens`` over the context is a 400 (``context_length_exceeded``), never a silently shortened reply.
+``response_format`` (``json_object`` / ``json_schema``) constrains decoding (modules/llm/json_constraint.py).
+Every field, error and what is not supported: docs/openai-api.md.
 """
 from __future__ import annotations
 
@@ -305,8 +308,8 @@ def build_router(ctx: Any) -> APIRouter:
             score_only = body.echo and _max_tokens(body) == 0  # echo the prompt's logprobs, generate nothing
             params = _params(body, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS, allow_zero=score_only)
             files = await run_in_threadpool(service().files, body.model)
-            lengths = [len(p) if isinstance(p, list) else len(files.tokenizer.encode(p, add_bos=True))
-                       for p in prompts]
+            lengths = await run_in_threadpool(lambda: [
+                len(p) if isinstance(p, list) else len(files.tokenizer.encode(p, add_bos=True)) for p in prompts])
             budget = _completion_budget(body, files, lengths, chat=False, default=COMPLETIONS_DEFAULT_MAX_TOKENS,
                                         score_only=score_only)
             if not score_only:
