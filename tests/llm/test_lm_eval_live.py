@@ -15,8 +15,6 @@ import pytest
 
 from server_utils import REPO, start_server
 
-pytest.importorskip("lm_eval")
-
 MODEL = "atelier-tiny-chat"
 MAX_LENGTH = 256  # the model's context
 
