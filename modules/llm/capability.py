@@ -1,4 +1,4 @@
-"""Registers the LLM capability: its settings, ``ctx.llm``, the Chat tab and the ``/v1`` routes.
+"""Registers the LLM capability: its settings, ``ctx.llm``, the Chat tab, the ``/v1`` and tokenizer routes.
 
 Cheap on purpose (start-up stays fast): nothing here loads a model or imports transformers or Gradio;
 the Chat tab's module is imported only when the UI is built, models load on first use.
@@ -64,8 +64,10 @@ def settings_section() -> SettingsSection:
 def register(ctx: Any) -> None:
     from modules.llm.openai_api import build_router
     from modules.llm.service import LLMService
+    from modules.llm.tokenize_api import build_router as build_tokenize_router
 
     ctx.settings.add_section(settings_section())
     ctx.llm = LLMService(ctx)
     ctx.tabs.add(TabSpec("chat", "Chat", lazy_build("modules.ui.tabs.chat"), order=10))
     ctx.api.include(build_router(ctx))
+    ctx.api.include(build_tokenize_router(ctx))  # vLLM's /tokenize, /detokenize, /tokenizer_info

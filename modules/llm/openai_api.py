@@ -13,7 +13,10 @@ Interrupts (``/sdapi/v1/interrupt``) and other clients never cut a reply.
 
 Extra sampling fields beyond OpenAI's: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos`` (and
 ``seed``, which OpenAI has too). Defaults are OpenAI's (temperature 1, top_p 1); ``max_tokens`` defaults to the rest of
-the context for chat and to 16 for legacy completions, as in OpenAI's API.
+the context for chat and to 16 for legacy completions, as in OpenAI's API, and, as there, a prompt plus
+``max_tokens`` over the context is a 400 (``context_length_exceeded``), never a silently shortened reply.
+``response_format`` (``json_object`` / ``json_schema``) constrains decoding (modules/llm/json_constraint.py).
+Every field, error and what is not supported: docs/openai-api.md.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 
 from modules.job_owner import api_owner
-from modules.llm.engine import GenerationResult, PromptTooLong
+from modules.llm.engine import GenerationResult, PromptTooLong, context_length, eos_token_ids
+from modules.llm.json_constraint import GrammarCompiler, SchemaError, schema_for
 from modules.llm.openai_logprobs import CompletionLogprobs, chat_entries, merge
 from modules.llm.sampling import FIELD_NAMES, SamplingParams
 
@@ -92,6 +96,13 @@ class _Sampling(BaseModel):
     response_format: dict[str, Any] | None = None
     suffix: str | None = None
     best_of: int | None = None
+    # OpenAI features that would change the reply: a 400 unless they ask for plain text (see _check_unsupported).
+    # Fields that do not change it (store, metadata, service_tier, parallel_tool_calls, prediction, ...) are
+    # ignored like any unknown field.
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
 
     _check_stop = field_validator("stop")(classmethod(lambda cls, v: _valid_text(v)))
 
@@ -229,6 +240,7 @@ def build_router(ctx: Any) -> APIRouter:
         return ctx.llm
 
     engine_hash = engine_source_hash()
+    grammars = GrammarCompiler()  # response_format schemas -> token masks, per model tokenizer
 
     def fingerprint(model: str) -> str:
         return serving_fingerprint(model, ctx.devices.dtype, ctx.devices.device, engine_hash)
@@ -261,6 +273,10 @@ def build_router(ctx: Any) -> APIRouter:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in body.messages]
             params = _params(body, default_max=None)
+            files = await run_in_threadpool(service().files, body.model)
+            prompt_len = await run_in_threadpool(_chat_prompt_len, files, messages)
+            params.max_new_tokens = _completion_budget(body, files, [prompt_len], chat=True)
+            params.constraint = await run_in_threadpool(_response_format, ctx, grammars, body, files)
             owner = api_owner(request.headers, api_auth=bool(ctx.opts.api_auth))
             runs = await run_in_threadpool(lambda: [
                 service().chat(messages, p, model=body.model, owner=owner, logprobs=k, fire_user=i == 0)
@@ -294,6 +310,14 @@ def build_router(ctx: Any) -> APIRouter:
             _check_size(ctx, [p for p in prompts if isinstance(p, str)], "prompt")
             score_only = body.echo and _max_tokens(body) == 0  # echo the prompt's logprobs, generate nothing
             params = _params(body, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS, allow_zero=score_only)
+            files = await run_in_threadpool(service().files, body.model)
+            lengths = await run_in_threadpool(lambda: [
+                len(p) if isinstance(p, list) else len(files.tokenizer.encode(p, add_bos=True)) for p in prompts])
+            budget = _completion_budget(body, files, lengths, chat=False, default=COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                        score_only=score_only)
+            if not score_only:
+                params.max_new_tokens = budget
+            params.constraint = await run_in_threadpool(_response_format, ctx, grammars, body, files)
             owner = api_owner(request.headers, api_auth=bool(ctx.opts.api_auth))
             echo_logprobs = body.echo and k is not None
 
@@ -350,15 +374,19 @@ def _check_unsupported(ctx: Any, body: _Sampling, *, chat: bool) -> tuple[int, i
     for name in ("tools", "functions", "function_call", "suffix"):
         if getattr(body, name) not in (None, [], {}, ""):
             raise ApiError(400, f"{name} is not supported by this server; leave it out", param=name)
+    if body.modalities is not None and set(body.modalities) - {"text"}:
+        raise ApiError(400, f"modalities {sorted(set(body.modalities) - {'text'})} are not supported: this server "
+                            "answers with text only (leave modalities out or [\"text\"])", param="modalities")
+    for name, what in (("audio", "audio output"), ("web_search_options", "web search"),
+                       ("reasoning_effort", "reasoning models")):
+        if getattr(body, name) is not None:
+            raise ApiError(400, f"{name} is not supported by this server (no {what}); leave it out", param=name)
     if body.tool_choice not in (None, "none"):
         raise ApiError(400, "tool_choice is not supported by this server (no tools); leave it out",
                        param="tool_choice")
     if body.best_of is not None and body.best_of != n:
         raise ApiError(400, f"best_of={body.best_of} is not supported: Atelier generates n candidates and returns "
                             "them all (leave best_of out)", param="best_of")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise ApiError(400, f"response_format {body.response_format.get('type')!r} is not supported yet; only "
-                            "{\"type\": \"text\"}", param="response_format")
     max_k = _limit(ctx, "llm.api_max_logprobs", DEFAULT_MAX_LOGPROBS)
     if chat:
         if body.logprobs not in (None, True, False):
@@ -377,6 +405,70 @@ def _check_unsupported(ctx: Any, body: _Sampling, *, chat: bool) -> tuple[int, i
     if k is not None and not 0 <= k <= max_k:
         raise ApiError(400, f"{param}={k} must be between 0 and {max_k} (setting llm.api_max_logprobs)", param=param)
     return n, k
+
+
+def _chat_prompt_len(files: Any, messages: list[dict[str, Any]]) -> int:
+    """Prompt tokens of *messages* under the model's chat template (what the service will render)."""
+    from modules.llm.service import check_messages, render_prompt
+    try:
+        check_messages(messages)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+    return len(render_prompt(files, messages)[1])
+
+
+def _completion_budget(body: _Sampling, files: Any, prompt_lens: list[int], *, chat: bool,
+                       default: int | None = None, score_only: bool = False) -> int:
+    """max_tokens as OpenAI counts it: the prompt plus max_tokens must fit the model's context, else a 400
+    saying by how much (the API never drops messages or shortens a reply to fit; the Chat tab does). No
+    max_tokens means the rest of the context (chat) or *default* (legacy completions, 16)."""
+    ctx_len = context_length(files)
+    longest = max(prompt_lens)
+    what = "in the messages" if chat else "in your prompt"
+    if longest >= ctx_len:
+        raise ApiError(400, f"This model's maximum context length is {ctx_len} tokens. However, your "
+                            f"{'messages' if chat else 'prompt'} resulted in {longest} tokens, which leaves no room "
+                            "for a completion. Please reduce the length of the "
+                            f"{'messages' if chat else 'prompt'}.",
+                       param="messages" if chat else "prompt", code="context_length_exceeded")
+    asked = _max_tokens(body)
+    if asked is None and default is None:
+        return ctx_len - longest
+    wanted = 0 if score_only else asked if asked is not None else default
+    if longest + wanted > ctx_len:
+        name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        raise ApiError(400, f"This model's maximum context length is {ctx_len} tokens. However, you requested "
+                            f"{longest + wanted} tokens ({longest} {what}, {wanted} in the completion). Please "
+                            f"reduce the length of the {'messages' if chat else 'prompt'} or {name}.",
+                       param=name, code="context_length_exceeded")
+    return max(1, wanted)
+
+
+def _response_format(ctx: Any, grammars: GrammarCompiler, body: _Sampling, files: Any) -> Any:
+    """The constraint spec for the body's response_format (None for text); 400s name what is wrong."""
+    if body.response_format is None:
+        return None
+    try:
+        schema = schema_for(body.response_format)
+    except SchemaError as exc:
+        raise ApiError(400, str(exc), param="response_format",
+                       code="unsupported_response_format" if exc.unsupported else "invalid_response_format") from None
+    if schema is None:
+        return None
+    if body.ignore_eos:
+        raise ApiError(400, "ignore_eos cannot be combined with response_format: the reply must end once the JSON "
+                            "is complete", param="ignore_eos")
+    from modules.llm.service import ATELIER
+    backend = ctx.llm.backend(body.model)
+    if backend != ATELIER:
+        raise ApiError(400, f"response_format needs Atelier's own engine, but {body.model} runs on "
+                            f"{backend}; set the llm.gguf_backend setting to \"atelier\"",
+                       param="response_format", code="unsupported_response_format")
+    try:
+        return grammars.compile(schema, files.tokenizer, int(files.config.vocab_size), eos_token_ids(files))
+    except SchemaError as exc:
+        raise ApiError(400, str(exc), param="response_format",
+                       code="unsupported_json_schema" if exc.unsupported else "invalid_json_schema") from None
 
 
 def _max_tokens(body: _Sampling) -> int | None:

@@ -42,6 +42,9 @@ class SamplingParams:
     #: OpenAI's logit_bias: token id -> a value in [-100, 100] added to its logit before any processor
     #: (-100 bans the token, +100 all but forces it); applied to greedy rows too
     logit_bias: dict[int, float] | None = None
+    #: constrained decoding (``response_format``): a spec whose ``start()`` gives each row its own state with
+    #: ``allowed() -> Bool[V]``, ``advance(token_id)`` and ``fork()`` (see modules/llm/json_constraint.py)
+    constraint: Any = None
 
     @property
     def greedy(self) -> bool:
@@ -82,6 +85,8 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -1 <= self.seed < 2**63):
             problems.append(f"seed={self.seed!r} must be an integer >= 0 (or -1 / empty for a random seed)")
+        if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
+            problems.append(f"constraint={self.constraint!r} must be a constraint spec with start()")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 problems.append(f"logit_bias={self.logit_bias!r} must map token ids to numbers")
@@ -214,8 +219,9 @@ class RowState:
             self.bias[list(self.params.logit_bias)] = torch.tensor(list(self.params.logit_bias.values()),
                                                                    dtype=torch.float32, device=device)
         #: a constraint on what may come next (JSON output): ``allowed() -> Bool[V] | None`` and
-        #: ``advance(token_id)``; None means unconstrained
-        self.constraint: Any = None
+        #: ``advance(token_id)``; None means unconstrained. Started from the params' spec per row, so each
+        #: row (and each of n samples) walks the grammar on its own.
+        self.constraint: Any = self.params.constraint.start() if self.params.constraint is not None else None
         if self.seen is not None and len(prompt_ids):
             ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab_size], dtype=torch.long, device=device)
             self.seen[ids] = True

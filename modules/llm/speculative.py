@@ -129,7 +129,7 @@ class AdaptiveK:
 
 def _stateless(state: RowState) -> bool:
     """True when the processors ignore which tokens came before (no penalties): no fork is needed."""
-    return not (state.needs_seen or state.needs_counts) and not hasattr(state, "fork")
+    return not (state.needs_seen or state.needs_counts) and state.constraint is None and not hasattr(state, "fork")
 
 
 def _fork(state: RowState) -> RowState:
@@ -141,6 +141,7 @@ def _fork(state: RowState) -> RowState:
     twin.generator = None
     twin.seen = state.seen.clone() if state.seen is not None else None
     twin.counts = state.counts.clone() if state.counts is not None else None
+    twin.constraint = state.constraint.fork() if state.constraint is not None else None  # a grammar's position
     return twin
 
 
@@ -307,6 +308,8 @@ def _verify(logits: torch.Tensor, drafts: list[int], q: list[torch.Tensor],
         if state.params.greedy:
             best = int(scores.argmax())
             if i < k and drafts[i] == best:
+                if fork is not state:
+                    fork.observe(best)  # the next position is scored after this token (penalties, grammar)
                 continue
             return i, best
         p = torch.softmax(scores, dim=-1)

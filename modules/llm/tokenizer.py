@@ -89,6 +89,21 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
 
+    def special_ids(self) -> list[int]:
+        """Ids of the special tokens (BOS, EOS, control and special added tokens): never text (constrained
+        decoding must not offer them as characters)."""
+        return sorted(self._backend.special_ids() | {self.bos_id, self.eos_id})
+
+    def encode_inner(self, text: str) -> list[int]:
+        """Ids of *text* as it would be tokenized mid-sequence: no BOS and no SentencePiece dummy-prefix
+        space (``"{"`` is ``[<0x7B>]``, not ``["▁", <0x7B>]``), what grammar engines canonicalise with."""
+        return self._backend.encode_inner(text)
+
+    def hf_json(self) -> str | None:
+        """The Hugging Face ``tokenizers`` JSON of a fast tokenizer (None for SentencePiece): what grammar
+        engines such as llguidance read token bytes from."""
+        return self._backend.hf_json()
+
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of *text*; *add_bos*: this is the start of a sequence, so BOS goes first - when the
         model's tokenizer adds one at all (``add_bos_token``, True unless tokenizer_config.json says false)."""
@@ -147,6 +162,9 @@ class _Backend:
     def id_to_token(self, token_id: int) -> str | None: ...
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
+    def special_ids(self) -> set[int]: ...
+    def encode_inner(self, text: str) -> list[int]: ...
+    def hf_json(self) -> str | None: ...
 
 
 class _FastBackend(_Backend):
@@ -171,6 +189,15 @@ class _FastBackend(_Backend):
     def decode(self, ids, skip_special_tokens):
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def special_ids(self):
+        return {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+
+    def hf_json(self):
+        return self.tok.to_str()
+
+    def encode_inner(self, text):
+        return self.encode(text)  # a fast tokenizer's pre-tokenizer decides; grammar engines read hf_json
+
 
 class _SentencePieceBackend(_Backend):
     def __init__(self, path: Path, added: dict[str, tuple[int, bool]], legacy: bool):
@@ -186,7 +213,7 @@ class _SentencePieceBackend(_Backend):
         self.added = {self.sp.IdToPiece(i): (i, True) for i in range(self.sp.GetPieceSize())
                       if self.sp.IsControl(i) or self.sp.IsUnknown(i)}
         self.added.update(added)
-        self.special_ids = {i for i, special in self.added.values() if special}
+        self._special_added = {i for i, special in self.added.values() if special}
         self.added_by_id = {i: piece for piece, (i, _) in self.added.items()}
         self.vocab_size = max([self.sp.GetPieceSize()] + [i + 1 for i, _ in self.added.values()])
         pattern = "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True))
@@ -203,6 +230,16 @@ class _SentencePieceBackend(_Backend):
         if token_id in self.added_by_id:
             return self.added_by_id[token_id]
         return self.sp.IdToPiece(token_id) if 0 <= token_id < self.sp.GetPieceSize() else None
+
+    def special_ids(self):
+        return set(self._special_added) | {i for i in range(self.sp.GetPieceSize())
+                                         if self.sp.IsControl(i) or self.sp.IsUnknown(i)}
+
+    def hf_json(self):
+        return None
+
+    def encode_inner(self, text):
+        return self.sp_no_prefix.EncodeAsIds(text)
 
     def encode(self, text):
         parts = self._split.split(text) if self._split else [text]
@@ -232,7 +269,7 @@ class _SentencePieceBackend(_Backend):
                 if run:
                     out.append(self._decode_run(run, first=not out))
                     run = []
-                if not (skip_special_tokens and token_id in self.special_ids):
+                if not (skip_special_tokens and token_id in self._special_added):
                     out.append(self.added_by_id[token_id])
             else:
                 run.append(token_id)

@@ -150,7 +150,7 @@ def test_prompt_longer_than_context_is_400(client):
 
 
 def test_client_disconnect_stops_generation(server, client):
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 100000, "stream": True,
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 240, "stream": True,
             "ignore_eos": True, "temperature": 0}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():
@@ -162,7 +162,7 @@ def test_client_disconnect_stops_generation(server, client):
     line = next(x for x in server.log().splitlines() if "finish: interrupted" in x)
     assert "completion:" in line
     generated = int(line.split(" new tokens")[0].rsplit(" ", 1)[1])
-    assert generated < 200  # the context would have allowed ~250 more
+    assert generated < 200  # 240 were asked for
     assert chat(client, max_tokens=3).choices[0].message.content is not None  # the queue moved on
 
 
