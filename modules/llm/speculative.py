@@ -42,22 +42,23 @@ from typing import Any, Callable
 
 import torch
 
+from modules.llm.draft_settings import DEFAULT_MAX_K, DRAFT_MODELS_KEY, MAX_K_LIMIT
 from modules.llm.engine import (GenerationRequest, GenerationResult, Sink, _NullSink, _Row, check_request,
                                 context_length, eos_token_ids)
 from modules.llm.sampling import RowState, make_generator, process_logits
 
 log = logging.getLogger(__name__)
 
-#: the most tokens a draft proposes per round unless the ``llm.speculative_k`` setting says otherwise
-DEFAULT_MAX_K = 8
-#: the largest ``llm.speculative_k`` accepted (vLLM's MAX_SPEC_LEN is 128; a tiny draft is wrong long before)
-MAX_K_LIMIT = 32
 #: mixed into the request's seed for the draft's own generator
 _DRAFT_SEED_SALT = 0x5BD1E995
 
 
 class DraftIncompatible(ValueError):
     """The draft model cannot draft for the target (different tokenizer)."""
+
+
+class SpeculativeUnavailable(ValueError):
+    """A request asked for speculative decoding that this model cannot do (no draft set, llama.cpp...)."""
 
 
 @dataclass
@@ -67,6 +68,70 @@ class DraftSetup:
     #: returns a model-manager lease on the draft's LoadedLLM (key ``llm:<name>``)
     acquire: Callable[[], Any]
     max_k: int = DEFAULT_MAX_K
+
+
+def resolve_draft(request: GenerationRequest, draft: Callable[[], DraftSetup | None] | None,
+                  model_name: str) -> DraftSetup | None:
+    """The DraftSetup *request* runs with, or None for plain decoding.
+
+    ``request.speculative``: False never drafts; None drafts when the model has a draft set; True requires
+    one (SpeculativeUnavailable naming the setting otherwise). A draft set but unusable (missing folder,
+    other tokenizer) raises in both cases: the setting is wrong, and silently decoding without it would hide
+    that."""
+    if request.speculative is False:
+        return None
+    setup = draft() if draft is not None else None
+    if setup is None and request.speculative:
+        raise SpeculativeUnavailable(
+            f"speculative decoding was asked for, but model {model_name!r} has no draft model: set one in the "
+            f"{DRAFT_MODELS_KEY} setting (the Chat tab's \"Speculative decoding\" draft dropdown, or "
+            f"\"{model_name}=<draft folder>\" in Settings / /sdapi/v1/options), or leave speculative out")
+    return setup
+
+
+def run_speculative_jobs(jobs: list[Any], acquire: Callable[[], Any], queue: Any) -> list[None]:
+    """The job-queue runner of the ``llm:<model>:spec`` batch key: each job's payload is (request,
+    DraftSetup); they run one after another (batch 1) under one lease on the target and one per draft, and
+    so do the speculative jobs for this model that arrive meanwhile. Each job is finished as it ends, the
+    last one only after the leases are released (as the plain engine does), so a caller that unloads the
+    model right after its reply does not find it in use."""
+    key = jobs[0].batch_key
+    lease = acquire()
+    drafts: dict[str, Any] = {}
+    pending, pulled = list(jobs), []
+    last: tuple[Any, Any] | None = None
+    try:
+        while pending:
+            job = pending.pop(0)
+            request, setup = job.payload
+            if last is not None:
+                last[0].finish(result=last[1])
+                last = None
+            try:
+                if setup.name not in drafts:
+                    drafts[setup.name] = setup.acquire()
+                result = generate_speculative(lease.model, drafts[setup.name].model, request, job,
+                                              max_k=setup.max_k, target_name=request.label, draft_name=setup.name)
+            except ValueError as exc:   # a bad request (or draft) fails alone; the others run
+                job.finish(error=exc)
+            else:
+                last = (job, result)
+            if not pending:
+                taken = queue.take_waiting(key, 1)
+                pulled.extend(taken)
+                pending.extend(taken)
+        return [None] * len(jobs)
+    except BaseException as exc:   # the queue fails the jobs it handed over; the ones pulled in fail here
+        for job in pulled:
+            if not job.done:
+                job.finish(error=exc)
+        raise
+    finally:
+        for draft_lease in drafts.values():
+            draft_lease.release()
+        lease.release()
+        if last is not None:
+            last[0].finish(result=last[1])
 
 
 # -- draft / target compatibility ---------------------------------------------------------------------------
@@ -167,12 +232,16 @@ class _Model:
     def length(self) -> int:
         return self.cache.length
 
-    def feed(self, ids: list[int], *, last_only: bool, chunk: int = 512) -> torch.Tensor:
-        """Logits [T, V] (or [1, V] with *last_only*) after appending *ids* to the cache."""
+    def feed(self, ids: list[int], *, last_only: bool, chunk: int = 512,
+             on_chunk: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Logits [T, V] of the last chunk (or [1, V] with *last_only*) after appending *ids* to the cache;
+        *on_chunk* gets every chunk's full logits (prompt logprobs: echo)."""
         logits = None
         for start in range(0, len(ids), chunk):
             part = torch.tensor([ids[start:start + chunk]], dtype=torch.long, device=self.device)
-            logits = self.model(part, cache=self.cache, last_only=last_only)[0]
+            logits = self.model(part, cache=self.cache, last_only=last_only and on_chunk is None)[0]
+            if on_chunk is not None:
+                on_chunk(logits)
         return logits
 
     def truncate(self, n: int) -> None:
@@ -221,7 +290,8 @@ def generate_speculative(target: Any, draft: Any, request: GenerationRequest, si
         return row.finish_reason is None
 
     # the first token comes from the target's prefill, as in the plain engine
-    first_logits = big.feed(seq, last_only=True)[-1]
+    first_logits = big.feed(seq, last_only=True,
+                            on_chunk=row.take_prompt_logits if row.wants_prompt_logits else None)[-1]
     passes += 1
     row.prefilled_at = time.perf_counter()
     alive = take(_pick(first_logits, state, state.generator), first_logits)
