@@ -213,16 +213,18 @@ class LLMService:
             return self.ctx.models.acquire(key, load_gguf, kind="llm", size_bytes=path.stat().st_size,
                                            meta={"name": name, "path": str(path), "backend": backend})
 
+        dtype = devices.llm_dtype(files.config)   # --precision auto: bf16 for wide models on a bf16 CPU
+
         def load() -> Any:
             from modules.llm.loader import load_llm
             try:
-                return load_llm(path, devices.device, devices.dtype, files=files, row_parallel_threads=threads,
+                return load_llm(path, devices.device, dtype, files=files, row_parallel_threads=threads,
                                 allow_unsafe_pickle=bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False)),
                                 attention=devices.attention, weight_quant=weight_quant)
             except (ValueError, OSError, KeyError) as exc:
                 raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
 
-        return self.ctx.models.acquire(key, load, kind="llm", size_bytes=estimate_load_bytes(path, devices.dtype),
+        return self.ctx.models.acquire(key, load, kind="llm", size_bytes=estimate_load_bytes(path, dtype),
                                        meta={"name": name, "path": str(path)})
 
     def load(self, name: str) -> dict[str, Any]:

@@ -138,7 +138,16 @@ def run_speculative_jobs(jobs: list[Any], acquire: Callable[[], Any], queue: Any
 
 def vocabulary_fingerprint(tokenizer: Any, vocab_size: int) -> str:
     """A hash of every token string by id plus the BOS/EOS ids: equal exactly when two tokenizers map ids to
-    the same pieces (what speculative decoding needs: the target scores the draft's ids as its own)."""
+    the same pieces (what speculative decoding needs: the target scores the draft's ids as its own). Atelier's
+    Tokenizer computes it once (:meth:`~modules.llm.tokenizer.Tokenizer.vocabulary_fingerprint`)."""
+    cached = getattr(tokenizer, "vocabulary_fingerprint", None)
+    if callable(cached):
+        return cached(vocab_size)
+    return hash_vocabulary(tokenizer, vocab_size)
+
+
+def hash_vocabulary(tokenizer: Any, vocab_size: int) -> str:
+    """:func:`vocabulary_fingerprint`, computed."""
     digest = hashlib.sha256()
     for i in range(vocab_size):
         piece = tokenizer.id_to_token(i)
@@ -249,6 +258,34 @@ class _Model:
             self.cache.truncate(n)
 
 
+class _LeanModel:
+    """The draft's :class:`_Model` on :class:`~modules.llm.lean_decode.LeanDecoder`: the same interface, a
+    cheaper step (a draft step must cost a small fraction of a target step for drafting to pay)."""
+
+    def __init__(self, decoder: Any):
+        self.decoder = decoder
+
+    @property
+    def length(self) -> int:
+        return self.decoder.length
+
+    def feed(self, ids: list[int], *, last_only: bool, chunk: int = 512) -> torch.Tensor:
+        logits = None
+        for start in range(0, len(ids), chunk):
+            logits = self.decoder(ids[start:start + chunk], last_only=last_only)
+        return logits
+
+    def truncate(self, n: int) -> None:
+        if n < self.decoder.length:
+            self.decoder.truncate(n)
+
+
+def _draft_model(draft: Any, slots: int) -> _Model | _LeanModel:
+    from modules.llm.lean_decode import lean_decoder
+    decoder = lean_decoder(draft.model, slots)
+    return _LeanModel(decoder) if decoder is not None else _Model(draft, slots)
+
+
 @torch.inference_mode()
 def generate_speculative(target: Any, draft: Any, request: GenerationRequest, sink: Sink | None = None, *,
                          max_k: int = DEFAULT_MAX_K, adaptive: bool = True, target_name: str = "the target",
@@ -271,13 +308,14 @@ def generate_speculative(target: Any, draft: Any, request: GenerationRequest, si
         # the draft sees the same positions as the target; past its context its RoPE is untrained
         ctx_len = context_length(draft)
         check_request(request, ctx_len)
-    schedule = AdaptiveK(max_k)
+    # start half-way: a long first round that is rejected early costs more than a short one that is not
+    schedule = AdaptiveK(max_k, start=max(1, (max_k + 1) // 2))
     row = _Row(target, request, sink, ctx_len, eos_token_ids(target), stream_decoder)
     state = row.state
     draft_state = RowState(state.params, request.prompt_ids, target.config.vocab_size, device=draft.device)
     if draft_state.generator is not None:
         draft_state.generator = make_generator(state.seed ^ _DRAFT_SEED_SALT, draft.device)
-    big, small = _Model(target, ctx_len), _Model(draft, ctx_len)
+    big, small = _Model(target, ctx_len), _draft_model(draft, ctx_len)
     seq = list(request.prompt_ids)
     drafted_total = accepted_total = passes = 0
 

@@ -1,0 +1,124 @@
+"""Speculative decoding on the shipped demo pair against plain greedy decoding: speed, acceptance, identity.
+
+    python benchmarks/speculative.py                   # fp32 and bf16, every prompt, 3 rounds
+    python benchmarks/speculative.py --dtypes fp32 --rounds 1
+
+Target ``models/LLM/atelier-tiny-chat``, draft ``models/LLM/atelier-tiny-draft``, loaded as the service
+loads them. Per prompt (chat-templated, greedy, up to --max-new tokens, stopping at EOS as a chat reply
+does): the plain engine (:func:`modules.llm.engine.generate`, batch 1) and
+:func:`modules.llm.speculative.generate_speculative` with ``llm.speculative_k``'s default, interleaved
+in rounds (the host is shared; medians are reported). tokens/s = completion tokens / wall time of the
+whole call, prefill included, on both sides. Acceptance = accepted / drafted tokens; accepted per round =
+accepted drafts / verify passes; tokens per pass = completion tokens / target forward passes (the
+speed-up in target passes, before the draft's own cost); identical = the speculative tokens equal the
+plain ones. The last row of each dtype sums every prompt's tokens and times (the headline figure).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modules.llm.draft_settings import DEFAULT_MAX_K  # noqa: E402
+from modules.llm.engine import GenerationRequest, generate  # noqa: E402
+from modules.llm.sampling import SamplingParams  # noqa: E402
+from modules.llm.speculative import generate_speculative  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+#: prompts of the demo model's task families (docs, drawing, arithmetic, formatting) and open-ended ones
+PROMPTS = [
+    "What is Atelier?",
+    "How do I install Atelier?",
+    "Where do I put LoRA files?",
+    "How do I use the OpenAI API with Atelier?",
+    "Draw a big red circle in the top left on a blue background.",
+    "Please draw two small green squares at the bottom.",
+    "What is 17 + 25?",
+    "Write the words apple, pear and plum as a numbered list.",
+    "Tell me a story about a robot who learns to paint.",
+    "Explain how speculative decoding works.",
+]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
+    p.add_argument("--max-new", type=int, default=160, help="most new tokens per reply")
+    p.add_argument("--k", type=int, default=DEFAULT_MAX_K, help="most drafted tokens per round")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--target", default="atelier-tiny-chat")
+    p.add_argument("--draft", default="atelier-tiny-draft")
+    return p.parse_args()
+
+
+def load(name: str, dtype: torch.dtype):
+    from modules.llm.loader import load_llm
+    return load_llm(ROOT / "models" / "LLM" / name, "cpu", dtype)
+
+
+def prompt_ids(llm, text: str) -> list[int]:
+    from modules.llm.service import render_prompt
+    return render_prompt(llm, [{"role": "user", "content": text}])[1]
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    print(f"torch {torch.__version__}, {args.threads} threads, k <= {args.k}, max_new {args.max_new}, "
+          f"median of {args.rounds} rounds")
+    print("| dtype | prompt | tokens | plain tok/s | speculative tok/s | speed-up | acceptance | accepted/round "
+          "| tokens/pass | identical |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label in args.dtypes.split(","):
+        dtype = dtypes[label]
+        target, draft = load(args.target, dtype), load(args.draft, dtype)
+        params = SamplingParams(temperature=0, max_new_tokens=args.max_new)
+        total_plain = total_spec = 0.0
+        total_tokens = 0
+        all_identical = True
+        sums = {"draft": 0, "accepted": 0, "passes": 0}
+        # warm-up: first calls allocate and pick kernels
+        warm = GenerationRequest(prompt_ids(target, PROMPTS[0]), params)
+        generate(target, [warm])
+        generate_speculative(target, draft, warm, max_k=args.k)
+        for text in PROMPTS:
+            ids = prompt_ids(target, text)
+            plain_t, spec_t = [], []
+            plain = spec = None
+            for _ in range(args.rounds):
+                start = time.perf_counter()
+                plain = generate(target, [GenerationRequest(list(ids), params)])[0]
+                plain_t.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                spec = generate_speculative(target, draft, GenerationRequest(list(ids), params), max_k=args.k)
+                spec_t.append(time.perf_counter() - start)
+            tp, ts = statistics.median(plain_t), statistics.median(spec_t)
+            n = plain.completion_tokens
+            identical = spec.token_ids == plain.token_ids
+            all_identical &= identical
+            total_plain, total_spec, total_tokens = total_plain + tp, total_spec + ts, total_tokens + n
+            sums["draft"] += spec.draft_tokens
+            sums["accepted"] += spec.accepted_tokens
+            sums["passes"] += spec.target_passes
+            rounds = max(1, spec.target_passes - 1)
+            print(f"| {label} | {text[:40]} | {n} | {n / tp:.1f} | {spec.completion_tokens / ts:.1f} | "
+                  f"{tp / ts:.2f}x | {spec.accepted_tokens / max(1, spec.draft_tokens):.0%} | "
+                  f"{spec.accepted_tokens / rounds:.2f} | {spec.completion_tokens / spec.target_passes:.2f} | "
+                  f"{'yes' if identical else 'NO'} |", flush=True)
+        rounds = max(1, sums["passes"] - len(PROMPTS))
+        print(f"| **{label}** | **all {len(PROMPTS)} prompts** | {total_tokens} | {total_tokens / total_plain:.1f} | "
+              f"{total_tokens / total_spec:.1f} | **{total_plain / total_spec:.2f}x** | "
+              f"{sums['accepted'] / max(1, sums['draft']):.0%} | {sums['accepted'] / rounds:.2f} | "
+              f"{total_tokens / sums['passes']:.2f} | {'yes' if all_identical else 'NO'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
