@@ -1,12 +1,12 @@
 """fp32 against bf16 for Atelier's Llama on the CPU: what ``--precision auto`` chooses for language models.
 
-    python benchmarks/llm_precision.py                 # demo pair + TinyLlama-1.1B shape with 4 layers
+    python benchmarks/llm_precision.py                 # demo pair, SmolLM2-135M and TinyLlama-1.1B shapes, 4 layers
     python benchmarks/llm_precision.py --layers 22     # the full 1.1B shape (4.4 GB of fp32 weights)
 
 Per model and dtype: batch-1 decode (one token per forward, KV cache, greedy loop over the model) and a
 speculative verify pass (9 tokens in one forward after a 32-token prompt), each the median of several
 timed runs after a warm-up. The ratio columns are bf16 time / fp32 time: below 1 means bf16 is faster.
-Printed as one table; modules/llm/precision.py records the rule these numbers back.
+Printed as one table; ``LLM_BF16_MIN_HIDDEN`` in modules/devices.py is the rule these numbers back.
 """
 from __future__ import annotations
 
@@ -89,9 +89,14 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     big = LlamaConfig.from_name("tinyllama-1.1b", num_hidden_layers=args.layers)
-    models = {"atelier-tiny-chat": lambda: demo_model("atelier-tiny-chat"),
-              "atelier-tiny-draft": lambda: demo_model("atelier-tiny-draft"),
-              f"tinyllama-1.1b shape, {args.layers} layers": lambda: random_model(big)}
+    # SmolLM2-135M's widths (576 / 1536, 9 heads of 64, 3 KV heads, 49152 tokens)
+    smol = LlamaConfig.from_name("tinyllama-1.1b", num_hidden_layers=args.layers, hidden_size=576,
+                                 intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                 vocab_size=49152)
+    models = {"atelier-tiny-chat (width 288)": lambda: demo_model("atelier-tiny-chat"),
+              "atelier-tiny-draft (width 128)": lambda: demo_model("atelier-tiny-draft"),
+              f"smollm2-135m shape (width 576), {args.layers} layers": lambda: random_model(smol),
+              f"tinyllama-1.1b shape (width 2048), {args.layers} layers": lambda: random_model(big)}
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}")
     print(f"| model | fp32 decode ms/token | bf16 decode ms/token | bf16/fp32 decode | fp32 verify-9 ms | "
           f"bf16 verify-9 ms | bf16/fp32 verify | verify-9 / decode-1 fp32 | bf16 |")

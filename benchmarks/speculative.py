@@ -12,6 +12,7 @@ whole call, prefill included, on both sides. Acceptance = accepted / drafted tok
 accepted drafts / verify passes; tokens per pass = completion tokens / target forward passes (the
 speed-up in target passes, before the draft's own cost); identical = the speculative tokens equal the
 plain ones. The last row of each dtype sums every prompt's tokens and times (the headline figure).
+A first table gives the cost of one target step, one verify pass and one draft step (where the time goes).
 """
 from __future__ import annotations
 
@@ -68,12 +69,52 @@ def prompt_ids(llm, text: str) -> list[int]:
     return render_prompt(llm, [{"role": "user", "content": text}])[1]
 
 
+@torch.inference_mode()
+def step_costs(target, draft, repeats: int = 5, steps: int = 100) -> dict[str, float]:
+    """Median ms of: a target decode step and a 6-token verify pass (the model's forward, what both plain and
+    speculative decoding run), a draft step through the model's forward and through the LeanDecoder the
+    speculative path uses; after a 40-token context."""
+    from modules.llm.lean_decode import lean_decoder
+    ids = list(range(5, 45))
+    cache, draft_cache = target.model.new_kv_cache(1, 64), draft.model.new_kv_cache(1, 64)
+    lean = lean_decoder(draft.model, 64)
+    target.model(torch.tensor([ids]), cache=cache)
+    draft.model(torch.tensor([ids]), cache=draft_cache)
+    lean(ids)
+
+    def run(model, kv, n):
+        kv.truncate(40)
+        model(torch.tensor([[5] * n]), cache=kv, last_only=n == 1)
+
+    def lean_step():
+        lean.truncate(40)
+        lean([5])
+
+    cases = {"target step": lambda: run(target.model, cache, 1), "target verify-6": lambda: run(target.model, cache, 6),
+             "draft step (model forward)": lambda: run(draft.model, draft_cache, 1), "draft step (lean)": lean_step}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):                      # interleaved: the host's speed drifts
+        for name, fn in cases.items():
+            fn()
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[name].append((time.perf_counter() - start) / steps * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     print(f"torch {torch.__version__}, {args.threads} threads, k <= {args.k}, max_new {args.max_new}, "
           f"median of {args.rounds} rounds")
+    print("| dtype | step | ms | x a target step |\n|---|---|---|---|")
+    for label in args.dtypes.split(","):
+        costs = step_costs(load(args.target, dtypes[label]), load(args.draft, dtypes[label]))
+        for name, ms in costs.items():
+            print(f"| {label} | {name} | {ms:.2f} | {ms / costs['target step']:.2f} |", flush=True)
+    print()
     print("| dtype | prompt | tokens | plain tok/s | speculative tok/s | speed-up | acceptance | accepted/round "
           "| tokens/pass | identical |")
     print("|---|---|---|---|---|---|---|---|---|---|")

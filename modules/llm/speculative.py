@@ -185,17 +185,34 @@ def check_draft_compatible(target: Any, draft: Any, *, target_name: str = "the t
 
 class AdaptiveK:
     """The number of tokens to draft next round: +1 after a fully accepted round, -1 after a rejection,
-    within ``1 .. max_k`` (HF's "heuristic" schedule, with a step of 1 up)."""
+    within ``1 .. max_k`` (HF's "heuristic" schedule, with a step of 1 up); and a pause in drafting while
+    the draft is wrong even at k = 1.
+
+    A round at k = 1 whose draft is rejected costs a draft step plus a (two-token) verify pass for the one
+    token a plain step would have given, so after such a round ``pause`` says how many plain target steps
+    to take before drafting again: 1, then 2, 4, ... up to 32 while it keeps happening, back to 1 once a
+    draft is accepted. Plain steps are exact target samples, so pausing never changes the output."""
+
+    #: the longest pause, in plain target steps
+    MAX_PAUSE = 32
 
     def __init__(self, max_k: int, start: int | None = None):
         if not 1 <= max_k <= MAX_K_LIMIT:
             raise ValueError(f"max_k={max_k} must be between 1 and {MAX_K_LIMIT}")
         self.max_k = max_k
         self.k = max(1, min(max_k, start if start is not None else max_k))
+        #: plain target steps still to take before the next drafting round
+        self.pause = 0
+        self._backoff = 1
 
     def update(self, drafted: int, accepted: int) -> None:
-        if drafted == 0:
+        if drafted == 0:                 # a plain step (paused, or the reply's last token)
+            self.pause = max(0, self.pause - 1)
             return
+        if accepted == 0 and self.k == 1:
+            self.pause, self._backoff = self._backoff, min(self.MAX_PAUSE, self._backoff * 2)
+        elif accepted > 0:
+            self._backoff = 1
         self.k = min(self.max_k, self.k + 1) if accepted == drafted else max(1, self.k - 1)
 
 
@@ -340,7 +357,7 @@ def generate_speculative(target: Any, draft: Any, request: GenerationRequest, si
             row.interrupt()
             break
         remaining = row.max_new - len(row.tokens)
-        k = min(schedule.k if adaptive else max_k, remaining - 1)
+        k = min(max_k if not adaptive else 0 if schedule.pause else schedule.k, remaining - 1)
         drafts, q = _propose(small, seq, k, draft_state)
         logits = big.feed([seq[-1], *drafts], last_only=False)                    # [k + 1, V]
         passes += 1
