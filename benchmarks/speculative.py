@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     p.add_argument("--max-new", type=int, default=160, help="most new tokens per reply")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate --max-new tokens past EOS (long replies: what the model writes after a reply)")
     p.add_argument("--k", type=int, default=DEFAULT_MAX_K, help="most drafted tokens per round")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--target", default="atelier-tiny-chat")
@@ -107,8 +109,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    print(f"torch {torch.__version__}, {args.threads} threads, k <= {args.k}, max_new {args.max_new}, "
-          f"median of {args.rounds} rounds")
+    print(f"torch {torch.__version__}, {args.threads} threads, k <= {args.k}, max_new {args.max_new}"
+          f"{' (EOS ignored)' if args.ignore_eos else ''}, median of {args.rounds} rounds")
     print("| dtype | step | ms | x a target step |\n|---|---|---|---|")
     for label in args.dtypes.split(","):
         costs = step_costs(load(args.target, dtypes[label]), load(args.draft, dtypes[label]))
@@ -121,7 +123,7 @@ def main() -> None:
     for label in args.dtypes.split(","):
         dtype = dtypes[label]
         target, draft = load(args.target, dtype), load(args.draft, dtype)
-        params = SamplingParams(temperature=0, max_new_tokens=args.max_new)
+        params = SamplingParams(temperature=0, max_new_tokens=args.max_new, ignore_eos=args.ignore_eos)
         total_plain = total_spec = 0.0
         total_tokens = 0
         all_identical = True

@@ -16,7 +16,12 @@ One round, with ``seq`` the prompt plus the tokens accepted so far and both KV c
    distributed exactly as plain sampling from the target would draw it. Greedy is the same rule with
    one-hot distributions: accept while ``d_i`` is the target's arg-max, else take the arg-max;
 4. both caches are truncated back to the new ``seq[:-1]`` (KV rollback), and k adapts: +1 when every draft
-   was accepted, -1 otherwise, within ``1 .. max_k``.
+   was accepted, -1 otherwise, within ``1 .. max_k``; while even one draft is rejected, drafting pauses
+   for a few plain target steps (:class:`AdaptiveK`).
+
+The draft steps through :class:`~modules.llm.lean_decode.LeanDecoder` where it can (a draft step must cost
+a small fraction of a target step for drafting to pay); the target runs its own forward, as plain decoding
+does.
 
 What p and q are. Both are the distributions *after* Atelier's processors (:func:`~modules.llm.sampling.
 process_logits`: penalties, then temperature, top-k, top-p, min-p), computed with the same request
