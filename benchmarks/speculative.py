@@ -10,8 +10,9 @@ does): the plain engine (:func:`modules.llm.engine.generate`, batch 1) and
 in rounds (the host is shared; medians are reported). tokens/s = completion tokens / wall time of the
 whole call, prefill included, on both sides. Acceptance = accepted / drafted tokens; accepted per round =
 accepted drafts / verify passes; tokens per pass = completion tokens / target forward passes (the
-speed-up in target passes, before the draft's own cost); identical = the speculative tokens equal the
-plain ones. The last row of each dtype sums every prompt's tokens and times (the headline figure).
+speed-up in target passes, before the draft's own cost); speed-up = speculative tokens/s over plain tokens/s;
+identical = the speculative tokens equal the plain ones (with --chat-sampling the two draw different samples
+of the same distribution, so the token counts, shown plain / speculative, differ too). The last row of each dtype sums every prompt's tokens and times (the headline figure).
 A first table gives the cost of one target step, one verify pass and one draft step (where the time goes).
 """
 from __future__ import annotations
@@ -54,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new", type=int, default=160, help="most new tokens per reply")
     p.add_argument("--ignore-eos", action="store_true",
                    help="generate --max-new tokens past EOS (long replies: what the model writes after a reply)")
+    p.add_argument("--chat-sampling", action="store_true",
+                   help="sample with the Chat tab's default settings (temperature 0.7, top-k 40, top-p 0.95, min-p "
+                        "0.05, repetition penalty 1.1, seed 0) instead of greedy; 'identical' is then not expected")
     p.add_argument("--k", type=int, default=DEFAULT_MAX_K, help="most drafted tokens per round")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--target", default="atelier-tiny-chat")
@@ -123,9 +127,11 @@ def main() -> None:
     for label in args.dtypes.split(","):
         dtype = dtypes[label]
         target, draft = load(args.target, dtype), load(args.draft, dtype)
-        params = SamplingParams(temperature=0, max_new_tokens=args.max_new, ignore_eos=args.ignore_eos)
+        sampling = (dict(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.1, seed=0)
+                    if args.chat_sampling else dict(temperature=0))
+        params = SamplingParams(max_new_tokens=args.max_new, ignore_eos=args.ignore_eos, **sampling)
         total_plain = total_spec = 0.0
-        total_tokens = 0
+        plain_tokens = spec_tokens = 0
         all_identical = True
         sums = {"draft": 0, "accepted": 0, "passes": 0}
         # warm-up: first calls allocate and pick kernels
@@ -144,23 +150,26 @@ def main() -> None:
                 spec = generate_speculative(target, draft, GenerationRequest(list(ids), params), max_k=args.k)
                 spec_t.append(time.perf_counter() - start)
             tp, ts = statistics.median(plain_t), statistics.median(spec_t)
-            n = plain.completion_tokens
+            n, m = plain.completion_tokens, spec.completion_tokens   # differ only when sampling
             identical = spec.token_ids == plain.token_ids
             all_identical &= identical
-            total_plain, total_spec, total_tokens = total_plain + tp, total_spec + ts, total_tokens + n
+            total_plain, total_spec = total_plain + tp, total_spec + ts
+            plain_tokens, spec_tokens = plain_tokens + n, spec_tokens + m
             sums["draft"] += spec.draft_tokens
             sums["accepted"] += spec.accepted_tokens
             sums["passes"] += spec.target_passes
             rounds = max(1, spec.target_passes - 1)
-            print(f"| {label} | {text[:40]} | {n} | {n / tp:.1f} | {spec.completion_tokens / ts:.1f} | "
-                  f"{tp / ts:.2f}x | {spec.accepted_tokens / max(1, spec.draft_tokens):.0%} | "
-                  f"{spec.accepted_tokens / rounds:.2f} | {spec.completion_tokens / spec.target_passes:.2f} | "
-                  f"{'yes' if identical else 'NO'} |", flush=True)
+            tokens = str(n) if n == m else f"{n} / {m}"
+            print(f"| {label} | {text[:40]} | {tokens} | {n / tp:.1f} | {m / ts:.1f} | {(m / ts) / (n / tp):.2f}x | "
+                  f"{spec.accepted_tokens / max(1, spec.draft_tokens):.0%} | {spec.accepted_tokens / rounds:.2f} | "
+                  f"{m / spec.target_passes:.2f} | {'yes' if identical else 'NO'} |", flush=True)
         rounds = max(1, sums["passes"] - len(PROMPTS))
-        print(f"| **{label}** | **all {len(PROMPTS)} prompts** | {total_tokens} | {total_tokens / total_plain:.1f} | "
-              f"{total_tokens / total_spec:.1f} | **{total_plain / total_spec:.2f}x** | "
-              f"{sums['accepted'] / max(1, sums['draft']):.0%} | {sums['accepted'] / rounds:.2f} | "
-              f"{total_tokens / sums['passes']:.2f} | {'yes' if all_identical else 'NO'} |", flush=True)
+        plain_rate, spec_rate = plain_tokens / total_plain, spec_tokens / total_spec
+        tokens = str(plain_tokens) if plain_tokens == spec_tokens else f"{plain_tokens} / {spec_tokens}"
+        print(f"| **{label}** | **all {len(PROMPTS)} prompts** | {tokens} | {plain_rate:.1f} | {spec_rate:.1f} | "
+              f"**{spec_rate / plain_rate:.2f}x** | {sums['accepted'] / max(1, sums['draft']):.0%} | "
+              f"{sums['accepted'] / rounds:.2f} | {spec_tokens / sums['passes']:.2f} | "
+              f"{'yes' if all_identical else 'NO'} |", flush=True)
 
 
 if __name__ == "__main__":
