@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev = p.add_argument_group("devices and memory")
     dev.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="compute device")
     dev.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                     help="weight and compute precision (auto: fp16/bf16 on GPUs, fp32 on CPU)")
+                     help="weight and compute precision (auto: fp16/bf16 on GPUs, fp32 on CPU except LLMs at "
+                          "least 512 wide on CPUs with AVX-512 BF16: bf16, measured faster; docs/speculative.md)")
     dev.add_argument("--no-half", action="store_true",
                      help="run every model in fp32, whatever --precision says (A1111's flag)")
     dev.add_argument("--no-half-vae", action="store_true",

@@ -19,6 +19,29 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+#: ``--precision auto`` on a CPU with AVX-512 BF16 / AMX loads language models at least this wide (hidden
+#: size) in bf16, narrower ones in fp32. Measured (benchmarks/llm_precision.py, docs/speculative.md): at width
+#: 288 (atelier-tiny-chat) bf16 decode is about 2x slower than fp32 (the products are too small for
+#: oneDNN's bf16 kernels to pay for their conversions); at 576 (SmolLM2-135M's layers) a decode step costs
+#: the same and a 9-token verify pass is 1.8x faster; at 2048 (TinyLlama-1.1B's) decode is 1.1x and the
+#: verify pass 2.3x faster, as MKL's small-batch fp32 GEMM is poor (../shared/reference/cpu-baselines.md §2).
+LLM_BF16_MIN_HIDDEN = 512
+
+
+def cpu_supports_bf16() -> bool:
+    """AVX-512 BF16 or AMX on this CPU (Linux /proc/cpuinfo flags); elsewhere assume not."""
+    from pathlib import Path
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
 
 @dataclass
 class Devices:
@@ -37,10 +60,20 @@ class Devices:
 
     #: torch intra-op threads for device work on the CPU (decode, prefill, diffusion), set once per worker
     cpu_threads: int = 0
+    #: ``--precision auto`` on a CPU with fast bf16: language models wide enough load in bf16 (llm_dtype)
+    llm_auto_bf16: bool = False
 
     def __post_init__(self):
         if self.vae_dtype is None:
             self.vae_dtype = self.dtype
+
+    def llm_dtype(self, config: object) -> torch.dtype:
+        """The dtype a language model of *config* loads in: *dtype*, except under ``--precision auto`` on a CPU
+        with AVX-512 BF16 / AMX, where models at least LLM_BF16_MIN_HIDDEN wide load in bf16 (measured faster
+        there; narrower ones are faster in fp32). A static rule, so a model's dtype never depends on load."""
+        if self.llm_auto_bf16 and int(getattr(config, "hidden_size", 0)) >= LLM_BF16_MIN_HIDDEN:
+            return torch.bfloat16
+        return self.dtype
 
     def total_memory(self) -> int:
         """Bytes of memory models on this device can use."""
@@ -64,6 +97,9 @@ class Devices:
         return {
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "vae dtype": str(self.vae_dtype).replace("torch.", ""),
+            "llm dtype": (f"bf16 for models at least {LLM_BF16_MIN_HIDDEN} wide, else "
+                          f"{str(self.dtype).replace('torch.', '')}" if self.llm_auto_bf16
+                          else str(self.dtype).replace("torch.", "")),
             "attention": self.attention_report(), "offload": self.offload, "cpu_threads": self.cpu_threads,
             "total_memory": self.total_memory(), "free_memory": self.free_memory(),
         }
@@ -122,7 +158,8 @@ def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool
     """Pick device and dtype the way users expect.
 
     auto: CUDA if present (bf16 when the card supports it, else fp16), then MPS (fp16), then CPU (fp32:
-    fp16 matmul on CPUs is a scalar fallback, and bf16 loses quality users did not ask to lose).
+    fp16 matmul on CPUs is a scalar fallback, and bf16 loses quality users did not ask to lose; except that
+    language models wide enough load in bf16 on CPUs with AVX-512 BF16 / AMX, see Devices.llm_dtype).
     """
     notes = []
     if device == "auto":
@@ -139,7 +176,10 @@ def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool
         raise RuntimeError("--device mps was given but MPS is not available on this machine. Use --device cpu.")
     dev = torch.device(device)
 
+    llm_auto_bf16 = False
     if precision == "auto":
+        # language models on a CPU with fast bf16: bf16 where measured faster (Devices.llm_dtype)
+        llm_auto_bf16 = dev.type == "cpu" and not no_half and cpu_supports_bf16()
         if dev.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         elif dev.type == "mps":
@@ -170,4 +210,5 @@ def choose_devices(device: str = "auto", precision: str = "auto", xformers: bool
     # torch's own default: one thread per physical core. Whether LLM decode also splits its matmuls over
     # that many threads is measured in modules/llm/cpu_threading.py (setting llm.cpu_row_parallel).
     return Devices(device=dev, dtype=dtype, attention=attention, offload=offload, notes=tuple(notes),
-                   vae_dtype=vae_dtype, xformers_requested=bool(xformers), cpu_threads=torch.get_num_threads())
+                   vae_dtype=vae_dtype, xformers_requested=bool(xformers), cpu_threads=torch.get_num_threads(),
+                   llm_auto_bf16=llm_auto_bf16)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from modules.llm.cpu_threading import ROW_PARALLEL_DEFAULT
+from modules.llm.draft_settings import (DEFAULT_MAX_K, DRAFT_MODELS_KEY, MAX_K_LIMIT, SPECULATIVE_K_KEY,
+                                        check_draft_models)
 from modules.quantize.torch_weights import WEIGHT_QUANT_CHOICES
 from modules.settings import SettingSpec, SettingsSection
 from modules.tabs import TabSpec, lazy_build
@@ -43,6 +45,13 @@ def settings_section() -> SettingsSection:
         SettingSpec("llm.prefix_caching", True,
                     "Prefix caching: reuse the KV cache of repeated prompt beginnings (system prompt, chat history, "
                     "n samples)", bool),
+        # a list: the Settings tab leaves it out, the Chat tab's "Speculative decoding" dropdown edits the entry
+        # of the model it shows (docs/speculative.md)
+        SettingSpec(DRAFT_MODELS_KEY, [], "Speculative decoding: the draft model of each target model, as "
+                    "\"target=draft\" entries (folder names in models/LLM; the draft needs the target's tokenizer)",
+                    list, check=check_draft_models),
+        SettingSpec(SPECULATIVE_K_KEY, DEFAULT_MAX_K, "Speculative decoding: most tokens the draft proposes per "
+                    "round (k adapts below this to the measured acceptance)", int, minimum=1, maximum=MAX_K_LIMIT),
         SettingSpec("llm.api_max_n", 16, "API: most choices (n) one request may ask for", int, minimum=1,
                     maximum=128),
         SettingSpec("llm.api_max_logprobs", 20, "API: most top log-probabilities (top_logprobs / logprobs) per token",

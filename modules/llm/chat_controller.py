@@ -102,9 +102,23 @@ def display(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
         if m["role"] == "assistant" and meta.get("tokens") is not None:
             stopped = " · stopped" if meta.get("finish_reason") == "interrupted" else ""
             content += (f"\n\n<sub>{meta['tokens']} tokens · {meta.get('tokens_per_s', 0):.1f} tokens/s · "
-                        f"{meta.get('seconds', 0):.1f} s{stopped}</sub>")
+                        f"{meta.get('seconds', 0):.1f} s{speculative_stats(meta)}{stopped}</sub>")
         shown.append({"role": m["role"], "content": content})
     return shown
+
+
+def speculative_stats(meta: dict[str, Any]) -> str:
+    """The stats line's speculative part: the share of drafted tokens the target accepted and the speed-up
+    in target forward passes (tokens per pass; plain decoding makes one per pass), "" for plain replies."""
+    if not meta.get("target_passes"):
+        return ""
+    acceptance = meta.get("acceptance")
+    accepted = f"{acceptance * 100:.0f}% of drafts accepted" if acceptance is not None else "nothing drafted"
+    return f" · speculative: {accepted}, {meta.get('tokens_per_pass', 0):.2f}× tokens per target pass"
+
+
+#: the draft dropdown's entry for "no draft: plain decoding"
+NO_DRAFT = "(off)"
 
 
 class ChatController:
@@ -309,6 +323,34 @@ class ChatController:
             return f"⚠️ {exc}"
         return (f"Loaded **{info['name']}**: context {info['context_length']} tokens, {info['layers']} layers, "
                 f"{info['heads']} heads / {info['kv_heads']} KV heads, {info['memory_mb']} MB.")
+
+    # -- speculative decoding ------------------------------------------------------------------------------
+    def draft_choices(self, model: str | None) -> list[str]:
+        """The draft dropdown's choices for target *model*: off, then every other installed model."""
+        return [NO_DRAFT, *(name for name in self.model_choices() if name != model)]
+
+    def draft_value(self, model: str | None) -> str:
+        draft = self.service.draft_of(model) if model else None
+        return draft if draft in self.draft_choices(model) else NO_DRAFT
+
+    def draft_status(self, model: str | None) -> str:
+        draft = self.service.draft_of(model) if model else None
+        if not model:
+            return ""
+        if not draft:
+            return f"Speculative decoding is off for **{model}**."
+        return f"**{draft}** drafts for **{model}** (up to {self.settings.get('llm.speculative_k')} tokens a round)."
+
+    def set_draft(self, model: str | None, draft: str | None) -> str:
+        """Set (or, with NO_DRAFT, clear) *model*'s draft in the ``llm.draft_models`` setting; returns the
+        status line. A draft that cannot draft for *model* (other tokenizer) is refused, with the reason."""
+        if not model:
+            return "⚠️ Pick a model first."
+        try:
+            self.service.set_draft(model, None if draft in (None, "", NO_DRAFT) else draft)
+        except (ValueError, OSError) as exc:
+            return f"⚠️ {exc}"
+        return self.draft_status(model)
 
     # -- the starter model ------------------------------------------------------------------------------
     def starter_offer(self) -> str | None:

@@ -600,12 +600,16 @@ class LLMEngine:
 
     def __init__(self, jobs: Any, model_name: str, acquire: Callable[[], Any], *, max_batch: int = 8,
                  paged: bool = True, kv_pool: Callable[[Any], Any] | None = None,
-                 options: Callable[[], dict[str, Any]] | None = None):
+                 options: Callable[[], dict[str, Any]] | None = None,
+                 draft: Callable[[], Any] | None = None):
         self.jobs = jobs
         self.model_name = model_name
         self.batch_key = f"llm:{model_name}"
         self._acquire = acquire
         self.max_batch = max_batch
+        #: returns the model's DraftSetup (modules.llm.speculative) or None when no draft is set; raises
+        #: ValueError when the setting names an unusable draft
+        self._draft = draft
         #: True: the paged engine (modules.llm.paged); False: the contiguous batch loop (:func:`generate`),
         #: kept for benchmarks and comparisons
         self.paged = paged
@@ -632,11 +636,23 @@ class LLMEngine:
 
     def submit(self, request: GenerationRequest, *, owner: str | None = None) -> GenerationHandle:
         """Queue *request*; *owner* (see :mod:`modules.job_owner`) is recorded on its job. Only the returned
-        handle stops it: image Interrupts and other callers never touch a reply."""
+        handle stops it: image Interrupts and other callers never touch a reply.
+
+        A request that resolves to speculative decoding goes on its own batch key, ``llm:<model>:spec``,
+        whose runner (:func:`modules.llm.speculative.run_speculative_jobs`) leases target and draft."""
         request.params.validate()
         request.params = request.params.with_seed()
+        name = f"{self.model_name}: {request.label}"
+        if request.speculative is not False:
+            from modules.llm.speculative import resolve_draft, run_speculative_jobs
+            setup = resolve_draft(request, self._draft, self.model_name)
+            if setup is not None:
+                job = self.jobs.submit_batchable(f"{self.batch_key}:spec", (request, setup),
+                                                 lambda jobs: run_speculative_jobs(jobs, self._acquire, self.jobs),
+                                                 kind=JOB_KIND, owner=owner, name=f"{name} (speculative)")
+                return GenerationHandle(job, request)
         job = self.jobs.submit_batchable(self.batch_key, request, self._run_batch, kind=JOB_KIND, owner=owner,
-                                         name=f"{self.model_name}: {request.label}")
+                                         name=name)
         return GenerationHandle(job, request)
 
     def _run_batch(self, jobs: list[Job]) -> list[GenerationResult | None]:

@@ -12,7 +12,10 @@ server shut down, or the request was stopped. Only the request's own connection 
 Interrupts (``/sdapi/v1/interrupt``) and other clients never cut a reply.
 
 Extra sampling fields beyond OpenAI's: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos`` (and
-``seed``, which OpenAI has too). Defaults are OpenAI's (temperature 1, top_p 1); ``max_tokens`` defaults to the rest of
+``seed``, which OpenAI has too), and ``speculative`` (speculative decoding with the model's draft: absent =
+as the ``llm.draft_models`` setting says, ``true`` = required, a 400 naming the setting when the model has no
+usable draft, ``false`` = off; docs/speculative.md). Defaults are OpenAI's (temperature 1, top_p 1);
+``max_tokens`` defaults to the rest of
 the context for chat and to 16 for legacy completions, as in OpenAI's API, and, as there, a prompt plus
 ``max_tokens`` over the context is a 400 (``context_length_exceeded``), never a silently shortened reply.
 ``response_format`` (``json_object`` / ``json_schema``) constrains decoding (modules/llm/json_constraint.py).
@@ -80,6 +83,9 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extra field: generate max_tokens even past EOS (benchmarks)
+    # Atelier's extra field (the openai client sends it in extra_body): speculative decoding with the model's
+    # draft (llm.draft_models); absent = as the setting says, true = required (400 without a draft), false = off
+    speculative: bool | None = None
     n: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -199,6 +205,9 @@ def _translate(exc: Exception) -> ApiError:
         return ApiError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, ModelUnusable):
         return ApiError(400, str(exc), param="model", code="model_not_loadable")
+    from modules.llm.speculative import DraftIncompatible, SpeculativeUnavailable
+    if isinstance(exc, (DraftIncompatible, SpeculativeUnavailable)):
+        return ApiError(400, str(exc), param="speculative", code="speculative_unavailable")
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     from modules.llm.paged.kv_memory import KVCacheExhausted
@@ -278,8 +287,10 @@ def build_router(ctx: Any) -> APIRouter:
             params.max_new_tokens = _completion_budget(body, files, [prompt_len], chat=True)
             params.constraint = await run_in_threadpool(_response_format, ctx, grammars, body, files)
             owner = api_owner(request.headers, api_auth=bool(ctx.opts.api_auth))
+            speculative = _speculative(body, n)
             runs = await run_in_threadpool(lambda: [
-                service().chat(messages, p, model=body.model, owner=owner, logprobs=k, fire_user=i == 0)
+                service().chat(messages, p, model=body.model, owner=owner, logprobs=k, fire_user=i == 0,
+                               speculative=speculative)
                 for i, p in enumerate(_seeded(params, n))])
             tokenizer = service().files(runs[0].model).tokenizer
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
@@ -299,7 +310,7 @@ def build_router(ctx: Any) -> APIRouter:
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": r.text, "refusal": None},
                          "logprobs": c.final_logprobs(r), "finish_reason": _finish(r)}
                         for c, r in zip(choices, results)],
-            "usage": _usage(results, n=n), "system_fingerprint": fingerprint(model)})
+            "usage": _usage(results, n=n), "system_fingerprint": fingerprint(model), **_speculative_stats(results)})
 
     @router.post("/completions")
     async def completions(request: Request):
@@ -320,10 +331,11 @@ def build_router(ctx: Any) -> APIRouter:
             params.constraint = await run_in_threadpool(_response_format, ctx, grammars, body, files)
             owner = api_owner(request.headers, api_auth=bool(ctx.opts.api_auth))
             echo_logprobs = body.echo and k is not None
+            speculative = _speculative(body, n * len(prompts))
 
             def submit() -> list[tuple[Any, str]]:
                 return [service().complete(prompt, p, model=body.model, owner=owner, logprobs=k,
-                                           prompt_logprobs=echo_logprobs)
+                                           prompt_logprobs=echo_logprobs, speculative=speculative)
                         for prompt in prompts for p in _seeded(params, n)]
 
             submitted = await run_in_threadpool(submit)
@@ -350,7 +362,7 @@ def build_router(ctx: Any) -> APIRouter:
             **base, "choices": [{"index": c.index, "text": c.echo + ("" if score_only else r.text),
                                  "logprobs": c.final_logprobs(r), "finish_reason": _finish(r)}
                                 for c, r in zip(choices, results)],
-            "usage": _usage(results, n=n, score_only=score_only)})
+            "usage": _usage(results, n=n, score_only=score_only), **_speculative_stats(results)})
 
     return router
 
@@ -496,6 +508,15 @@ def _params(body: _Sampling, default_max: int | None, *, allow_zero: bool = Fals
         raise _sampling_error(exc) from None
 
 
+def _speculative(body: _Sampling, sequences: int) -> bool | None:
+    """What the request's generations ask of speculative decoding. Speculative decoding runs one sequence at
+    a time, so a request of several (n > 1, batched prompts) that leaves the field out decodes them batched
+    together instead; asking for it explicitly runs each speculatively, one after another."""
+    if body.speculative is None and sequences > 1:
+        return False
+    return body.speculative
+
+
 def _seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
     """*n* copies of *params* with different seeds derived from one (the request's, or a random one), so
     n samples differ and a seeded request replays."""
@@ -527,6 +548,18 @@ def _usage(results: list[GenerationResult], *, n: int, score_only: bool = False)
     cached = sum(getattr(r, "cached_tokens", 0) for r in results[::n])
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _speculative_stats(results: list[GenerationResult]) -> dict[str, Any]:
+    """Atelier's extra response field when speculative decoding ran: ``{"speculative": {"draft_tokens",
+    "accepted_tokens", "target_passes"}}`` summed over the choices (clients see whether, and how well, the
+    draft worked); {} for plain decoding."""
+    ran = [r for r in results if r.target_passes]
+    if not ran:
+        return {}
+    return {"speculative": {"draft_tokens": sum(r.draft_tokens for r in ran),
+                            "accepted_tokens": sum(r.accepted_tokens for r in ran),
+                            "target_passes": sum(r.target_passes for r in ran)}}
 
 
 def _check_size(ctx: Any, texts: list[str], param: str) -> None:
@@ -687,8 +720,9 @@ def _sse(request: Request, choices: list[_Choice], base: dict[str, Any], *, n: i
                     yield text
             finished = True
             if include_usage:
-                yield line({**base, "choices": [], "usage": _usage([c.result for c in choices], n=n,
-                                                                   score_only=choices[0].score_only)})
+                results = [c.result for c in choices]
+                yield line({**base, "choices": [], "usage": _usage(results, n=n, score_only=choices[0].score_only),
+                            **_speculative_stats(results)})
         except Exception as exc:  # noqa: BLE001 - the error goes to the client as a chunk, the server lives on
             finished = True
             yield line(_translate(exc).payload())

@@ -213,16 +213,18 @@ class LLMService:
             return self.ctx.models.acquire(key, load_gguf, kind="llm", size_bytes=path.stat().st_size,
                                            meta={"name": name, "path": str(path), "backend": backend})
 
+        dtype = devices.llm_dtype(files.config)   # --precision auto: bf16 for wide models on a bf16 CPU
+
         def load() -> Any:
             from modules.llm.loader import load_llm
             try:
-                return load_llm(path, devices.device, devices.dtype, files=files, row_parallel_threads=threads,
+                return load_llm(path, devices.device, dtype, files=files, row_parallel_threads=threads,
                                 allow_unsafe_pickle=bool(getattr(self.ctx.opts, "allow_unsafe_pickle", False)),
                                 attention=devices.attention, weight_quant=weight_quant)
             except (ValueError, OSError, KeyError) as exc:
                 raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
 
-        return self.ctx.models.acquire(key, load, kind="llm", size_bytes=estimate_load_bytes(path, devices.dtype),
+        return self.ctx.models.acquire(key, load, kind="llm", size_bytes=estimate_load_bytes(path, dtype),
                                        meta={"name": name, "path": str(path)})
 
     def load(self, name: str) -> dict[str, Any]:
@@ -304,7 +306,7 @@ class LLMService:
                     engine = LlamaCppEngine(self.ctx.jobs, name, lambda: self.acquire(name))
                 else:
                     engine = LLMEngine(self.ctx.jobs, name, lambda: self.acquire(name), kv_pool=self._kv_pool,
-                                       options=self._engine_options)
+                                       options=self._engine_options, draft=lambda: self.draft_for(name))
                 self._engines[(name, backend)] = engine
             return engine
 
@@ -326,6 +328,57 @@ class LLMService:
         size = BlockPool.bytes_for(blocks, layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
                                    head_dim=config.head_dim, dtype=llm.dtype)
         return self.ctx.models.attach(lease.key, "kv_pool", size, lambda: new_pool(llm, blocks))
+
+    # -- speculative decoding -------------------------------------------------------------------------------
+    def draft_for(self, name: str) -> Any:
+        """The :class:`~modules.llm.speculative.DraftSetup` of target *name* from the ``llm.draft_models``
+        setting, or None when it has no draft. Raises SpeculativeUnavailable / DraftIncompatible, saying
+        which setting to change, when the draft set cannot draft for it (checked on the files: no weights)."""
+        from modules.llm.draft_settings import DRAFT_MODELS_KEY, SPECULATIVE_K_KEY, parse_draft_models
+        from modules.llm.speculative import DraftSetup
+        draft = parse_draft_models(self.ctx.settings.get(DRAFT_MODELS_KEY)).get(name)
+        if not draft:
+            return None
+        self.check_draft(name, draft)
+        return DraftSetup(draft, lambda: self.acquire(draft), int(self.ctx.settings.get(SPECULATIVE_K_KEY)))
+
+    def check_draft(self, target: str, draft: str) -> None:
+        """Raise (with the reason and what to do) unless *draft* can draft for *target*."""
+        from modules.llm.draft_settings import DRAFT_MODELS_KEY
+        from modules.llm.speculative import SpeculativeUnavailable, check_draft_compatible
+        fix = f"choose another draft for {target!r} in the {DRAFT_MODELS_KEY} setting (the Chat tab's draft dropdown)"
+        for role, name in (("target", target), ("draft", draft)):
+            try:
+                backend = self.backend(name)
+            except ValueError as exc:
+                raise SpeculativeUnavailable(f"speculative decoding: the {role} {name!r} cannot run: {exc}") from None
+            if backend != ATELIER:
+                raise SpeculativeUnavailable(
+                    f"speculative decoding needs Atelier's own engine, but the {role} {name!r} runs on {backend} "
+                    "(set llm.gguf_backend to atelier, or leave speculative decoding off for this model)")
+        try:
+            target_files, draft_files = self.files(target), self.files(draft)
+        except (ModelNotFound, ModelUnusable) as exc:
+            raise SpeculativeUnavailable(f"the draft model set for {target!r} is not usable ({exc}); {fix}") from None
+        from modules.llm.speculative import DraftIncompatible
+        try:
+            check_draft_compatible(target_files, draft_files, target_name=target, draft_name=draft)
+        except DraftIncompatible as exc:
+            raise DraftIncompatible(f"{exc} ({fix})") from None
+
+    def set_draft(self, target: str, draft: str | None) -> None:
+        """Turn speculative decoding on for *target* with *draft* (None / "": off) and save the settings;
+        raises (nothing changed) when *draft* cannot draft for *target*."""
+        from modules.llm.draft_settings import DRAFT_MODELS_KEY, with_draft
+        if draft:
+            self.check_draft(target, draft)
+        self.ctx.settings.set(DRAFT_MODELS_KEY, with_draft(self.ctx.settings.get(DRAFT_MODELS_KEY), target, draft))
+        self.ctx.settings.save()
+
+    def draft_of(self, target: str | None) -> str | None:
+        """The draft set for *target* in the settings (not checked), or None."""
+        from modules.llm.draft_settings import DRAFT_MODELS_KEY, parse_draft_models
+        return parse_draft_models(self.ctx.settings.get(DRAFT_MODELS_KEY)).get(target or "") or None
 
     # -- sampling defaults ---------------------------------------------------------------------------------
     def default_params(self, **overrides: Any) -> SamplingParams:
@@ -371,29 +424,32 @@ class LLMService:
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
              model: str | None = None, system_prompt: str | None = None, chat_id: str | None = None,
              continue_last: bool = False, fire_user: bool = True, owner: str | None = None,
-             logprobs: int | None = None) -> ChatRun:
+             logprobs: int | None = None, speculative: bool | None = None) -> ChatRun:
         """Queue a reply to *messages* (OpenAI-style dicts); returns at once with a :class:`ChatRun`.
 
         *continue_last*: the last message is an assistant reply to extend. *fire_user*: report the last user
         message to ``on_chat_message`` (False when regenerating a reply to a message already reported).
         *owner*: who asked (see :mod:`modules.job_owner`); only the returned run's ``interrupt`` stops it.
         *logprobs*: record each generated token's logprob and this many alternatives (None: off).
+        *speculative*: None as the ``llm.draft_models`` setting says, True required, False off.
         """
         params = (params or self.default_params()).validate()
         check_messages(messages)
         name = self.resolve_model(model)
+        self._check_speculative_backend(name, speculative)
         plan = self.plan_chat_prompt(self.files(name), messages, system_prompt=system_prompt,
                                      max_new_tokens=params.max_new_tokens, continue_last=continue_last)
         if fire_user and messages[-1].get("role") == "user" and not continue_last:
             self.fire_message("user", messages[-1]["content"], chat_id, name)
         request = GenerationRequest(plan.ids, params, label=f"chat {chat_id or ''}".strip(),
-                                    keep_leading_space=continue_last, logprobs=logprobs)
+                                    keep_leading_space=continue_last, logprobs=logprobs, speculative=speculative)
         return ChatRun(self.engine(name).submit(request, owner=owner), plan, name, chat_id, self)
 
     def stream_reply(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
                      model: str | None = None, system_prompt: str | None = None, chat_id: str | None = None,
                      continue_last: bool = False, fire_user: bool = True, owner: str | None = None,
-                     on_start: Callable[[ChatRun], None] | None = None) -> Iterator["ReplyUpdate"]:
+                     on_start: Callable[[ChatRun], None] | None = None,
+                     speculative: bool | None = None) -> Iterator["ReplyUpdate"]:
         """Generate a reply and yield the conversation as it grows (what the Chat tab shows).
 
         Every update carries the whole message list with the reply so far as its last message; the last
@@ -401,7 +457,7 @@ class LLMService:
         *on_start* receives the :class:`ChatRun` first, so a Stop button can interrupt it.
         """
         run = self.chat(messages, params, model=model, system_prompt=system_prompt, chat_id=chat_id,
-                        continue_last=continue_last, fire_user=fire_user, owner=owner)
+                        continue_last=continue_last, fire_user=fire_user, owner=owner, speculative=speculative)
         if on_start is not None:
             on_start(run)
         base = [dict(m) for m in messages]
@@ -418,19 +474,22 @@ class LLMService:
         result = run.result()
         meta = {"tokens": result.completion_tokens, "prompt_tokens": result.prompt_tokens,
                 "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_second, 2),
-                "finish_reason": result.finish_reason, "seed": result.seed, "model": run.model}
+                "finish_reason": result.finish_reason, "seed": result.seed, "model": run.model,
+                **speculative_meta(result)}
         final = {"role": "assistant", "content": prefix + result.text, "meta": meta}
         yield ReplyUpdate(base + [final], run.notice, result)
 
     def complete(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                  model: str | None = None, add_bos: bool = True, owner: str | None = None,
-                 logprobs: int | None = None, prompt_logprobs: bool = False) -> tuple[GenerationHandle, str]:
+                 logprobs: int | None = None, prompt_logprobs: bool = False,
+                 speculative: bool | None = None) -> tuple[GenerationHandle, str]:
         """Queue a plain completion of *prompt* (text, or token ids); returns (handle, model name).
 
         *logprobs*: record generated tokens' logprobs with this many alternatives; *prompt_logprobs*: the
         prompt's too (echo)."""
         params = (params or self.default_params()).validate()
         name = self.resolve_model(model)
+        self._check_speculative_backend(name, speculative)
         llm = self.files(name)
         ids = list(prompt) if isinstance(prompt, list) else llm.tokenizer.encode(prompt, add_bos=add_bos)
         bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < llm.config.vocab_size]
@@ -438,8 +497,17 @@ class LLMService:
             raise ValueError(f"prompt token ids must be integers in [0, {llm.config.vocab_size}), got {bad[:5]}")
         check_prompt_fits(len(ids), context_length(llm))
         request = GenerationRequest(ids, params, label="completion", logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs)
+                                    prompt_logprobs=prompt_logprobs, speculative=speculative)
         return self.engine(name).submit(request, owner=owner), name
+
+    def _check_speculative_backend(self, name: str, speculative: bool | None) -> None:
+        """A request that requires speculative decoding of a model llama.cpp serves is refused (llama.cpp's
+        engine has no draft path); with speculative None such a model simply decodes plainly."""
+        if speculative and self.backend(name) != ATELIER:
+            from modules.llm.speculative import SpeculativeUnavailable
+            raise SpeculativeUnavailable(f"speculative decoding needs Atelier's own engine, but {name!r} runs on "
+                                         f"{self.backend(name)}: set llm.gguf_backend to atelier, or leave "
+                                         "speculative out")
 
     def count_tokens(self, text: str, model: str | None = None) -> int:
         return len(self.files(self.resolve_model(model)).tokenizer.encode(text, add_bos=False))
@@ -450,6 +518,18 @@ class LLMService:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
+
+def speculative_meta(result: GenerationResult) -> dict[str, Any]:
+    """A reply's speculative-decoding figures for the Chat tab's stats line ({} for plain decoding):
+    the share of drafted tokens the target accepted, and tokens per target forward pass (the speed-up over
+    plain decoding's one token per pass, before the draft's own cost: what drafting bought in passes)."""
+    if not result.target_passes:
+        return {}
+    return {"draft_tokens": result.draft_tokens, "accepted_tokens": result.accepted_tokens,
+            "target_passes": result.target_passes,
+            "acceptance": round(result.acceptance_rate, 3) if result.acceptance_rate is not None else None,
+            "tokens_per_pass": round(result.completion_tokens / result.target_passes, 2)}
+
 
 def check_messages(messages: Any) -> None:
     """Raise ValueError naming each malformed message."""

@@ -16,7 +16,12 @@ One round, with ``seq`` the prompt plus the tokens accepted so far and both KV c
    distributed exactly as plain sampling from the target would draw it. Greedy is the same rule with
    one-hot distributions: accept while ``d_i`` is the target's arg-max, else take the arg-max;
 4. both caches are truncated back to the new ``seq[:-1]`` (KV rollback), and k adapts: +1 when every draft
-   was accepted, -1 otherwise, within ``1 .. max_k``.
+   was accepted, -1 otherwise, within ``1 .. max_k``; while even one draft is rejected, drafting pauses
+   for a few plain target steps (:class:`AdaptiveK`).
+
+The draft steps through :class:`~modules.llm.lean_decode.LeanDecoder` where it can (a draft step must cost
+a small fraction of a target step for drafting to pay); the target runs its own forward, as plain decoding
+does.
 
 What p and q are. Both are the distributions *after* Atelier's processors (:func:`~modules.llm.sampling.
 process_logits`: penalties, then temperature, top-k, top-p, min-p), computed with the same request
@@ -42,22 +47,23 @@ from typing import Any, Callable
 
 import torch
 
+from modules.llm.draft_settings import DEFAULT_MAX_K, DRAFT_MODELS_KEY, MAX_K_LIMIT
 from modules.llm.engine import (GenerationRequest, GenerationResult, Sink, _NullSink, _Row, check_request,
                                 context_length, eos_token_ids)
 from modules.llm.sampling import RowState, make_generator, process_logits
 
 log = logging.getLogger(__name__)
 
-#: the most tokens a draft proposes per round unless the ``llm.speculative_k`` setting says otherwise
-DEFAULT_MAX_K = 8
-#: the largest ``llm.speculative_k`` accepted (vLLM's MAX_SPEC_LEN is 128; a tiny draft is wrong long before)
-MAX_K_LIMIT = 32
 #: mixed into the request's seed for the draft's own generator
 _DRAFT_SEED_SALT = 0x5BD1E995
 
 
 class DraftIncompatible(ValueError):
     """The draft model cannot draft for the target (different tokenizer)."""
+
+
+class SpeculativeUnavailable(ValueError):
+    """A request asked for speculative decoding that this model cannot do (no draft set, llama.cpp...)."""
 
 
 @dataclass
@@ -69,11 +75,84 @@ class DraftSetup:
     max_k: int = DEFAULT_MAX_K
 
 
+def resolve_draft(request: GenerationRequest, draft: Callable[[], DraftSetup | None] | None,
+                  model_name: str) -> DraftSetup | None:
+    """The DraftSetup *request* runs with, or None for plain decoding.
+
+    ``request.speculative``: False never drafts; None drafts when the model has a draft set; True requires
+    one (SpeculativeUnavailable naming the setting otherwise). A draft set but unusable (missing folder,
+    other tokenizer) raises in both cases: the setting is wrong, and silently decoding without it would hide
+    that."""
+    if request.speculative is False:
+        return None
+    setup = draft() if draft is not None else None
+    if setup is None and request.speculative:
+        raise SpeculativeUnavailable(
+            f"speculative decoding was asked for, but model {model_name!r} has no draft model: set one in the "
+            f"{DRAFT_MODELS_KEY} setting (the Chat tab's \"Speculative decoding\" draft dropdown, or "
+            f"\"{model_name}=<draft folder>\" in Settings / /sdapi/v1/options), or leave speculative out")
+    return setup
+
+
+def run_speculative_jobs(jobs: list[Any], acquire: Callable[[], Any], queue: Any) -> list[None]:
+    """The job-queue runner of the ``llm:<model>:spec`` batch key: each job's payload is (request,
+    DraftSetup); they run one after another (batch 1) under one lease on the target and one per draft, and
+    so do the speculative jobs for this model that arrive meanwhile. Each job is finished as it ends, the
+    last one only after the leases are released (as the plain engine does), so a caller that unloads the
+    model right after its reply does not find it in use."""
+    key = jobs[0].batch_key
+    lease = acquire()
+    drafts: dict[str, Any] = {}
+    pending, pulled = list(jobs), []
+    last: tuple[Any, Any] | None = None
+    try:
+        while pending:
+            job = pending.pop(0)
+            request, setup = job.payload
+            if last is not None:
+                last[0].finish(result=last[1])
+                last = None
+            try:
+                if setup.name not in drafts:
+                    drafts[setup.name] = setup.acquire()
+                result = generate_speculative(lease.model, drafts[setup.name].model, request, job,
+                                              max_k=setup.max_k, target_name=request.label, draft_name=setup.name)
+            except ValueError as exc:   # a bad request (or draft) fails alone; the others run
+                job.finish(error=exc)
+            else:
+                last = (job, result)
+            if not pending:
+                taken = queue.take_waiting(key, 1)
+                pulled.extend(taken)
+                pending.extend(taken)
+        return [None] * len(jobs)
+    except BaseException as exc:   # the queue fails the jobs it handed over; the ones pulled in fail here
+        for job in pulled:
+            if not job.done:
+                job.finish(error=exc)
+        raise
+    finally:
+        for draft_lease in drafts.values():
+            draft_lease.release()
+        lease.release()
+        if last is not None:
+            last[0].finish(result=last[1])
+
+
 # -- draft / target compatibility ---------------------------------------------------------------------------
 
 def vocabulary_fingerprint(tokenizer: Any, vocab_size: int) -> str:
     """A hash of every token string by id plus the BOS/EOS ids: equal exactly when two tokenizers map ids to
-    the same pieces (what speculative decoding needs: the target scores the draft's ids as its own)."""
+    the same pieces (what speculative decoding needs: the target scores the draft's ids as its own). Atelier's
+    Tokenizer computes it once (:meth:`~modules.llm.tokenizer.Tokenizer.vocabulary_fingerprint`)."""
+    cached = getattr(tokenizer, "vocabulary_fingerprint", None)
+    if callable(cached):
+        return cached(vocab_size)
+    return hash_vocabulary(tokenizer, vocab_size)
+
+
+def hash_vocabulary(tokenizer: Any, vocab_size: int) -> str:
+    """:func:`vocabulary_fingerprint`, computed."""
     digest = hashlib.sha256()
     for i in range(vocab_size):
         piece = tokenizer.id_to_token(i)
@@ -111,17 +190,34 @@ def check_draft_compatible(target: Any, draft: Any, *, target_name: str = "the t
 
 class AdaptiveK:
     """The number of tokens to draft next round: +1 after a fully accepted round, -1 after a rejection,
-    within ``1 .. max_k`` (HF's "heuristic" schedule, with a step of 1 up)."""
+    within ``1 .. max_k`` (HF's "heuristic" schedule, with a step of 1 up); and a pause in drafting while
+    the draft is wrong even at k = 1.
+
+    A round at k = 1 whose draft is rejected costs a draft step plus a (two-token) verify pass for the one
+    token a plain step would have given, so after such a round ``pause`` says how many plain target steps
+    to take before drafting again: 1, then 2, 4, ... up to 32 while it keeps happening, back to 1 once a
+    draft is accepted. Plain steps are exact target samples, so pausing never changes the output."""
+
+    #: the longest pause, in plain target steps
+    MAX_PAUSE = 32
 
     def __init__(self, max_k: int, start: int | None = None):
         if not 1 <= max_k <= MAX_K_LIMIT:
             raise ValueError(f"max_k={max_k} must be between 1 and {MAX_K_LIMIT}")
         self.max_k = max_k
         self.k = max(1, min(max_k, start if start is not None else max_k))
+        #: plain target steps still to take before the next drafting round
+        self.pause = 0
+        self._backoff = 1
 
     def update(self, drafted: int, accepted: int) -> None:
-        if drafted == 0:
+        if drafted == 0:                 # a plain step (paused, or the reply's last token)
+            self.pause = max(0, self.pause - 1)
             return
+        if accepted == 0 and self.k == 1:
+            self.pause, self._backoff = self._backoff, min(self.MAX_PAUSE, self._backoff * 2)
+        elif accepted > 0:
+            self._backoff = 1
         self.k = min(self.max_k, self.k + 1) if accepted == drafted else max(1, self.k - 1)
 
 
@@ -168,17 +264,49 @@ class _Model:
     def length(self) -> int:
         return self.cache.length
 
-    def feed(self, ids: list[int], *, last_only: bool, chunk: int = 512) -> torch.Tensor:
-        """Logits [T, V] (or [1, V] with *last_only*) after appending *ids* to the cache."""
+    def feed(self, ids: list[int], *, last_only: bool, chunk: int = 512,
+             on_chunk: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Logits [T, V] of the last chunk (or [1, V] with *last_only*) after appending *ids* to the cache;
+        *on_chunk* gets every chunk's full logits (prompt logprobs: echo)."""
         logits = None
         for start in range(0, len(ids), chunk):
             part = torch.tensor([ids[start:start + chunk]], dtype=torch.long, device=self.device)
-            logits = self.model(part, cache=self.cache, last_only=last_only)[0]
+            logits = self.model(part, cache=self.cache, last_only=last_only and on_chunk is None)[0]
+            if on_chunk is not None:
+                on_chunk(logits)
         return logits
 
     def truncate(self, n: int) -> None:
         if n < self.cache.length:
             self.cache.truncate(n)
+
+
+class _LeanModel:
+    """The draft's :class:`_Model` on :class:`~modules.llm.lean_decode.LeanDecoder`: the same interface, a
+    cheaper step (a draft step must cost a small fraction of a target step for drafting to pay)."""
+
+    def __init__(self, decoder: Any):
+        self.decoder = decoder
+
+    @property
+    def length(self) -> int:
+        return self.decoder.length
+
+    def feed(self, ids: list[int], *, last_only: bool, chunk: int = 512) -> torch.Tensor:
+        logits = None
+        for start in range(0, len(ids), chunk):
+            logits = self.decoder(ids[start:start + chunk], last_only=last_only)
+        return logits
+
+    def truncate(self, n: int) -> None:
+        if n < self.decoder.length:
+            self.decoder.truncate(n)
+
+
+def _draft_model(draft: Any, slots: int) -> _Model | _LeanModel:
+    from modules.llm.lean_decode import lean_decoder
+    decoder = lean_decoder(draft.model, slots)
+    return _LeanModel(decoder) if decoder is not None else _Model(draft, slots)
 
 
 @torch.inference_mode()
@@ -203,13 +331,14 @@ def generate_speculative(target: Any, draft: Any, request: GenerationRequest, si
         # the draft sees the same positions as the target; past its context its RoPE is untrained
         ctx_len = context_length(draft)
         check_request(request, ctx_len)
-    schedule = AdaptiveK(max_k)
+    # start half-way: a long first round that is rejected early costs more than a short one that is not
+    schedule = AdaptiveK(max_k, start=max(1, (max_k + 1) // 2))
     row = _Row(target, request, sink, ctx_len, eos_token_ids(target), stream_decoder)
     state = row.state
     draft_state = RowState(state.params, request.prompt_ids, target.config.vocab_size, device=draft.device)
     if draft_state.generator is not None:
         draft_state.generator = make_generator(state.seed ^ _DRAFT_SEED_SALT, draft.device)
-    big, small = _Model(target, ctx_len), _Model(draft, ctx_len)
+    big, small = _Model(target, ctx_len), _draft_model(draft, ctx_len)
     seq = list(request.prompt_ids)
     drafted_total = accepted_total = passes = 0
 
@@ -222,7 +351,8 @@ def generate_speculative(target: Any, draft: Any, request: GenerationRequest, si
         return row.finish_reason is None
 
     # the first token comes from the target's prefill, as in the plain engine
-    first_logits = big.feed(seq, last_only=True)[-1]
+    first_logits = big.feed(seq, last_only=True,
+                            on_chunk=row.take_prompt_logits if row.wants_prompt_logits else None)[-1]
     passes += 1
     row.prefilled_at = time.perf_counter()
     alive = take(_pick(first_logits, state, state.generator), first_logits)
@@ -233,7 +363,7 @@ def generate_speculative(target: Any, draft: Any, request: GenerationRequest, si
             row.interrupt()
             break
         remaining = row.max_new - len(row.tokens)
-        k = min(schedule.k if adaptive else max_k, remaining - 1)
+        k = min(max_k if not adaptive else 0 if schedule.pause else schedule.k, remaining - 1)
         drafts, q = _propose(small, seq, k, draft_state)
         logits = big.feed([seq[-1], *drafts], last_only=False)                    # [k + 1, V]
         passes += 1

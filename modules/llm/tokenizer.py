@@ -86,6 +86,16 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def vocabulary_fingerprint(self, n: int) -> str:
+        """A hash of the first *n* pieces by id plus the BOS/EOS ids (speculative decoding's draft check,
+        :func:`modules.llm.speculative.vocabulary_fingerprint`), computed once per *n*: hashing a 32k
+        vocabulary takes tens of milliseconds, and a tokenizer never changes after loading."""
+        cache = self.__dict__.setdefault("_fingerprints", {})
+        if n not in cache:
+            from modules.llm.speculative import hash_vocabulary
+            cache[n] = hash_vocabulary(self, n)
+        return cache[n]
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
 

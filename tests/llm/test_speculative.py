@@ -151,6 +151,33 @@ def test_adaptive_k():
         AdaptiveK(0)
 
 
+def test_adaptive_k_pauses_drafting_while_even_one_draft_is_rejected():
+    k = AdaptiveK(4, start=1)
+    pauses = []
+    for _ in range(4):                 # k = 1 and rejected: pause 1, 2, 4, 8 plain steps
+        k.update(1, 0)
+        pauses.append(k.pause)
+        while k.pause:
+            k.update(0, 0)
+    assert pauses == [1, 2, 4, 8] and k.k == 1
+    k.update(1, 1)                     # accepted: k grows, the back-off starts over
+    assert k.k == 2 and k.pause == 0
+    k.update(2, 0), k.update(1, 0)
+    assert k.pause == 1
+
+
+def test_a_useless_draft_costs_few_draft_steps(models):
+    """A draft that is never right stops being asked: far fewer drafted tokens than generated ones, and the
+    reply is still the target's greedy one."""
+    target, draft, _ = models
+    req = request(target, PROMPTS[2], temperature=0, max_new_tokens=80, ignore_eos=True)
+    want, _ = plain(target, req)
+    got, _ = spec(target, draft, request(target, PROMPTS[2], temperature=0, max_new_tokens=80, ignore_eos=True),
+                  max_k=4)
+    assert got.token_ids == want.token_ids
+    assert got.accepted_tokens <= 2 and got.draft_tokens < 30
+
+
 def test_tokenizer_mismatch_is_refused(models):
     target, draft, other = models
     check_draft_compatible(target, draft)

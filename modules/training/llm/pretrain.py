@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from modules.devices import cpu_supports_bf16
 from modules.llm.config import LlamaConfig
 from modules.llm.model import Llama
 from modules.training.checkpoints import CheckpointWriter, latest_checkpoint, read_marker
@@ -101,20 +102,6 @@ def init_weights(model: Llama, seed: int) -> None:
             std = 1 / math.sqrt(d) / layers if name.endswith(("o_proj.weight", "down_proj.weight")) \
                 else math.sqrt(2 / (5 * d))
             param.copy_(torch.randn(param.shape, generator=gen) * std)
-
-
-def cpu_supports_bf16() -> bool:
-    """AVX-512 BF16 or AMX on this CPU (Linux /proc/cpuinfo flags); elsewhere assume not."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:

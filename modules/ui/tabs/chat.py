@@ -63,6 +63,12 @@ def _build_widgets(controller: ChatController) -> dict[str, Any]:
                 w["stop"] = gr.Textbox(label="Stop strings (one per line)", lines=2, elem_id="chat_stop_strings")
                 w["ignore_eos"] = gr.Checkbox(False, label="Ignore EOS (generate until max new tokens)",
                                               elem_id="chat_ignore_eos")
+            with gr.Accordion("Speculative decoding", open=False):
+                model = controller.initial_model()
+                w["draft"] = gr.Dropdown(controller.draft_choices(model), value=controller.draft_value(model),
+                                         label="Draft model for the chosen model (same tokenizer)",
+                                         elem_id="chat_draft_model", allow_custom_value=False)
+                w["draft_status"] = gr.Markdown(controller.draft_status(model), elem_id="chat_draft_status")
             with gr.Accordion("Saved chats", open=True):
                 w["saved"] = gr.Dropdown(controller.chat_choices(), value=None, label="Chat", elem_id="chat_saved",
                                          allow_custom_value=False)
@@ -159,6 +165,18 @@ def build(ctx: Any) -> None:
 
     w["install_starter"].click(install_starter, None, [w["starter_status"], w["install_starter"], w["model"]],
                                show_progress="hidden")
+    def draft_for(model):
+        """The draft dropdown follows the chosen model: its choices exclude it, its value is its setting."""
+        return (gr.update(choices=controller.draft_choices(model), value=controller.draft_value(model)),
+                controller.draft_status(model))
+
+    w["model"].change(draft_for, w["model"], [w["draft"], w["draft_status"]], queue=False)
+
+    def set_draft(model, draft):
+        status = controller.set_draft(model, draft)
+        return gr.update(value=controller.draft_value(model)), status   # a refused draft goes back to the setting
+
+    w["draft"].input(set_draft, [w["model"], w["draft"]], [w["draft"], w["draft_status"]], queue=False)
     w["load"].click(controller.load_model, w["model"], w["model_status"])
     w["unload"].click(controller.unload_model, w["model"], w["model_status"])
 
