@@ -63,13 +63,16 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def make_requests(n: int, vocab: int, rng: random.Random, *, prompt_range, out_range, shared: int) -> list[Req]:
-    """Random prompts (BOS + random ids); every third shares a *shared*-token prefix."""
+def make_requests(n: int, vocab: int, rng: random.Random, *, prompt_range, out_range, shared: int,
+                  ctx: int) -> list[Req]:
+    """Random prompts (BOS + random ids); every third shares a *shared*-token prefix. Prompt + max_tokens stay
+    within the context *ctx* (the server answers 400 otherwise, as OpenAI does)."""
     prefix = [rng.randrange(300, vocab) for _ in range(shared)]
     out = []
     for i in range(n):
         body = [rng.randrange(300, vocab) for _ in range(rng.randint(*prompt_range))]
-        out.append(Req([1] + (prefix if i % 3 == 0 else []) + body, rng.randint(*out_range)))
+        prompt = [1] + (prefix if i % 3 == 0 else []) + body
+        out.append(Req(prompt, min(rng.randint(*out_range), ctx - len(prompt))))
     return out
 
 
@@ -169,7 +172,7 @@ def bench_model(name: str, folder: Path, models_dir: Path, work: Path, args, *, 
     out_range = (8, 32) if args.quick else (32, 256)
     shared = min(64, ctx // 8)
     reqs = make_requests(args.requests or 2 * n_clients, vocab, rng, prompt_range=prompt_range,
-                         out_range=out_range, shared=shared)
+                         out_range=out_range, shared=shared, ctx=ctx)
     singles = reqs[:args.single_requests]
     lines, goals = [], []
     results: dict[str, Run] = {}
