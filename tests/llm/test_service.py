@@ -145,6 +145,8 @@ def test_lease_is_held_while_generating(ctx, service):
     started = threading.Event()
     run = service.chat([{"role": "user", "content": "Hi"}], greedy(200, ignore_eos=True))
     for _ in run.events():
+        if started.is_set():
+            continue  # deltas already streamed before the Stop; the engine may have let go of the model by now
         started.set()
         with pytest.raises(ModelInUse):
             ctx.models.unload(f"llm:{MODEL}")
