@@ -8,6 +8,8 @@ lengths, some sharing a prefix):
   server: total output tokens/s, time to first token (TTFT) and inter-token latency (ITL), p50 / p99;
 * transformers' static batching of the same requests (``generate`` on the same weights, left padding, batches
   of N in arrival order), in this process: output tokens/s;
+* the paged engine on the same requests in this process (no HTTP, no load generator sharing the two cores), at
+  batch 1 and N: what the engine itself does, comparable with the in-process transformers figure;
 * the goals: at 32 clients, throughput >= 8x the paged engine's own batch-1 rate and >= 1.5x transformers;
   with a shared 1,000-token system prompt (TinyLlama shape only: the demo model's context is 256), TTFT >= 5x
   faster with ``llm.prefix_caching`` on than off.
@@ -154,6 +156,32 @@ def transformers_static(folder: Path, reqs: list[Req], batch: int) -> Run:
     return run
 
 
+def engine_in_process(folder: Path, reqs: list[Req], max_batch: int, *, paged: bool) -> Run:
+    """Atelier's engine on the same requests in this process, with no HTTP in between: all requests queued at
+    once, *max_batch* decoding together (rows join as others finish). Separates what the engine does from what
+    the server's streaming costs on the same two cores (the load generator, SSE, the event loop)."""
+    import torch
+    from modules.llm.engine import GenerationRequest, generate
+    from modules.llm.loader import load_llm
+    from modules.llm.paged.kv_memory import new_pool, pool_blocks
+    from modules.llm.paged.paged_engine import generate_paged
+    from modules.llm.sampling import SamplingParams
+    llm = load_llm(folder, dtype=torch.float32)
+    requests = [GenerationRequest(list(r.prompt), SamplingParams(temperature=0, max_new_tokens=r.max_tokens,
+                                                                 ignore_eos=True)) for r in reqs]
+    start = time.perf_counter()
+    if paged:
+        pool = new_pool(llm, pool_blocks(llm, kv_cache_mb=0, max_batch=max_batch, free_bytes=None))
+        results = generate_paged(llm, pool, requests, max_batch=max_batch)
+    elif max_batch == 1:
+        results = [r for req in requests for r in generate(llm, [req])]
+    else:  # the contiguous loop takes newcomers only from a job queue: static groups of max_batch here
+        results = [r for i in range(0, len(requests), max_batch)
+                   for r in generate(llm, requests[i:i + max_batch], max_batch=max_batch)]
+    # no TTFT/ITL: every request is queued at the start, so waiting would count as latency
+    return Run(tokens=sum(r.completion_tokens for r in results), seconds=time.perf_counter() - start)
+
+
 def row(label: str, run: Run) -> str:
     ms = lambda v: f"{1000 * v:8.0f}"
     return (f"{label:<34} {run.tokens:>7} {run.rate:>9.1f} {ms(pct(run.ttft, .5))} {ms(pct(run.ttft, .99))} "
@@ -187,12 +215,18 @@ def bench_model(name: str, folder: Path, models_dir: Path, work: Path, args, *, 
         finally:
             srv.stop()
     results[f"transformers static {n_clients}"] = transformers_static(folder, reqs, n_clients)
+    results["in-process paged batch-1"] = engine_in_process(folder, singles, 1, paged=True)
+    results[f"in-process paged {n_clients}"] = engine_in_process(folder, reqs, n_clients, paged=True)
     for label, run in results.items():
         lines.append(row(f"{name}: {label}", run))
     paged, single = results[f"paged {n_clients} clients"], results["paged batch-1"]
     static = results[f"transformers static {n_clients}"]
     goals.append(f"{name}: {n_clients} clients vs own batch-1: {paged.rate / single.rate:.2f}x (goal >= 8x)")
     goals.append(f"{name}: {n_clients} clients vs transformers static: {paged.rate / static.rate:.2f}x (goal >= 1.5x)")
+    inproc, inproc1 = results[f"in-process paged {n_clients}"], results["in-process paged batch-1"]
+    goals.append(f"{name}: in-process engine, {n_clients} vs batch-1: {inproc.rate / inproc1.rate:.2f}x (goal >= 8x)")
+    goals.append(f"{name}: in-process engine vs transformers static: {inproc.rate / static.rate:.2f}x "
+                 "(goal >= 1.5x; both without HTTP)")
     goals.append(f"{name}: paged vs contiguous engine: "
                  f"{paged.rate / results[f'contiguous {n_clients} clients'].rate:.2f}x (no goal)")
     if prefix_goal:

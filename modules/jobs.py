@@ -154,6 +154,26 @@ class Job:
         if self.error is not None:
             raise self.error
 
+    def stream_batches(self, timeout: float | None = None) -> Iterator[list[Any]]:
+        """Like :meth:`stream`, but each step yields every item already waiting (at least one): a consumer
+        that hops threads per step (an async server streaming a reply) pays one hop for all of them when it
+        falls behind the producer, instead of one per token."""
+        while True:
+            items = [self._stream.get(timeout=timeout)]
+            while True:
+                try:
+                    items.append(self._stream.get_nowait())
+                except queue.Empty:
+                    break
+            done = any(item is _DONE for item in items)
+            items = [item for item in items if item is not _DONE]
+            if items:
+                yield items
+            if done:
+                break
+        if self.error is not None:
+            raise self.error
+
     def result(self, timeout: float | None = None) -> Any:
         if not self._done.wait(timeout):
             raise TimeoutError(f"{self.name} did not finish within {timeout}s")

@@ -573,6 +573,14 @@ class GenerationHandle:
         except JobInterrupted:
             return
 
+    def event_batches(self, timeout: float | None = None) -> Iterator[list[TokenDelta]]:
+        """The deltas of :meth:`events`, each step giving every delta already generated (see
+        :meth:`modules.jobs.Job.stream_batches`)."""
+        try:
+            yield from self.job.stream_batches(timeout=timeout)
+        except JobInterrupted:
+            return
+
     def result(self, timeout: float | None = None) -> GenerationResult:
         try:
             return self.job.result(timeout)

@@ -686,26 +686,32 @@ def _sse(request: Request, choices: list[_Choice], base: dict[str, Any], *, n: i
     async def one(choice: _Choice) -> AsyncIterator[str]:
         if choice.chat:
             yield line(chunk(choice, None, None, role=True))
-        stream = choice.handle.events()
+        # one thread hop per batch of deltas already generated (not per token): under load the event loop
+        # and the decode thread share two cores, and per-token hops cost as much as a tiny model's step
+        stream = choice.handle.event_batches()
         pending: list[Any] = []  # deltas whose text is held back (stop strings, split characters)
         first = True
         while True:
-            delta = await run_in_threadpool(next, stream, None)
-            if delta is None:
+            batch = await run_in_threadpool(next, stream, None)
+            if batch is None:
                 break
-            if first and not choice.chat and choice.echo:
-                prompt = choice._prompt_part(delta)
-                if prompt is not None:
-                    choice.stream_offsets.offset = sum(len(t) for t in prompt["tokens"])
-                yield line(chunk(choice, choice.echo, None, prompt))
-            first = False
-            if choice.score_only:
-                continue
-            if delta.token_id >= 0 and delta.logprob is not None:
-                pending.append(delta)
-            if delta.text:
-                yield line(chunk(choice, delta.text, None, delta_logprobs(choice, pending)))
-                pending = []
+            lines = []
+            for delta in batch:
+                if first and not choice.chat and choice.echo:
+                    prompt = choice._prompt_part(delta)
+                    if prompt is not None:
+                        choice.stream_offsets.offset = sum(len(t) for t in prompt["tokens"])
+                    lines.append(line(chunk(choice, choice.echo, None, prompt)))
+                first = False
+                if choice.score_only:
+                    continue
+                if delta.token_id >= 0 and delta.logprob is not None:
+                    pending.append(delta)
+                if delta.text:
+                    lines.append(line(chunk(choice, delta.text, None, delta_logprobs(choice, pending))))
+                    pending = []
+            if lines:
+                yield "".join(lines)
         result = await run_in_threadpool(choice.get_result)
         if first and choice.echo and not choice.chat:  # nothing streamed (stopped at once): echo still shown
             yield line(chunk(choice, choice.echo, None, choice._prompt_part(result)))

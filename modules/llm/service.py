@@ -111,7 +111,7 @@ class LLMService:
         self._extra_buffers: bool | None = None   # llama.cpp's extra buffer types work here (probed on first use)
         self._reported_broken: set[tuple[str, str]] = set()  # (folder, reason) already logged once
         #: LLMFiles per model name, with the signature of the files they were read from
-        self._files: dict[str, tuple[tuple, Any]] = {}
+        self._files: dict[str, tuple[Path, tuple, Any]] = {}   # name -> (path, files signature, LLMFiles)
 
     # -- models ------------------------------------------------------------------------------------------
     @property
@@ -155,18 +155,20 @@ class LLMService:
         """The :class:`~modules.llm.loader.LLMFiles` of model *name* (config, tokenizer, template; no weights),
         read once and again only when those files change. Raises ModelNotFound / ModelUnusable."""
         from modules.llm.loader import read_llm_files
-        path = Path(self._entry(name)["path"])
-        signature = _files_signature(path)
         with self._lock:
             cached = self._files.get(name)
-            if cached is not None and cached[0] == signature:
-                return cached[1]
+        # A hit skips the folder scan of list_models (every folder's headers checked): every API request asks
+        # for its model's files, and the scan cost more than a short reply's decode under load.
+        if cached is not None and cached[0].exists() and _files_signature(cached[0]) == cached[1]:
+            return cached[2]
+        path = Path(self._entry(name)["path"])
+        signature = _files_signature(path)
         try:
             files = read_llm_files(path)
         except (ValueError, FileNotFoundError, KeyError, OSError) as exc:
             raise ModelUnusable(f"model {name!r} could not be loaded: {exc}") from exc
         with self._lock:
-            self._files[name] = (signature, files)
+            self._files[name] = (path, signature, files)
         return files
 
     def acquire(self, name: str) -> Any:

@@ -238,3 +238,25 @@ def test_call_runs_on_the_worker_and_inline_from_inside_a_job(q):
     assert not q.in_worker
     with pytest.raises(ValueError, match="bad"):
         q.call(lambda job: (_ for _ in ()).throw(ValueError("bad")), timeout=5)
+
+
+def test_stream_batches_hand_over_everything_already_emitted(q):
+    """A consumer that falls behind gets every waiting item in one step (the API's SSE pays one thread hop per
+    batch); nothing is lost or reordered, and the job's error still reaches the consumer."""
+    release = threading.Event()
+
+    def work(job):
+        for token in "abc":
+            job.emit(token)
+        release.wait(5)
+        job.emit("d")
+        raise ValueError("broken at d")
+
+    job = q.submit(work)
+    batches = job.stream_batches(timeout=5)
+    time.sleep(0.2)  # a, b and c are queued before the consumer looks
+    assert next(batches) == ["a", "b", "c"]
+    release.set()
+    assert next(batches) == ["d"]
+    with pytest.raises(ValueError, match="broken at d"):
+        next(batches)
