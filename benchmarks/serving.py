@@ -113,14 +113,19 @@ async def load(url: str, model: str, reqs: list[Req], clients: int) -> Run:
     return run
 
 
-def serve(data: Path, models_dir: Path, settings: dict):
+#: the dtype every contender runs in (``--precision``): the server gets the same flag, so no row is bf16 by the
+#: ``--precision auto`` rule while transformers runs fp32
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def serve(data: Path, models_dir: Path, settings: dict, precision: str = "fp32"):
     from server_utils import start_server
     (data / "models").mkdir(parents=True, exist_ok=True)
     link = data / "models" / "LLM"
     if not link.exists():
         link.symlink_to(models_dir)
     (data / "settings.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
-    return start_server(data, "--api", "--nowebui", timeout=300)
+    return start_server(data, "--api", "--nowebui", "--precision", precision, timeout=300)
 
 
 def warm(url: str, model: str) -> None:
@@ -129,12 +134,12 @@ def warm(url: str, model: str) -> None:
                timeout=600).raise_for_status()
 
 
-def transformers_static(folder: Path, reqs: list[Req], batch: int) -> Run:
+def transformers_static(folder: Path, reqs: list[Req], batch: int, precision: str = "fp32") -> Run:
     """transformers' generate on the same weights: static batches of *batch* requests, left-padded, every row
     decoding until the batch's longest output (the useful tokens are counted)."""
     import torch
     from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, DTYPES[precision])).eval()
     run = Run()
     start = time.perf_counter()
     for i in range(0, len(reqs), batch):
@@ -156,7 +161,7 @@ def transformers_static(folder: Path, reqs: list[Req], batch: int) -> Run:
     return run
 
 
-def engine_in_process(folder: Path, reqs: list[Req], max_batch: int, *, paged: bool) -> Run:
+def engine_in_process(folder: Path, reqs: list[Req], max_batch: int, *, paged: bool, precision: str = "fp32") -> Run:
     """Atelier's engine on the same requests in this process, with no HTTP in between: all requests queued at
     once, *max_batch* decoding together (rows join as others finish). Separates what the engine does from what
     the server's streaming costs on the same two cores (the load generator, SSE, the event loop)."""
@@ -166,7 +171,7 @@ def engine_in_process(folder: Path, reqs: list[Req], max_batch: int, *, paged: b
     from modules.llm.paged.kv_memory import new_pool, pool_blocks
     from modules.llm.paged.paged_engine import generate_paged
     from modules.llm.sampling import SamplingParams
-    llm = load_llm(folder, dtype=torch.float32)
+    llm = load_llm(folder, dtype=getattr(torch, DTYPES[precision]))
     requests = [GenerationRequest(list(r.prompt), SamplingParams(temperature=0, max_new_tokens=r.max_tokens,
                                                                  ignore_eos=True)) for r in reqs]
     start = time.perf_counter()
@@ -206,7 +211,7 @@ def bench_model(name: str, folder: Path, models_dir: Path, work: Path, args, *, 
     results: dict[str, Run] = {}
     base = {"llm.max_batch": max(32, n_clients), "llm.weight_quantization": "none"}
     for engine in ("paged", "contiguous"):
-        srv = serve(work / f"{name}-{engine}", models_dir, {**base, "llm.engine": engine})
+        srv = serve(work / f"{name}-{engine}", models_dir, {**base, "llm.engine": engine}, args.precision)
         try:
             warm(srv.url, name)
             if engine == "paged":
@@ -214,9 +219,11 @@ def bench_model(name: str, folder: Path, models_dir: Path, work: Path, args, *, 
             results[f"{engine} {n_clients} clients"] = asyncio.run(load(srv.url, name, reqs, n_clients))
         finally:
             srv.stop()
-    results[f"transformers static {n_clients}"] = transformers_static(folder, reqs, n_clients)
-    results["in-process paged batch-1"] = engine_in_process(folder, singles, 1, paged=True)
-    results[f"in-process paged {n_clients}"] = engine_in_process(folder, reqs, n_clients, paged=True)
+    results[f"transformers static {n_clients}"] = transformers_static(folder, reqs, n_clients, args.precision)
+    results["in-process paged batch-1"] = engine_in_process(folder, singles, 1, paged=True,
+                                                          precision=args.precision)
+    results[f"in-process paged {n_clients}"] = engine_in_process(folder, reqs, n_clients, paged=True,
+                                                                   precision=args.precision)
     for label, run in results.items():
         lines.append(row(f"{name}: {label}", run))
     paged, single = results[f"paged {n_clients} clients"], results["paged batch-1"]
@@ -235,7 +242,8 @@ def bench_model(name: str, folder: Path, models_dir: Path, work: Path, args, *, 
                     for _ in range(args.prefix_requests)]
         ttft = {}
         for caching in (True, False):
-            srv = serve(work / f"{name}-prefix-{caching}", models_dir, {**base, "llm.prefix_caching": caching})
+            srv = serve(work / f"{name}-prefix-{caching}", models_dir, {**base, "llm.prefix_caching": caching},
+                        args.precision)
             try:
                 warm(srv.url, name)
                 asyncio.run(load(srv.url, name, prefixed[:1], 1))       # the first request fills the cache
@@ -254,6 +262,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short prompts and outputs, 2 TinyLlama layers")
     ap.add_argument("--layers", type=int, default=None, help="TinyLlama-shape layers (default 22, quick 2)")
     ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--precision", choices=sorted(DTYPES), default="fp32",
+                    help="dtype of every contender (server, in-process engine, transformers)")
     ap.add_argument("--requests", type=int, default=None, help="requests per run (default 2 x clients)")
     ap.add_argument("--single-requests", type=int, default=4, help="requests of the batch-1 run")
     ap.add_argument("--prefix-requests", type=int, default=5)
@@ -272,7 +282,7 @@ def main() -> None:
         models_dir = REPO / "models" / "LLM"
         out += bench_model("atelier-tiny-chat", models_dir / "atelier-tiny-chat", models_dir, work, args,
                            vocab=4096, ctx=256, prefix_goal=False)
-    print(f"\nserving benchmark (TinyLlama shape with {layers} layers; fp32; {args.clients} clients)")
+    print(f"\nserving benchmark (TinyLlama shape with {layers} layers; {args.precision}; {args.clients} clients)")
     print("\n".join(line for line in out if not line.startswith("GOALS ")))
     print("\ngoals (measured / goal):")
     print("\n".join(line[6:] for line in out if line.startswith("GOALS ")))
