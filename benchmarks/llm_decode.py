@@ -147,8 +147,17 @@ def ours_decode(config, model, prompts: list[list[int]], new_tokens: int) -> tup
                               tokenizer=SimpleNamespace(eos_id=None, id_to_token=lambda i: ""))
         params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
         requests = [GenerationRequest(prompt_ids=p, params=params) for p in prompts]
-        results = generate(llm, requests, [stamps] * len(prompts), stream_decoder=_SilentDecoder)
-        return stamps.rate(len(prompts)), [r.token_ids for r in results], "engine.generate"
+        try:   # the paged engine LLMEngine serves with (issue 11); the contiguous loop before it
+            from modules.llm.paged.block_pool import BLOCK_SIZE
+            from modules.llm.paged.kv_memory import new_pool
+            from modules.llm.paged.paged_engine import generate_paged
+        except ImportError:
+            results = generate(llm, requests, [stamps] * len(prompts), stream_decoder=_SilentDecoder)
+            return stamps.rate(len(prompts)), [r.token_ids for r in results], "engine.generate"
+        blocks = 2 + sum(-(-(len(p) + new_tokens) // BLOCK_SIZE) for p in prompts)
+        results = generate_paged(llm, new_pool(llm, blocks), requests, [stamps] * len(prompts),
+                                 max_batch=len(prompts), stream_decoder=_SilentDecoder)
+        return stamps.rate(len(prompts)), [r.token_ids for r in results], "paged engine"
     stamps = _Stamps()
     with torch.inference_mode():
         cache = model.new_kv_cache(len(prompts), len(prompts[0]) + new_tokens)
