@@ -350,8 +350,16 @@ def test_two_tabs_and_an_api_stream_at_once_stop_leaves_the_others_running(brows
     try:
         for pg, n in ((page, 800), (other, 60)):
             pick(pg, "#chat_model", "slow-llama")
-            set_max_new_tokens(pg, n)
-            set_temperature(pg, 0)
+            # the page's load event fills the parameters from the settings and may land after the page shows:
+            # set them until they stick
+            for _attempt in range(10):
+                set_max_new_tokens(pg, n)
+                set_temperature(pg, 0)
+                time.sleep(0.5)
+                if (pg.locator("#chat_max_new_tokens input[type=number]").input_value() == str(n)
+                        and float(pg.locator("#chat_temperature input[type=number]").input_value()) == 0):
+                    break
+            expect(pg.locator("#chat_max_new_tokens input[type=number]")).to_have_value(str(n))
         set_ignore_eos(page, True)  # the first tab's reply runs until Stop
         stopped_text, kept_text = unique("Stop this one, please."), unique("Keep this one going.")
         send(page, stopped_text)
@@ -380,8 +388,9 @@ def test_two_tabs_and_an_api_stream_at_once_stop_leaves_the_others_running(brows
     alone = client.chat.completions.create(messages=api_messages, **api_params)
     assert streamed["text"] == alone.choices[0].message.content
     # the tab adds the settings' system prompt and repetition penalty (greedy ignores top-k/top-p/min-p)
+    # (as many tokens as the tab's reply took: a reply that ended on EOS ends there alone too)
     tab_alone = client.chat.completions.create(
-        model="slow-llama", max_tokens=60, temperature=0,
+        model="slow-llama", max_tokens=kept["messages"][-1]["meta"]["tokens"], temperature=0,
         messages=[{"role": "system", "content": settings["llm.system_prompt"]}, {"role": "user", "content": kept_text}],
         extra_body={"repetition_penalty": settings["llm.repetition_penalty"]})
     assert kept["messages"][-1]["content"] == tab_alone.choices[0].message.content
