@@ -58,7 +58,8 @@ class PretrainConfig:
     precision: str = "auto"
     activation_checkpointing: bool = False
     device: str = "auto"
-    #: under torchrun: ddp (a whole model per process; CPU/gloo or CUDA/nccl) or fsdp (sharded; CUDA only).
+    #: under torchrun: ddp (a whole model per process) or fsdp (FSDP2, parameters, gradients and optimizer state
+    #: sharded over the processes); both on CPU/gloo and CUDA/nccl.
     #: A single process (no torchrun) trains the one model either way.
     parallel: str = "ddp"
     eval_every: int = 100
@@ -121,12 +122,6 @@ class PretrainConfig:
     def _parallel_problems(self) -> list[str]:
         if self.parallel not in ("ddp", "fsdp"):
             return [f"parallel must be ddp or fsdp, got {self.parallel!r}"]
-        if self.parallel == "fsdp":
-            import torch
-            on_cpu = self.device.startswith("cpu") or (self.device == "auto" and not torch.cuda.is_available())
-            if on_cpu:
-                return ["parallel=fsdp shards the model over CUDA GPUs (NCCL) and this run trains on the CPU; "
-                        "use parallel=ddp (gloo) on the CPU, or device=cuda on a GPU machine"]
         return []
 
     def _model_problems(self) -> list[str]:

@@ -48,19 +48,19 @@ def _command(processes: int, data_dir: Path, log_dir: Path) -> list[str]:
             "--log-dir", str(log_dir), "--redirects", "3", "-m", "modules.training", "pretrain"]
 
 
-def _start(processes: int, data_dir: Path, dataset: Path, *args: str) -> subprocess.Popen:
+def _start(processes: int, data_dir: Path, dataset: Path, *args: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     config = data_dir / "config.yaml"
     data_dir.mkdir(parents=True, exist_ok=True)
     config.write_text(f"data: {dataset}\nmax_steps: {STEPS}\n", encoding="utf-8")
     first = ["--resume", str(data_dir / "training" / "run")] if "--resume" in args else ["--config", str(config)]
     command = _command(processes, data_dir, data_dir / f"logs-{time.monotonic_ns()}") + \
-        [*first, "--data-dir", str(data_dir), *OVERRIDES]
+        [*first, "--data-dir", str(data_dir), *OVERRIDES, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _train(processes: int, data_dir: Path, dataset: Path, *args: str) -> Path:
-    proc = _start(processes, data_dir, dataset, *args)
+def _train(processes: int, data_dir: Path, dataset: Path, *args: str, extra: tuple[str, ...] = ()) -> Path:
+    proc = _start(processes, data_dir, dataset, *args, extra=extra)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-4000:]
     return data_dir / "training" / "run"
@@ -97,7 +97,9 @@ def test_only_rank_zero_writes_files_and_logs(two_process_run):
     run = two_process_run
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, STEPS + 1))                      # one writer: no line twice
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "final", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir() if p.name != "tensorboard") == \
+        ["checkpoints", "config.yaml", "final", "metrics.jsonl"]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1     # rank 0's alone
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{STEPS:06d}"]   # no .tmp-<pid> left
     checkpoint = run / "checkpoints" / f"step-{STEPS:06d}"
     assert {"rng.pt", "rng-rank-1.pt", "model.safetensors", "optimizer.pt"} <= {p.name for p in checkpoint.iterdir()}
@@ -132,15 +134,55 @@ def test_stopped_two_process_run_resumes_to_the_same_weights(dataset, two_proces
         assert torch.equal(expected[name], got[name]), f"{name} differs after the 2-process resume"
 
 
-def test_fsdp_on_the_cpu_and_an_indivisible_global_batch_are_config_errors():
+def test_fsdp_on_gloo_matches_one_process_and_resumes_exactly(dataset, two_process_run, tmp_path):
+    """FSDP2 (each block sharded over the two CPU processes) gives the curve of one process (within 1e-5),
+    writes a whole checkpoint on rank 0 keyed by parameter name, and a stopped FSDP run resumes to the
+    weights of the uninterrupted one."""
+    fsdp = ("parallel=fsdp",)
+    full = _train(2, tmp_path / "full", dataset, extra=fsdp)
+    one, two = _curve(two_process_run), _curve(full)              # the DDP run equals one process (above)
+    assert [(k, s) for k, s, _ in one] == [(k, s) for k, s, _ in two]
+    for (kind, step, a), (_, _, b) in zip(one, two):
+        assert abs(a - b) <= 1e-5, f"{kind} loss at step {step}: DDP {a}, FSDP {b}"
+    start = next(r for r in read_metrics(full / "metrics.jsonl") if r["kind"] == "start")
+    assert (start["processes"], start["parallel"]) == (2, "fsdp")
+    ddp_final, fsdp_final = load_file(two_process_run / "final" / "model.safetensors"), \
+        load_file(full / "final" / "model.safetensors")
+    assert set(ddp_final) == set(fsdp_final)
+    for name in ddp_final:
+        torch.testing.assert_close(fsdp_final[name], ddp_final[name], atol=1e-5, rtol=0)
+    checkpoint = latest_checkpoint(full / "checkpoints")
+    assert read_marker(checkpoint)["step"] == STEPS
+
+    proc = _start(2, tmp_path / "stopped", dataset, extra=fsdp)
+    metrics = tmp_path / "stopped" / "training" / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(r["kind"] == "train" and r["step"] >= 3 for r in read_metrics(metrics)):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.002)
+    output, _ = proc.communicate(timeout=60)
+    stopped = tmp_path / "stopped" / "training" / "run"
+    assert latest_checkpoint(stopped / "checkpoints") is not None and not (stopped / "final").exists(), output[-4000:]
+    resumed = _train(2, tmp_path / "stopped", dataset, "--resume", extra=fsdp)
+    assert _curve(resumed) == _curve(full)
+    expected, got = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), f"{name} differs after the FSDP resume"
+
+
+def test_an_indivisible_global_batch_is_a_config_error_and_fsdp_is_accepted_on_the_cpu():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["data=/d", "max_steps=1", "device=cpu", "parallel=fsdp", "seq_len=16", "micro_batch=3",
                            "global_batch_tokens=96"], world_size=4)
     message = str(info.value)
-    assert "parallel=fsdp" in message and "parallel=ddp" in message
+    assert "parallel" not in message
     assert "3 x 4 x 16 = 192" in message and "--nproc-per-node" in message
-    assert load_config(None, ["data=/d", "max_steps=1", "seq_len=16", "micro_batch=3", "global_batch_tokens=96"],
-                       world_size=2).grad_accum_steps(2) == 1
+    assert load_config(None, ["data=/d", "max_steps=1", "device=cpu", "parallel=fsdp", "seq_len=16",
+                              "micro_batch=3", "global_batch_tokens=96"], world_size=2).grad_accum_steps(2) == 1
+    with pytest.raises(ConfigError, match="parallel must be ddp or fsdp"):
+        load_config(None, ["data=/d", "max_steps=1", "parallel=zero3"], world_size=2)
 
 
 def test_a_signal_asks_the_run_to_stop_and_a_second_one_is_not_swallowed():

@@ -1,4 +1,4 @@
-"""Data parallelism for the pretraining loop: DDP (any backend) or FSDP2 (CUDA only, ``parallel: fsdp``).
+"""Data parallelism for the pretraining loop: DDP or FSDP2 (``parallel: fsdp``), on gloo (CPU) or NCCL (CUDA).
 
 Why this is kept apart from the loop: the loop only asks four things of it — a module to train, a way
 to skip the gradient all-reduce on all but the last micro-step of an accumulation (``no_sync``; the
@@ -28,8 +28,6 @@ def wrap_model(model: Llama, parallel: str, dist: Distributed, device: torch.dev
     if not dist.active:
         return model
     if parallel == "fsdp":
-        if device.type != "cuda":
-            raise ValueError("parallel=fsdp needs CUDA GPUs; on the CPU use parallel=ddp")
         from torch.distributed.fsdp import fully_shard
         for block in model.model.layers:
             fully_shard(block)

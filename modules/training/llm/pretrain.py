@@ -9,7 +9,7 @@ Data comes from any object with the training-data protocol (:class:`TrainingData
 LongTensor (n, seq_len + 1), ``val_batches(n)`` -> iterable of those, ``state_dict()`` / ``load_state_dict()``
 (the read position; JSON-serialisable). The packed-dataset ``Mixture`` is one.
 
-Multi-process (``torchrun --nproc-per-node N``): the model is wrapped by DDP (FSDP2 on CUDA with
+Multi-process (``torchrun --nproc-per-node N``): the model is wrapped by DDP (FSDP2 with
 ``parallel: fsdp``, see parallel.py), each rank reads its slice of every global batch (the data object is
 made for its rank), gradients are all-reduced once per optimizer step (``no_sync`` on the other
 micro-steps), and the logged loss is the mean over every rank, so the curve equals a single process with the
@@ -238,8 +238,6 @@ class Pretrainer:
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
         self.tokenizer_hash = tokenizer_hash or tokenizer_fingerprint(self.tokenizer_dir)
         self.device = resolve_device(config.device, self.dist)
-        if config.parallel == "fsdp" and self.dist.active and self.device.type != "cuda":
-            raise TrainingError("parallel=fsdp needs CUDA GPUs (one per process); on the CPU use parallel=ddp")
         self.autocast_dtype = resolve_precision(config.precision, self.device)
         self.total_steps = config.total_steps()
         self.accum = config.grad_accum_steps(self.world_size)
