@@ -160,3 +160,22 @@ def test_activation_checkpointing_stores_fewer_activations():
             model(ids).sum()
         return count[0]
     assert saved_tensors(True) < saved_tensors(False) / 2
+
+
+def test_tensorboard_gets_the_scalars_of_metrics_jsonl(tmp_path, tokenizer_dir):
+    """With the tensorboard package installed (requirements-test.txt), the run writes an event file beside
+    metrics.jsonl holding the same loss, learning rate, tokens/s and MFU at the same steps."""
+    pytest.importorskip("tensorboard", reason="tensorboard is in requirements-test.txt")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    result = _run(tmp_path, tokenizer_dir, max_steps=6)
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    train = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    val = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["kind"] == "val"]
+    assert {"loss", "lr", "tokens_per_s", "mfu", "mfu_tinyllama", "val_loss"} <= set(events.Tags()["scalars"])
+    for tag in ("loss", "lr", "tokens_per_s", "mfu"):
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in logged] == [r["step"] for r in train]
+        for (_, value), record in zip(logged, train):
+            assert value == pytest.approx(record[tag], rel=1e-6), tag
+    assert [e.step for e in events.Scalars("val_loss")] == [r["step"] for r in val]
