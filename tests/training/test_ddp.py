@@ -66,6 +66,19 @@ def _train(processes: int, data_dir: Path, dataset: Path, *args: str, extra: tup
     return data_dir / "training" / "run"
 
 
+def _stopped_run(data_dir: Path, dataset: Path, extra: tuple[str, ...] = ()) -> str:
+    """Start a 2-process run, SIGTERM it once step 3 is logged (torchrun passes it to both ranks); its output."""
+    proc = _start(2, data_dir, dataset, extra=extra)
+    metrics = data_dir / "training" / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(r["kind"] == "train" and r["step"] >= 3 for r in read_metrics(metrics)):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.002)
+    return proc.communicate(timeout=60)[0]
+
+
 def _curve(run: Path) -> list[tuple]:
     return [(r["kind"], r["step"], r.get("loss", r.get("val_loss"))) for r in read_metrics(run / "metrics.jsonl")
             if r["kind"] in ("train", "val")]
@@ -110,15 +123,7 @@ def test_only_rank_zero_writes_files_and_logs(two_process_run):
 
 
 def test_stopped_two_process_run_resumes_to_the_same_weights(dataset, two_process_run, tmp_path):
-    proc = _start(2, tmp_path, dataset)
-    metrics = tmp_path / "training" / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while proc.poll() is None and time.monotonic() < deadline:      # stop it once training is under way
-        if any(r["kind"] == "train" and r["step"] >= 3 for r in read_metrics(metrics)):
-            proc.send_signal(signal.SIGTERM)                           # torchrun passes it to both ranks
-            break
-        time.sleep(0.002)
-    output, _ = proc.communicate(timeout=60)
+    output = _stopped_run(tmp_path, dataset)
     run = tmp_path / "training" / "run"
     checkpoint = latest_checkpoint(run / "checkpoints")
     assert checkpoint is not None and not (run / "final").exists(), output[-4000:]
@@ -154,15 +159,7 @@ def test_fsdp_on_gloo_matches_one_process_and_resumes_exactly(dataset, two_proce
     checkpoint = latest_checkpoint(full / "checkpoints")
     assert read_marker(checkpoint)["step"] == STEPS
 
-    proc = _start(2, tmp_path / "stopped", dataset, extra=fsdp)
-    metrics = tmp_path / "stopped" / "training" / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while proc.poll() is None and time.monotonic() < deadline:
-        if any(r["kind"] == "train" and r["step"] >= 3 for r in read_metrics(metrics)):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.002)
-    output, _ = proc.communicate(timeout=60)
+    output = _stopped_run(tmp_path / "stopped", dataset, extra=fsdp)
     stopped = tmp_path / "stopped" / "training" / "run"
     assert latest_checkpoint(stopped / "checkpoints") is not None and not (stopped / "final").exists(), output[-4000:]
     resumed = _train(2, tmp_path / "stopped", dataset, "--resume", extra=fsdp)
