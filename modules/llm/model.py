@@ -243,8 +243,23 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def block_step(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One decoder block as training runs it (no cache, plain causal attention): the region
+    :meth:`Llama.compile_for_training` hands to ``torch.compile``. One function for every block, so dynamo
+    traces it once and reuses the graph for all layers (their parameters are graph inputs)."""
+    return block(x, cos, sin, None, None, 0)
+
+
+def head_loss(norm: RMSNorm, lm_head: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) of the final norm, the output head and the log-softmax: one region,
+    so a compiled run never materialises the (B, T, V) fp32 logits that the eager path casts to."""
+    logits = lm_head(norm(x))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
 class Llama(nn.Module):
-    """Decoder-only Llama: ``logits = model(input_ids)``; pass a :class:`KVCache` to decode incrementally."""
+    """Decoder-only Llama: ``logits = model(input_ids)``; pass a :class:`KVCache` to decode incrementally;
+    ``loss = model(input_ids, targets=next_ids)`` in training."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -262,6 +277,9 @@ class Llama(nn.Module):
         self.row_parallel: RowParallel | None = None
         #: training only: recompute each block in the backward pass instead of storing its activations
         self.activation_checkpointing = False
+        #: what a training forward runs per block and for the loss: plain functions, or their torch.compile'd
+        #: versions after compile_for_training() (inference and evaluation always run eagerly)
+        self._block_step, self._head_loss = block_step, head_loss
 
     def use_row_parallel(self, threads: int | None) -> None:
         """Split small-batch CPU matmuls over ``threads`` threads (see
@@ -279,6 +297,17 @@ class Llama(nn.Module):
         for block in self.model.layers:
             block.self_attn.attention_backend = backend
 
+    def compile_for_training(self) -> None:
+        """``torch.compile`` (inductor) the training regions - each decoder block and the head + loss - so
+        RMSNorm, RoPE, SwiGLU, autocast's casts and the log-softmax run as fused kernels between the matmuls.
+
+        Regional rather than whole-model compilation: one block graph serves every layer, so compiling costs
+        the same for 2 layers or 22, and activation checkpointing and DDP wrap the model unchanged. Only
+        gradient-enabled forwards without a cache take these regions (evaluation and decoding stay eager, so
+        they add no graphs). The first training step pays for the compilation (about a minute on 2 CPU cores).
+        """
+        self._block_step, self._head_loss = torch.compile(block_step), torch.compile(head_loss)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())   # parameters() yields a tied tensor once
 
@@ -292,8 +321,9 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, key_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, V), or (B, 1, V) with ``last_only``.
+                last_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with ``last_only``; with ``targets`` (B, T) the mean cross-entropy
+        of predicting them instead (a scalar, fp32: what pretraining minimises).
 
         input_ids: (B, T) token ids. With ``cache``, they are written at slots cache.length .. +T-1 and
         attend causally to every earlier slot. positions: (B, T) RoPE positions (default: slot
@@ -302,21 +332,28 @@ class Llama(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        self._check_call(B, T, past, cache, positions, key_mask)
+        self._check_call(B, T, past, cache, positions, key_mask, targets, last_only)
         if positions is None:
             positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)                                       # (B, T, D)
         cos, sin = self.rotary(positions, x.dtype)                                   # (B, 1, T, hd)
         mask = self._attention_mask(B, T, past, key_mask, x.device)                  # (B, 1, T, S) | None
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        training = self.training and torch.is_grad_enabled()
+        recompute = self.activation_checkpointing and training
+        plain = training and cache is None and mask is None      # the training region (compiled, if asked)
         for i, block in enumerate(self.model.layers):
             if recompute:
                 from torch.utils.checkpoint import checkpoint
-                x = checkpoint(block, x, cos, sin, mask, cache, i, use_reentrant=False)
+                x = (checkpoint(self._block_step, block, x, cos, sin, use_reentrant=False) if plain else
+                     checkpoint(block, x, cos, sin, mask, cache, i, use_reentrant=False))
+            elif plain:
+                x = self._block_step(block, x, cos, sin)
             else:
                 x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length = past + T
+        if targets is not None:
+            return (self._head_loss if plain else head_loss)(self.model.norm, self.lm_head, x, targets)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
@@ -339,7 +376,7 @@ class Llama(nn.Module):
         own = torch.arange(S, device=device)[None, :] == query_slot
         return (mask & (key_mask[:, None, :].bool() | own))[:, None]                # (B, 1, T, S)
 
-    def _check_call(self, B, T, past, cache, positions, key_mask) -> None:
+    def _check_call(self, B, T, past, cache, positions, key_mask, targets=None, last_only=False) -> None:
         problems = []
         if T < 1:
             problems.append("input_ids must hold at least one token per row")
@@ -351,6 +388,9 @@ class Llama(nn.Module):
                 problems.append(f"{past} cached + {T} new tokens exceed the cache size {cache.max_len}")
         if positions is not None and tuple(positions.shape) != (B, T):
             problems.append(f"positions must have shape {(B, T)} like input_ids, got {tuple(positions.shape)}")
+        if targets is not None and (tuple(targets.shape) != (B, T) or last_only):
+            problems.append(f"targets must have shape {(B, T)} like input_ids (and no last_only), "
+                            f"got {tuple(targets.shape)}")
         if key_mask is not None and tuple(key_mask.shape) != (B, past + T):
             problems.append(f"key_mask must have shape {(B, past + T)} (batch, cached + new slots), "
                             f"got {tuple(key_mask.shape)}")

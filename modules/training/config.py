@@ -57,6 +57,9 @@ class PretrainConfig:
     #: auto: bf16 autocast on CUDA and on CPUs with AVX-512 BF16 / AMX, else fp32
     precision: str = "auto"
     activation_checkpointing: bool = False
+    #: torch.compile each decoder block and the loss (inductor: fused RMSNorm/RoPE/SwiGLU/casts); the first step
+    #: pays ~1 min of compilation, later steps run faster (benchmarks/train_llm.py measures how much)
+    compile: bool = False
     device: str = "auto"
     #: under torchrun: ddp (a whole model per process) or fsdp (FSDP2, parameters, gradients and optimizer state
     #: sharded over the processes); both on CPU/gloo and CUDA/nccl.
@@ -96,7 +99,7 @@ class PretrainConfig:
             if getattr(self, name) < 0:
                 out.append(f"{name} must be 0 or more, got {getattr(self, name)}")
         out.extend(optimizer_problems(self, lr_hint="TinyLlama uses 4e-4"))
-        out.extend(self._parallel_problems())
+        out.extend(self._parallel_problems(world_size))
         if self.max_steps is None and self.max_tokens is None:
             out.append("set max_steps or max_tokens: how long the run trains")
         if self.max_steps is not None and self.max_tokens is not None:
@@ -119,9 +122,12 @@ class PretrainConfig:
         out.extend(self._model_problems())
         return out
 
-    def _parallel_problems(self) -> list[str]:
+    def _parallel_problems(self, world_size: int = 1) -> list[str]:
         if self.parallel not in ("ddp", "fsdp"):
             return [f"parallel must be ddp or fsdp, got {self.parallel!r}"]
+        if self.compile and self.parallel == "fsdp" and world_size > 1:
+            return ["compile=true does not combine with parallel=fsdp (FSDP's per-block hooks sit inside the "
+                    "compiled regions); use parallel=ddp, or compile=false"]
         return []
 
     def _model_problems(self) -> list[str]:

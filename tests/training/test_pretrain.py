@@ -143,6 +143,53 @@ def test_activation_checkpointing_and_bf16_train_the_same_model(tmp_path, tokeni
     assert all(math.isfinite(x) for x in losses)
 
 
+def test_compile_trains_the_same_model_as_eager(tmp_path, tokenizer_dir):
+    """compile=true (torch.compile'd blocks and loss, also under activation checkpointing) follows the eager run's
+    loss curve and ends with the same weights to float rounding: fusion reorders fp32 sums, nothing else."""
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+    eager = _run(tmp_path / "a", tokenizer_dir, max_steps=3)
+    frames = counters["frames"]["ok"]
+    compiled = _run(tmp_path / "b", tokenizer_dir, max_steps=3, compile="true", activation_checkpointing="true")
+    assert counters["frames"]["ok"] > frames                                # dynamo really compiled regions
+    curves = [[r["loss"] for r in read_metrics(run.run_dir / "metrics.jsonl") if r["kind"] == "train"]
+              for run in (eager, compiled)]
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)
+    a = load_file(eager.final_dir / "model.safetensors")
+    b = load_file(compiled.final_dir / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error(tmp_path, tokenizer_dir, monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    with pytest.raises(TrainingError, match="compile=true needs a C\\+\\+ compiler.*compile=false"):
+        _run(tmp_path, tokenizer_dir, max_steps=1, compile="true")
+    assert not list((tmp_path / "data/training").glob("*/final"))
+
+
+def test_compile_is_refused_with_fsdp_over_several_processes():
+    from modules.training.config import ConfigError
+    with pytest.raises(ConfigError, match="compile=true does not combine with parallel=fsdp"):
+        load_config(None, ["data=/d", "max_steps=1", "compile=true", "parallel=fsdp", "micro_batch=1",
+                           "global_batch_tokens=512"], world_size=2)
+
+
+def test_targets_give_the_mean_cross_entropy_of_the_logits():
+    import torch.nn.functional as F
+
+    from modules.llm.config import LlamaConfig
+    from modules.llm.model import Llama
+    model = Llama(LlamaConfig.from_name("tiny-gqa")).train()
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    logits = model(ids[:, :-1])
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(model(ids[:, :-1], targets=ids[:, 1:]), expected)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        model(ids[:, :-1], targets=ids)
+
+
 def test_activation_checkpointing_stores_fewer_activations():
     from modules.llm.config import LlamaConfig
     from modules.llm.model import Llama
@@ -179,3 +226,23 @@ def test_tensorboard_gets_the_scalars_of_metrics_jsonl(tmp_path, tokenizer_dir):
         for (_, value), record in zip(logged, train):
             assert value == pytest.approx(record[tag], rel=1e-6), tag
     assert [e.step for e in events.Scalars("val_loss")] == [r["step"] for r in val]
+
+
+def test_a_relative_data_path_is_found_in_the_data_dir(tmp_path, monkeypatch):
+    """data=NAME finds the Train tab's <data-dir>/training/data/NAME (or <data-dir>/NAME) when the working
+    directory has no such folder, and is saved absolute; found nowhere, it is an error naming where it looked."""
+    from modules.training.llm.pretrain_command import open_training_data, resolve_data_path
+    data_dir, elsewhere = tmp_path / "dd", tmp_path / "cwd"
+    (data_dir / "training" / "data" / "corpus").mkdir(parents=True)
+    (data_dir / "loose").mkdir()
+    (elsewhere / "corpus").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_path("corpus", data_dir) == str((data_dir / "training" / "data" / "corpus").resolve())
+    assert resolve_data_path("loose", data_dir) == str((data_dir / "loose").resolve())
+    monkeypatch.chdir(elsewhere)                                            # the working directory wins
+    assert resolve_data_path("corpus", data_dir) == str((elsewhere / "corpus").resolve())
+    assert resolve_data_path("/abs/where", data_dir) == "/abs/where"
+    assert resolve_data_path("missing", data_dir) == "missing"
+    config = load_config(None, ["data=missing", "max_steps=1"])
+    with pytest.raises(TrainingError, match=r"data=missing: no such folder.*<data-dir>/training/data/"):
+        open_training_data(config)

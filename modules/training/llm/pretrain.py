@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if supported else None
 
 
+def check_compiler(device: torch.device) -> None:
+    """``compile=true`` needs what inductor builds kernels with: a C++ compiler on a CPU, Triton on CUDA.
+    Checked before the model is built, so a missing one is a clear message rather than a traceback at step 1."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise TrainingError("compile=true needs a C++ compiler for torch.compile's CPU kernels: install one "
+                            "(apt-get install g++) or set compile=false")
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise TrainingError("compile=true on CUDA needs triton (pip install triton, matching your torch), "
+                                "or set compile=false") from None
+
+
 def build_optimizer(model: Llama, config: PretrainConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
     """AdamW; weight decay on matrices only (norm gains are not decayed, as in nanoGPT/torchtitan)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -238,6 +253,8 @@ class Pretrainer:
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
         self.tokenizer_hash = tokenizer_hash or tokenizer_fingerprint(self.tokenizer_dir)
         self.device = resolve_device(config.device, self.dist)
+        if config.compile:
+            check_compiler(self.device)
         self.autocast_dtype = resolve_precision(config.precision, self.device)
         self.total_steps = config.total_steps()
         self.accum = config.grad_accum_steps(self.world_size)
@@ -248,6 +265,8 @@ class Pretrainer:
         build = lambda: self._build_model().to(self.device)      # noqa: E731
         self.model = model_lease(build, self.model_config.num_parameters()) if model_lease else build()
         self.model.activation_checkpointing = config.activation_checkpointing
+        if config.compile:
+            self.model.compile_for_training()
         if self.rank:
             seed_all(config.seed + self.rank)      # from here on each rank draws its own random numbers
         self.train_model = parallel.wrap_model(self.model, config.parallel, self.dist, self.device)
@@ -422,8 +441,7 @@ class Pretrainer:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            logits = module(inputs)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+            return module(inputs, targets=targets)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -50,9 +50,27 @@ def open_training_data(config: PretrainConfig, *, rank: int = 0, world_size: int
         from modules.training.llm.pretrain import TrainingError
         raise TrainingError("The packed-dataset module (modules.training.llm.data) is not in this checkout, so "
                             f"the pretrain command has no data to read ({exc}).") from None
+    if not Path(config.data).is_absolute():
+        from modules.training.llm.pretrain import TrainingError
+        raise TrainingError(f"data={config.data}: no such folder in the working directory ({Path.cwd()}), in "
+                            "<data-dir>/training/data/ or in <data-dir>; give the packed dataset's path (absolute, "
+                            "or relative to one of those)")
     dataset = data_module.PackedDataset(config.data)
     mixture = data_module.Mixture(dataset, seed=config.seed, rank=rank, world_size=world_size)
     return mixture
+
+
+def resolve_data_path(data: str, data_dir: str | Path) -> str:
+    """Where a relative ``data=`` is: the working directory, else the Train tab's dataset folder
+    ``<data-dir>/training/data/``, else ``<data-dir>`` itself - the first that exists, made absolute, so the
+    run's saved config (and ``--resume`` from any directory) names the same folder. Absolute paths, and
+    relative ones found nowhere, are returned as given (the dataset reader then names the missing folder)."""
+    if not data or Path(data).is_absolute():
+        return data
+    for candidate in (Path(data), Path(data_dir) / "training" / "data" / data, Path(data_dir) / data):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return data
 
 
 def resolve_tokenizer_dir(config: PretrainConfig, data) -> Path | None:
@@ -80,6 +98,7 @@ def run_pretrain(config_path: str | None, overrides: list[str], *, data_dir: str
     else:
         config = load_config(config_path, overrides, world_size=world_size)
         run = None
+    config.data = resolve_data_path(config.data, data_dir)
     with process_group(resolve_device(config.device).type) as dist:
         if not config.run_name:                   # one name for every rank (the clocks may tick apart)
             config.run_name = dist.broadcast_object(default_run_name())

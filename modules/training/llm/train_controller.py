@@ -43,7 +43,7 @@ SKIPPED_FOLDERS = {"node_modules", "__pycache__", "venv"}
 MAX_LISTED_FILES = 500
 #: the hyper-parameters the tab shows, all with PretrainConfig's defaults (TinyLlama's recipe)
 HYPER_PARAMETERS = ("seq_len", "micro_batch", "global_batch_tokens", "lr", "min_lr", "warmup_steps", "max_steps",
-                    "weight_decay", "grad_clip", "eval_every", "log_every", "save_every_tokens", "seed")
+                    "weight_decay", "grad_clip", "eval_every", "log_every", "save_every_tokens", "seed", "compile")
 #: the tab's model sizes: a preset of modules.llm.config.PRESETS with LlamaConfig fields overridden. The
 #: vocabulary always comes from the dataset's tokenizer, so the counts below are for a 4096-piece one.
 SIZES: dict[str, tuple[str, dict[str, int]]] = {

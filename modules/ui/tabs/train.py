@@ -85,6 +85,8 @@ def _build_widgets(controller: TrainController) -> dict[str, Any]:
         with gr.Row():
             for name in ("eval_every", "log_every", "save_every_tokens"):
                 w[name] = gr.Number(defaults[name], precision=0, minimum=0, label=name, elem_id=f"train_{name}")
+            w["compile"] = gr.Checkbox(defaults["compile"], label="compile (torch.compile: ~1.6x faster steps on "
+                                       "a CPU after about a minute of compiling)", elem_id="train_compile")
         w["extra"] = gr.Textbox(label="More config keys (key=value, one a line; e.g. precision=fp32)", lines=2,
                                 elem_id="train_extra")
     with gr.Row():
