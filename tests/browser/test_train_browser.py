@@ -70,15 +70,18 @@ def test_start_watch_stop_resume_and_load_in_chat(server):
         pick(page, "#train_size", "tiny-gqa")
         page.get_by_text("Hyper-parameters").click()
         for name, value in dict(micro_batch=4, global_batch_tokens=128, max_steps=100000, warmup_steps=2,
-                                eval_every=5, log_every=1).items():
+                                eval_every=25, log_every=1).items():
             set_number(page, name, value)
         page.locator("#train_extra textarea").fill(extra)
         page.locator("#train_run_name textarea, #train_run_name input").first.fill(RUN)
         page.locator("#train_start").click()
         first = wait_progress(page, rf"{RUN}: training — step [1-9]\d*/100000 .*ETA")
+        legend = "Array.from(document.querySelectorAll('#train_plot_loss .role-legend-label text')).map(t => t.textContent)"
         later = wait_progress(page, rf"step (?!{step_of(first)}/)\d+/")          # the timer keeps polling
         assert step_of(later) > step_of(first)
         assert page.locator("#train_plot_loss canvas, #train_plot_loss svg").count() > 0
+        # validation points join the live plot without a reload (the legend's colour domain is fixed)
+        page.wait_for_function(f"{legend}.includes('validation')", timeout=60_000)
         assert 0 < float(page.locator("#train_progress progress").get_attribute("value")) < 1
 
         page.reload(wait_until="load")                                         # mid-run: comes back

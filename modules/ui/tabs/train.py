@@ -25,6 +25,9 @@ PLOTS = {"loss": ("loss", "loss", "Loss (train / validation)", "split"),
          "throughput": ("throughput", "tokens_per_s", "Tokens/s", None),
          "mfu": ("mfu", "mfu", "MFU (%)", None)}
 CHECKPOINT_COLUMNS = ["name", "step", "tokens", "ppl"]
+#: fixed colours per split: without them the plot's colour domain is whatever the first update held, so a run
+#: watched from step 1 showed its validation points only after a page reload
+SPLIT_COLORS = {"train": "#4c78a8", "validation": "#f58518"}
 
 
 def _frame(rows: list[dict], y: str, color: str | None) -> pd.DataFrame:
@@ -99,14 +102,12 @@ def _build_widgets(controller: TrainController) -> dict[str, Any]:
         w["resume"] = gr.Button("Resume", elem_id="train_resume", scale=1)
     w["message"] = gr.Markdown(elem_id="train_message")
     w["progress"] = gr.HTML(elem_id="train_progress")
-    with gr.Row():
-        for name, (_, y, title, color) in list(PLOTS.items())[:2]:
-            w[f"plot_{name}"] = gr.LinePlot(_frame([], y, color), x="step", y=y, color=color, title=title,
-                                            elem_id=f"train_plot_{name}")
-    with gr.Row():
-        for name, (_, y, title, color) in list(PLOTS.items())[2:]:
-            w[f"plot_{name}"] = gr.LinePlot(_frame([], y, color), x="step", y=y, color=color, title=title,
-                                            elem_id=f"train_plot_{name}")
+    for row in (list(PLOTS.items())[:2], list(PLOTS.items())[2:]):
+        with gr.Row():
+            for name, (_, y, title, color) in row:
+                w[f"plot_{name}"] = gr.LinePlot(_frame([], y, color), x="step", y=y, color=color, title=title,
+                                                color_map=SPLIT_COLORS if color else None,
+                                                elem_id=f"train_plot_{name}")
     w["checkpoints"] = gr.Dataframe(pd.DataFrame(columns=CHECKPOINT_COLUMNS), label="Checkpoints",
                                     interactive=False, elem_id="train_checkpoints")
     with gr.Row():
