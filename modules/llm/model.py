@@ -184,6 +184,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     *backend* "xformers" uses ``xformers.ops.memory_efficient_attention`` instead (``--xformers``)."""
     if backend == "xformers":
         return _xformers_attend(q, k, v, mask, causal)
+    if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return grouped_decode_attend(q, k, v, mask)
     groups = q.shape[1] // k.shape[1]
     if groups == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
@@ -193,6 +195,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     k = k[:, :, None].expand(B, K, groups, S, hd).reshape(B, K * groups, S, hd)
     v = v[:, :, None].expand(B, K, groups, S, hd).reshape(B, K * groups, S, hd)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def grouped_decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+    """One new token per row (decode), as two batched matmuls with each K/V head's query group stacked:
+    q (B, H, 1, hd) -> (B, K, G, hd), scores (B, K, G, S) in fp32, softmax, then @ v.
+
+    Why not SDPA here: on a CPU, PyTorch's bf16 SDPA kernel for a single query is 4-5x slower than this
+    (measured with torch 2.13, 32 rows x 700 keys: 48 ms against 9 ms a layer), and decode is where a serving
+    engine spends its steps. In fp32, and for several queries (prefill, speculative verification), SDPA is as
+    fast or faster, so it keeps those. ``mask`` (B, 1, 1, S) bool, or None to attend every slot."""
+    B, H, _, hd = q.shape
+    K, S = k.shape[1], k.shape[2]
+    scores = torch.matmul(q.reshape(B, K, H // K, hd), k.transpose(-1, -2)).float().mul_(hd ** -0.5)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))                                  # (B, 1, 1, S) broadcasts
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)                             # (B, K, G, S)
+    return torch.matmul(probs, v).reshape(B, H, 1, hd)
 
 
 def _xformers_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

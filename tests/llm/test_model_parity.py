@@ -173,3 +173,25 @@ def test_row_parallel_decode_matches():
     finally:
         ours.use_row_parallel(None)
     assert all(block.mlp.row_parallel is None for block in ours.model.layers)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)])
+def test_grouped_decode_attention_equals_sdpa(heads, kv_heads):
+    """The single-query path bf16 decode takes on a CPU (two matmuls per K/V head group) computes SDPA's
+    attention: checked in fp32, where both are exact, with a padding mask and without one."""
+    import torch.nn.functional as F
+
+    from modules.llm.model import attend, grouped_decode_attend
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, heads, 1, 16, generator=g)
+    k, v = torch.randn(3, kv_heads, 20, 16, generator=g), torch.randn(3, kv_heads, 20, 16, generator=g)
+    mask = torch.rand(3, 1, 1, 20, generator=g) > 0.3
+    mask[..., -1] = True                                     # every row sees its own slot
+    for m in (mask, None):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=heads != kv_heads)
+        torch.testing.assert_close(grouped_decode_attend(q, k, v, m), expected, atol=1e-6, rtol=1e-5)
+    bf16 = [t.to(torch.bfloat16) for t in (q, k, v)]
+    routed = attend(*bf16, mask, causal=False)
+    assert torch.equal(routed, grouped_decode_attend(*bf16, mask))                     # bf16 decode routes here
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(routed.float(), masked, atol=2e-2, rtol=2e-2)           # to bf16 rounding
