@@ -36,7 +36,6 @@ from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from modules.devices import cpu_supports_bf16
 from modules.llm.config import LlamaConfig
