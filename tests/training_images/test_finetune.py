@@ -65,3 +65,32 @@ def test_random_init_settings_are_checked(tmp_path):
     assert "init=random makes a new model, so it needs mode=finetune" in text
     assert "architecture.unet_blocks is not a known key" in text
     assert "text_hidden_size (48) must equal cross_attention_dim (64)" in text
+
+
+def test_a_chosen_noise_schedule_is_checked_and_carried_in_the_scheduler_config(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from modules.training.images.finetune import architecture_problems, build_random_sd15
+    problems = "\n".join(architecture_problems({"beta_schedule": "cosine", "beta_start": 0.02, "beta_end": 0.01}))
+    assert "beta_schedule must be one of scaled_linear, linear, got 'cosine'" in problems
+    assert "0 < beta_start < beta_end < 1, got 0.02 and 0.01" in problems
+    tiny = {"unet_block_out_channels": [16, 32], "cross_attention_dim": 32, "text_hidden_size": 32,
+            "text_layers": 1, "norm_num_groups": 4, "vae_block_out_channels": [8, 8], "sample_size": 32,
+            "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
+    assert architecture_problems(tiny) == []
+    pipe = build_random_sd15(tiny, seed=0)
+    pipe.save_pretrained(tmp_path / "m")
+    # what training (DDPMScheduler.from_config) and every sampler read back: DDPM's schedule, no signal left
+    ddpm = DDPMScheduler.from_pretrained(tmp_path / "m", subfolder="scheduler")
+    assert ddpm.config.beta_schedule == "linear" and ddpm.alphas_cumprod[-1] < 1e-4
+
+
+def test_loss_weighting_is_checked(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ConfigError) as info:
+        load_image_config(str(CONFIG), [f"dataset={tmp_path / 'd'}", "loss_weighting=p2"])
+    assert "loss_weighting must be one of constant, x0, got 'p2'" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_image_config(str(CONFIG), [f"dataset={tmp_path / 'd'}", "loss_weighting=x0", "min_snr_gamma=5"])
+    assert "set one of them" in str(info.value)
+    assert load_image_config(str(CONFIG), [f"dataset={tmp_path / 'd'}", "loss_weighting=x0"]).loss_weighting == "x0"

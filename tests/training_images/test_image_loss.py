@@ -46,3 +46,20 @@ def test_the_v_target_is_the_schedulers_velocity():
     assert torch.allclose(L.target_for(scheduler, latents, noise, t, "v_prediction"), a * noise - s * latents,
                           atol=1e-6)
     assert L.target_for(scheduler, latents, noise, t, "epsilon") is noise
+
+
+def test_x0_weighting_turns_the_loss_into_the_clean_latents_error():
+    scheduler = _scheduler()
+    latents, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 999])
+    noisy = scheduler.add_noise(latents, noise, t)
+    a = scheduler.alphas_cumprod[t].sqrt()[:, None, None, None]
+    s = (1 - scheduler.alphas_cumprod[t]).sqrt()[:, None, None, None]
+    guess = torch.randn(3, 4, 8, 8)                                     # some model's x0 estimate
+    x0_mse = (guess - latents).pow(2).mean(dim=(1, 2, 3))
+    # the epsilon and v predictions that imply that x0 estimate
+    eps_pred, v_pred = (noisy - a * guess) / s, (a * noisy - guess) / s
+    for prediction_type, pred in (("epsilon", eps_pred), ("v_prediction", v_pred)):
+        target = L.target_for(scheduler, latents, noise, t, prediction_type)
+        weights = L.snr_weights(scheduler, t, 0.0, prediction_type, "x0")
+        assert torch.allclose(L.per_sample_mse(pred, target, weights), x0_mse, rtol=1e-3), prediction_type
+    assert L.snr_weights(scheduler, t, 0.0, "v_prediction", "x0")[0] < 0.01      # low noise is damped

@@ -30,6 +30,7 @@ OPTIMIZERS = {"adamw": (None, None), "adamw8bit": ("bitsandbytes", "bitsandbytes
               "prodigy": ("prodigyopt", "prodigyopt")}
 LR_SCHEDULERS = ("constant", "cosine", "cosine_with_restarts")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+LOSS_WEIGHTINGS = ("constant", "x0")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 MODEL_TYPES = ("auto", "sd1", "sdxl")
 OUTPUT_FORMATS = ("kohya", "diffusers")
@@ -109,6 +110,10 @@ class ImageTrainConfig:
     lr_cycles: int = 1
     #: min-SNR-γ loss weighting (5 is the paper's and kohya's usual value); 0: off
     min_snr_gamma: float = 0.0
+    #: "constant": the plain MSE of the target; "x0": each sample's MSE rescaled to its error on the clean
+    #: latent, so every noise level counts alike (a v-loss weighs low-noise steps 1 + SNR times more, which
+    #: starves the high-noise steps where a picture's layout comes from the prompt alone)
+    loss_weighting: str = "constant"
     noise_offset: float = 0.0
     prediction_type: str = "auto"
     #: autocast of UNet and text encoder; the VAE always runs in fp32
@@ -207,6 +212,10 @@ class ImageTrainConfig:
         for name in ("gradient_accumulation", "batch_size", "keep_last", "log_every", "lr_cycles"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            out.append(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}")
+        elif self.loss_weighting != "constant" and self.min_snr_gamma:
+            out.append("loss_weighting and min_snr_gamma both weigh the loss by noise level: set one of them")
         for name in ("min_snr_gamma", "noise_offset"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must be 0 (off) or more, got {getattr(self, name)}")

@@ -34,7 +34,18 @@ ARCHITECTURE: dict[str, object] = {
     "vae_block_out_channels": [16, 16, 32, 32],
     "norm_num_groups": 8,
     "sample_size": 64,
+    # the noise schedule, saved in the model's scheduler config (so every sampler draws with it); SD 1.5's
+    # by default. SD's scaled-linear schedule ends at ᾱ_T ≈ 0.0047: a little of the picture is still there
+    # at the last training step, and on a small latent of flat shapes that is enough to see where an object
+    # is, so a model learns to find objects in the noise instead of reading their place from the prompt.
+    # DDPM's ``linear`` 0.0001-0.02 ends at ᾱ_T ≈ 4e-5, where nothing of the picture is left.
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
 }
+
+#: beta schedules every Atelier sampler's diffusers scheduler accepts
+BETA_SCHEDULES = ("scaled_linear", "linear")
 
 
 def architecture_problems(spec: dict) -> list[str]:
@@ -56,6 +67,13 @@ def architecture_problems(spec: dict) -> list[str]:
     if isinstance(full["vae_block_out_channels"], list) and not 2 <= len(full["vae_block_out_channels"]) <= 4:
         out.append("architecture.vae_block_out_channels needs 2 to 4 widths (n levels shrink images 2^(n-1) times;"
                    " SD's VAE has 4: 8x)")
+    if full["beta_schedule"] not in BETA_SCHEDULES:
+        out.append(f"architecture.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {full['beta_schedule']!r}")
+    betas = (full["beta_start"], full["beta_end"])
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas) or \
+            not 0 < betas[0] < betas[1] < 1:
+        out.append(f"architecture.beta_start and beta_end must be numbers with 0 < beta_start < beta_end < 1, "
+                   f"got {betas[0]!r} and {betas[1]!r}")
     for key in ("layers_per_block", "attention_head_dim", "cross_attention_dim", "text_hidden_size",
                 "text_layers", "text_heads", "sample_size"):
         if not (isinstance(full[key], int) and full[key] > 0):
@@ -116,7 +134,8 @@ def build_random_sd15(spec: dict, seed: int, vae_path: str | Path | None = None,
                                  projection_dim=a["cross_attention_dim"], bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     text_encoder = CLIPTextModel(text_config)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    scheduler = PNDMScheduler(beta_start=float(a["beta_start"]), beta_end=float(a["beta_end"]),
+                              beta_schedule=a["beta_schedule"],
                               skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
                               prediction_type=prediction_type)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

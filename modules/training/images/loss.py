@@ -7,6 +7,8 @@ noise one process sees for the same global batch, and a resumed run the noise th
 Formulas (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"; kohya's
 ``apply_snr_weight`` and diffusers' train_text_to_image): with SNR(t) = ᾱ_t / (1 - ᾱ_t), the per-sample
 MSE is weighted by min(SNR, γ) / SNR for an epsilon target and min(SNR, γ) / (SNR + 1) for a v target.
+The "x0" weighting is the same algebra without the clip: x̂0 - x0 equals -σ/α (ε̂ - ε) and -σ (v̂ - v), so
+1 / SNR (epsilon) and 1 / (SNR + 1) (v) turn the per-sample MSE into the clean latent's MSE.
 """
 from __future__ import annotations
 
@@ -48,13 +50,15 @@ def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps:
     raise ValueError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
 
 
-def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """min-SNR-γ weight per sample (all ones when *gamma* is 0)."""
-    if not gamma:
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str,
+                weighting: str = "constant") -> torch.Tensor:
+    """Loss weight per sample: min-SNR-γ when *gamma* > 0, the clean-latent ("x0") weight when *weighting*
+    says so, else all ones."""
+    if not gamma and weighting == "constant":
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
     from diffusers.training_utils import compute_snr
     snr = compute_snr(scheduler, timesteps)
-    clipped = torch.clamp(snr, max=gamma)
+    clipped = torch.clamp(snr, max=gamma) if gamma else torch.ones_like(snr)
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 

@@ -265,7 +265,8 @@ class ImageTrainer:
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = L.target_for(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
         embeddings, added = self._conditioning(captions, bucket)
-        weights = L.snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma, self.prediction_type)
+        weights = L.snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma, self.prediction_type,
+                                self.config.loss_weighting)
         return UNetInputs(noisy, timesteps, embeddings, added.get("added_cond_kwargs"), target, weights)
 
     def _sample_losses(self, inputs: "UNetInputs") -> torch.Tensor:
