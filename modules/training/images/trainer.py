@@ -36,6 +36,7 @@ from modules.training.images import loss as L
 from modules.training.images.base_model import BaseModel, add_lora, load_trainable_state, trainable_state
 from modules.training.images.finetune import make_full_trainable
 from modules.training.metrics import MetricsLog, truncate_after
+from modules.training.rng_state import rng_state, set_rng_state
 from modules.training.run_dir import RunDir
 
 
@@ -65,16 +66,6 @@ class TrainResult:
 
 def rank_rng_file(rank: int) -> str:
     return "rng.pt" if rank == 0 else f"rng-rank-{rank}.pt"
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -209,14 +200,14 @@ class ImageTrainer:
             return
         from safetensors.torch import load_file
         load_trainable_state(self.base, load_file(checkpoint / "trainable.safetensors"), str(checkpoint))
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
-        self.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         self.sampler.load_state_dict(json.loads((checkpoint / "sampler.json").read_text(encoding="utf-8")))
         rng_file = checkpoint / rank_rng_file(self.acc.process_index)
         if not rng_file.is_file():
             raise ImageTrainingError(f"{checkpoint} was saved by fewer processes (no {rng_file.name}); resume "
                                      "with the number of processes the run started with")
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
         self.step = read_marker(checkpoint)["step"]
         if self.acc.is_main_process:
             truncate_after(self.run.metrics_file, self.step)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from modules.devices import cpu_supports_bf16
+from modules.training.rng_state import rng_state, set_rng_state
 from modules.llm.config import LlamaConfig
 from modules.llm.model import Llama
 from modules.training.checkpoints import CheckpointWriter, latest_checkpoint, read_marker
@@ -197,25 +198,6 @@ def compatibility_problems(saved: dict, arch: dict, tokenizer: str | None) -> li
 
 
 # ---------------------------------------------------------------------------------- RNG and state I/O
-def rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from modules.llm.chat_template import ChatTemplate, load_chat_template
 from modules.training.checkpoints import CheckpointWriter, latest_checkpoint, read_marker
 from modules.training.llm.pretrain import (TrainingError, architecture, build_optimizer, compatibility_problems,
-                                           lr_at, resolve_device, resolve_precision, rng_state, set_rng_state,
-                                           tokenizer_fingerprint)
+                                           lr_at, resolve_device, resolve_precision, tokenizer_fingerprint)
 from modules.training.llm.sft_config import SFTConfig
 from modules.training.llm.sft_data import IGNORE, SFTData, collate
+from modules.training.rng_state import rng_state, set_rng_state
 from modules.training.metrics import MetricsLog, truncate_after
 from modules.training.run_dir import RunDir
 
