@@ -111,8 +111,8 @@ class ImageTrainConfig:
     #: min-SNR-γ loss weighting (5 is the paper's and kohya's usual value); 0: off
     min_snr_gamma: float = 0.0
     #: "constant": the plain MSE of the target; "x0": each sample's MSE rescaled to its error on the clean
-    #: latent, so every noise level counts alike (a v-loss weighs low-noise steps 1 + SNR times more, which
-    #: starves the high-noise steps where a picture's layout comes from the prompt alone)
+    #: latent, so every noise level counts alike (a plain v-loss weighs a step's clean-latent error by
+    #: 1 + SNR, so low-noise steps count hundreds of times more than high-noise ones)
     loss_weighting: str = "constant"
     noise_offset: float = 0.0
     prediction_type: str = "auto"
