@@ -63,3 +63,28 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, fixtures):
         return [(r["step"], r["loss"]) for r in lines]
     assert losses(killed) == losses(whole)
     assert len(losses(whole)) == 5
+
+
+def test_a_checkpoint_that_needs_pickle_is_refused_with_the_reason(tmp_path, fixtures):
+    import pickle
+    import random
+
+    import numpy as np
+    import torch
+
+    from modules.training.images.train_command import run_image_training
+    from modules.training.images.trainer import ImageTrainingError
+    data = _data_dir(tmp_path, fixtures, "old")
+    config = Path(CHILD).parents[2] / "configs" / "training" / "lora-sd15-tiny.yaml"
+    stopped = run_image_training(str(config), [f"dataset={fixtures / 'shapes'}", "run_name=run", "max_steps=4"],
+                                 data_dir=data, mode="lora", should_stop=lambda: True)   # Stop saves a checkpoint
+    assert not stopped.finished
+    checkpoint = next((data / "training/run/checkpoints").iterdir())
+    # the RNG file as the image trainer wrote it before: numpy's state tuple, which only pickle reads back
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+               checkpoint / "rng.pt")
+    before = (checkpoint / "rng.pt").read_bytes()
+    with pytest.raises(ImageTrainingError, match="only pickle can load .* start the run again without --resume") as info:
+        run_image_training(None, [], data_dir=data, mode="lora", resume=str(data / "training/run"))
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+    assert (checkpoint / "rng.pt").read_bytes() == before

@@ -68,6 +68,17 @@ def rank_rng_file(rank: int) -> str:
     return "rng.pt" if rank == 0 else f"rng-rank-{rank}.pt"
 
 
+def _load_state(path: Path):
+    """A checkpoint's optimizer / scheduler / RNG state, weights-only: resuming never runs pickled code."""
+    import pickle
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ImageTrainingError(f"{path} holds objects only pickle can load (written by an older Atelier, or not "
+                                 "by Atelier), so it is not loaded and nothing in the run folder is changed; start "
+                                 "the run again without --resume") from e
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -200,14 +211,14 @@ class ImageTrainer:
             return
         from safetensors.torch import load_file
         load_trainable_state(self.base, load_file(checkpoint / "trainable.safetensors"), str(checkpoint))
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        self.optimizer.load_state_dict(_load_state(checkpoint / "optimizer.pt"))
+        self.lr_scheduler.load_state_dict(_load_state(checkpoint / "scheduler.pt"))
         self.sampler.load_state_dict(json.loads((checkpoint / "sampler.json").read_text(encoding="utf-8")))
         rng_file = checkpoint / rank_rng_file(self.acc.process_index)
         if not rng_file.is_file():
             raise ImageTrainingError(f"{checkpoint} was saved by fewer processes (no {rng_file.name}); resume "
                                      "with the number of processes the run started with")
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(_load_state(rng_file))
         self.step = read_marker(checkpoint)["step"]
         if self.acc.is_main_process:
             truncate_after(self.run.metrics_file, self.step)
