@@ -11,6 +11,7 @@ once, so a reload mid-run brings everything back.
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 import gradio as gr
@@ -25,14 +26,28 @@ PLOTS = {"loss": ("loss", "loss", "Loss (train / validation)", "split"),
          "throughput": ("throughput", "tokens_per_s", "Tokens/s", None),
          "mfu": ("mfu", "mfu", "MFU (%)", None)}
 CHECKPOINT_COLUMNS = ["name", "step", "tokens", "ppl"]
-#: fixed colours per split, so the plot's colour domain never depends on which splits its first update held (a
-#: run watched from step 1 once showed its validation points only after a page reload)
+#: fixed colours per split, so a split keeps its colour whichever splits the plot holds
 SPLIT_COLORS = {"train": "#4c78a8", "validation": "#f58518"}
 
 
 def _frame(rows: list[dict], y: str, color: str | None) -> pd.DataFrame:
+    """The plot's data; a split plot holds every split of SPLIT_COLORS from its first point on.
+
+    Gradio's LinePlot takes its colour domain from the data it is first drawn with and, on the value-only
+    updates the timer sends, swaps new data into that chart: validation points that arrive after the first
+    draw stayed out of the scale and the legend until a page reload (seen in CI, reproduced in Chromium). So
+    a split with no points yet gets one row with an empty y, which puts it in the domain and draws nothing.
+    """
     columns = ["step", y] + ([color] if color else [])
-    return pd.DataFrame(rows, columns=columns).dropna(subset=[y]) if rows else pd.DataFrame(columns=columns)
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows, columns=columns).dropna(subset=[y])
+    if color and not frame.empty:
+        missing = [s for s in SPLIT_COLORS if s not in set(frame[color])]
+        first = frame["step"].min()
+        frame = pd.DataFrame([*frame.to_dict("records"), *({"step": first, y: math.nan, color: s} for s in missing)],
+                             columns=columns)
+    return frame
 
 
 def _progress_html(view) -> str:
