@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.llm.cpu_threading import linear
 from modules.llm.model import _SDPA_HAS_GQA
 
 
@@ -96,7 +97,7 @@ class LeanDecoder:
         H, K, hd = self.n_head, self.n_kv, self.hd
         for i, (ln1, wqkv, wo, ln2, wgu, wdown) in enumerate(self.layers):
             h = self._norm(x, ln1)
-            q, k, v = F.linear(h, wqkv).split(self.split, dim=-1)
+            q, k, v = linear(h, wqkv).split(self.split, dim=-1)
             q = self._rope(q.view(1, T, H, hd).transpose(1, 2), cos, sin)
             k = self._rope(k.view(1, T, K, hd).transpose(1, 2), cos, sin)
             kc, vc = self.k[i], self.v[i]
@@ -110,13 +111,13 @@ class LeanDecoder:
                 kc = kc[:, :, None].expand(1, K, g, end, hd).reshape(1, H, end, hd)
                 vc = vc[:, :, None].expand(1, K, g, end, hd).reshape(1, H, end, hd)
                 y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, is_causal=causal)
-            x = x + F.linear(y.transpose(1, 2).reshape(1, T, H * hd), wo)
-            gate, up = F.linear(self._norm(x, ln2), wgu).split(self.inter, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, wdown)
+            x = x + linear(y.transpose(1, 2).reshape(1, T, H * hd), wo)
+            gate, up = linear(self._norm(x, ln2), wgu).split(self.inter, dim=-1)
+            x = x + linear(F.silu(gate) * up, wdown)
         self.length = end
         if last_only:
             x = x[:, -1:]
-        return F.linear(self._norm(x, self.norm), self.lm_head)[0].float()
+        return linear(self._norm(x, self.norm), self.lm_head)[0].float()
 
 
 def lean_decoder(model: Any, slots: int) -> LeanDecoder | None:
