@@ -205,14 +205,24 @@ def grouped_decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Why not SDPA here: on a CPU, PyTorch's bf16 SDPA kernel for a single query is 4-5x slower than this
     (measured with torch 2.13, 32 rows x 700 keys: 48 ms against 9 ms a layer), and decode is where a serving
     engine spends its steps. In fp32, and for several queries (prefill, speculative verification), SDPA is as
-    fast or faster, so it keeps those. ``mask`` (B, 1, 1, S) bool, or None to attend every slot."""
+    fast or faster, so it keeps those. ``mask`` (B, 1, 1, S) bool, or None to attend every slot. k/v may be
+    (B, K, S, hd) views of contiguous (K, B, S, hd) tensors (the paged cache's gather)."""
     B, H, _, hd = q.shape
     K, S = k.shape[1], k.shape[2]
-    scores = torch.matmul(q.reshape(B, K, H // K, hd), k.transpose(-1, -2)).float().mul_(hd ** -0.5)
+    q = q.reshape(B, K, H // K, hd)
+    # The paged cache's head-major gather (:mod:`modules.llm.paged.block_pool`): multiply batched over (K, B),
+    # where k and v are contiguous, instead of letting matmul copy both into (B, K) order first.
+    head_major = B > 1 and not k.is_contiguous() and k.transpose(0, 1).is_contiguous() \
+        and v.transpose(0, 1).is_contiguous()
+    if head_major:
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        mask = mask.transpose(0, 1) if mask is not None else None                 # (1, B, 1, S)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(hd ** -0.5)       # (B, K, G, S) or (K, B, G, S)
     if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))                                  # (B, 1, 1, S) broadcasts
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)                             # (B, K, G, S)
-    return torch.matmul(probs, v).reshape(B, H, 1, hd)
+        scores.masked_fill_(~mask, float("-inf"))                                  # broadcasts over heads
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    y = torch.matmul(probs, v)
+    return (y.transpose(0, 1) if head_major else y).reshape(B, H, 1, hd)
 
 
 def _xformers_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -195,3 +195,8 @@ def test_grouped_decode_attention_equals_sdpa(heads, kv_heads):
     assert torch.equal(routed, grouped_decode_attend(*bf16, mask))                     # bf16 decode routes here
     masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
     torch.testing.assert_close(routed.float(), masked, atol=2e-2, rtol=2e-2)           # to bf16 rounding
+    # the paged cache hands (B, K, S, hd) views of head-major (K, B, S, hd) gathers: the same numbers
+    for m in (mask, None):
+        head_major = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in bf16[1:]]
+        assert not head_major[0].is_contiguous()
+        assert torch.equal(grouped_decode_attend(bf16[0], *head_major, m), grouped_decode_attend(*bf16, m))

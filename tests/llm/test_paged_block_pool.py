@@ -74,8 +74,8 @@ def test_paged_batch_writes_rows_into_their_blocks_and_gathers_right_aligned():
     a, b = BlockTable(p), BlockTable(p)
     a.add([p.allocate(), p.allocate()])    # 5 cached + 1 new
     b.add([p.allocate()])                  # 2 cached + 1 new
-    p.k[0, a.slots(0, 5)] = 1.0
-    p.k[0, b.slots(0, 2)] = 2.0
+    p.k[0, :, a.slots(0, 5)] = 1.0
+    p.k[0, :, b.slots(0, 2)] = 2.0
     view = PagedBatch(p, [a, b], cached=[5, 2], new=[1, 1], device=torch.device("cpu"))
     assert (view.length, view.batch_size, view.max_len) == (5, 2, 6)
     assert view.positions.tolist() == [[5], [2]]
@@ -83,7 +83,7 @@ def test_paged_batch_writes_rows_into_their_blocks_and_gathers_right_aligned():
     k = torch.full((2, 2, 1, 3), 7.0)
     keys, values = view.append(0, k, k)
     assert keys.shape == (2, 2, 6, 3)
-    assert (p.k[0, a.slots(5, 6)] == 7).all() and (p.k[0, b.slots(2, 3)] == 7).all()
+    assert (p.k[0, :, a.slots(5, 6)] == 7).all() and (p.k[0, :, b.slots(2, 3)] == 7).all()
     assert keys[0, 0, :, 0].tolist() == [1, 1, 1, 1, 1, 7]
     assert keys[1, 0, 3:, 0].tolist() == [2, 2, 7]
 
@@ -97,5 +97,5 @@ def test_paged_batch_left_pads_short_chunks():
     assert view.positions.tolist() == [[0, 1, 2], [0, 0, 1]]
     k = torch.arange(2 * 3, dtype=torch.float32).view(2, 1, 3, 1).expand(2, 2, 3, 3).contiguous()
     view.append(1, k, k)
-    assert p.k[1, a.slots(0, 3), 0, 0].tolist() == [0, 1, 2]
-    assert p.k[1, b.slots(1, 2), 0, 0].tolist() == [5]      # only the real (last) query of row b is written
+    assert p.k[1, 0, a.slots(0, 3), 0].tolist() == [0, 1, 2]
+    assert p.k[1, 0, b.slots(1, 2), 0].tolist() == [5]      # only the real (last) query of row b is written

@@ -11,9 +11,12 @@ same way (a system prompt, a chat history that grows turn by turn, n samples of 
 user lets go, a hashed block is not wiped: it waits in LRU order among the free blocks and is evicted (its hash
 forgotten) only when an allocation finds no never-used block left.
 
-Layout: ``k[layer]`` and ``v[layer]`` are ``[num_blocks * block_size, kv_heads, head_dim]``, slot-major, so
-gathering a sequence's slots with one index gives ``[rows, slots, kv_heads, head_dim]`` directly. Block 0 is
-never handed out: padding slots of a batch point at it (they are masked out of attention).
+Layout: ``k[layer]`` and ``v[layer]`` are ``[kv_heads, num_blocks * block_size, head_dim]``, head-major, so
+gathering a batch's slots with one index gives ``[kv_heads, rows, slots, head_dim]``, contiguous: decode
+attention multiplies it batched over (kv head, row) with no copy (slot-major pools gave a ``[rows, slots,
+kv_heads, head_dim]`` gather that every attention matmul copied first: 11.3 against 5.5 ms a layer for 32
+rows x 700 slots in bf16, the TinyLlama shape). Block 0 is never handed out: padding slots of a batch point
+at it (they are masked out of attention).
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ class BlockPool:
             raise ValueError(f"a KV block pool needs at least 2 blocks (one is reserved), got {num_blocks}")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (layers, num_blocks * block_size, kv_heads, head_dim)
+        shape = (layers, kv_heads, num_blocks * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.refcount = [0] * num_blocks

@@ -4,8 +4,8 @@ The model (:class:`modules.llm.model.Llama`) is unchanged: it calls ``cache.appe
 attends to what comes back, with the ``key_mask`` and ``positions`` it is given, exactly as it does for the
 contiguous left-padded cache. :class:`PagedBatch` is that cache for one forward pass over rows of different
 lengths: ``append`` scatters each row's new keys/values into its own blocks, then gathers every row's slots
-into a right-aligned ``[B, K, S, hd]`` view (one ``index_select`` per layer; the index is built once per
-pass), and the key mask hides the slots left of a shorter row. Rows feeding fewer new tokens than the
+into a right-aligned ``[B, K, S, hd]`` view (one ``index_select`` per layer into a head-major
+``[K, B, S, hd]`` tensor; the index is built once per pass), and the key mask hides the slots left of a shorter row. Rows feeding fewer new tokens than the
 longest are left-padded in the query dimension; their padding queries are computed and thrown away (their
 keys are never written), so the last query of every row is its real last token (``last_only`` works).
 
@@ -127,13 +127,14 @@ class PagedBatch:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the rows' new k, v (B, K, T, hd) into their blocks; return every row's slots (B, K, S, hd)."""
         B, T, S = self._shape
-        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
-        heads, hd = pool_k.shape[1], pool_k.shape[2]
+        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]                 # (K, slots, hd) each
+        heads, hd = pool_k.shape[0], pool_k.shape[2]
         for pool_t, new in ((pool_k, k), (pool_v, v)):
-            flat = new.transpose(1, 2).reshape(B * T, heads, hd)
+            flat = new.transpose(0, 1).reshape(heads, B * T, hd)
             if self._src is not None:
-                flat = flat.index_select(0, self._src)
-            pool_t.index_copy_(0, self._dst, flat.to(pool_t.dtype))
-        keys = pool_k.index_select(0, self._gather).view(B, S, heads, hd).transpose(1, 2)
-        values = pool_v.index_select(0, self._gather).view(B, S, heads, hd).transpose(1, 2)
+                flat = flat.index_select(1, self._src)
+            pool_t.index_copy_(1, self._dst, flat.to(pool_t.dtype))
+        # (B, K, S, hd) views of contiguous (K, B, S, hd) gathers: see the pool's layout note
+        keys = pool_k.index_select(1, self._gather).view(heads, B, S, hd).transpose(0, 1)
+        values = pool_v.index_select(1, self._gather).view(heads, B, S, hd).transpose(0, 1)
         return keys, values
