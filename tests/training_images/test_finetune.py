@@ -94,3 +94,15 @@ def test_loss_weighting_is_checked(tmp_path):
         load_image_config(str(CONFIG), [f"dataset={tmp_path / 'd'}", "loss_weighting=x0", "min_snr_gamma=5"])
     assert "set one of them" in str(info.value)
     assert load_image_config(str(CONFIG), [f"dataset={tmp_path / 'd'}", "loss_weighting=x0"]).loss_weighting == "x0"
+
+
+def test_the_timestep_range_is_checked(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ConfigError) as info:
+        load_image_config(str(CONFIG), [f"dataset={tmp_path / 'd'}", "min_timestep=-1"])
+    assert "min_timestep must be 0 or more, got -1" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_image_config(str(CONFIG), [f"dataset={tmp_path / 'd'}", "min_timestep=500", "max_timestep=400"])
+    assert "max_timestep must be more than min_timestep (500), got 400" in str(info.value)
+    config = load_image_config(str(CONFIG), [f"dataset={tmp_path / 'd'}", "min_timestep=700"])
+    assert (config.min_timestep, config.max_timestep) == (700, None)

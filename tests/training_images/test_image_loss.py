@@ -63,3 +63,14 @@ def test_x0_weighting_turns_the_loss_into_the_clean_latents_error():
         weights = L.snr_weights(scheduler, t, 0.0, prediction_type, "x0")
         assert torch.allclose(L.per_sample_mse(pred, target, weights), x0_mse, rtol=1e-3), prediction_type
     assert L.snr_weights(scheduler, t, 0.0, "v_prediction", "x0")[0] < 0.01      # low noise is damped
+
+
+def test_timesteps_are_drawn_from_the_chosen_range_only():
+    generators = [L.sample_generator(0, 0, slot) for slot in range(400)]
+    _, steps = L.draw_noise((4, 2, 2), generators, 1000, min_timestep=700, max_timestep=1000)
+    assert steps.min() >= 700 and steps.max() <= 999 and len(set(steps.tolist())) > 150
+    _, low = L.draw_noise((4, 2, 2), [L.sample_generator(0, 0, s) for s in range(400)], 1000, max_timestep=10)
+    assert set(low.tolist()) == set(range(10))
+    import pytest
+    with pytest.raises(ValueError, match="within the scheduler's 1000 training timesteps"):
+        L.draw_noise((4, 2, 2), generators[:1], 1000, min_timestep=0, max_timestep=1001)

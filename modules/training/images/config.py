@@ -115,6 +115,10 @@ class ImageTrainConfig:
     #: 1 + SNR, so low-noise steps count hundreds of times more than high-noise ones)
     loss_weighting: str = "constant"
     noise_offset: float = 0.0
+    #: the range training timesteps are drawn from, uniformly: [min_timestep, max_timestep) (kohya's
+    #: --min_timestep / --max_timestep; None: 0 and the scheduler's num_train_timesteps)
+    min_timestep: int | None = None
+    max_timestep: int | None = None
     prediction_type: str = "auto"
     #: autocast of UNet and text encoder; the VAE always runs in fp32
     mixed_precision: str = "no"
@@ -219,6 +223,11 @@ class ImageTrainConfig:
         for name in ("min_snr_gamma", "noise_offset"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must be 0 (off) or more, got {getattr(self, name)}")
+        low = 0 if self.min_timestep is None else self.min_timestep
+        if self.min_timestep is not None and self.min_timestep < 0:
+            out.append(f"min_timestep must be 0 or more, got {self.min_timestep}")
+        if self.max_timestep is not None and self.max_timestep <= low:
+            out.append(f"max_timestep must be more than min_timestep ({low}), got {self.max_timestep}")
         if not 0 <= self.caption_dropout_rate <= 1:
             out.append(f"caption_dropout_rate must be in [0, 1], got {self.caption_dropout_rate}")
         if self.seed < 0:

@@ -23,12 +23,19 @@ def sample_generator(seed: int, epoch: int, slot: int) -> torch.Generator:
 
 
 def draw_noise(latent_shape: tuple[int, ...], generators: list[torch.Generator], num_timesteps: int, *,
-               noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               noise_offset: float = 0.0, min_timestep: int | None = None,
+               max_timestep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise (B, C, h, w), timesteps (B,)) on the CPU, one generator per sample.
 
     *noise_offset* adds a per-channel constant (crosslabs' offset noise, kohya's ``--noise_offset``), which
-    lets the model learn overall brightness.
+    lets the model learn overall brightness. Timesteps are uniform in [*min_timestep*, *max_timestep*)
+    (default: every one of the *num_timesteps*).
     """
+    low = 0 if min_timestep is None else min_timestep
+    high = num_timesteps if max_timestep is None else max_timestep
+    if not 0 <= low < high <= num_timesteps:
+        raise ValueError(f"the timestep range [{low}, {high}) must lie within the scheduler's "
+                         f"{num_timesteps} training timesteps: set min_timestep/max_timestep inside it")
     channels, height, width = latent_shape
     noise, steps = [], []
     for generator in generators:
@@ -36,7 +43,7 @@ def draw_noise(latent_shape: tuple[int, ...], generators: list[torch.Generator],
         if noise_offset:
             n = n + noise_offset * torch.randn((channels, 1, 1), generator=generator)
         noise.append(n)
-        steps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+        steps.append(torch.randint(low, high, (1,), generator=generator))
     return torch.stack(noise), torch.cat(steps)
 
 

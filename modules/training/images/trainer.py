@@ -103,6 +103,10 @@ class ImageTrainer:
         self.device = accelerator.device
         self.world = accelerator.num_processes
         self.noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        if (config.max_timestep or 0) > steps or (config.min_timestep or 0) >= steps:
+            raise ImageTrainingError(f"min_timestep/max_timestep ({config.min_timestep}, {config.max_timestep}) "
+                                     f"must lie within the base model's {steps} training timesteps")
         prediction = config.prediction_type
         self.prediction_type = (self.noise_scheduler.config.get("prediction_type") or "epsilon"
                                 if prediction == "auto" else prediction)
@@ -262,7 +266,9 @@ class ImageTrainer:
         generators = [L.sample_generator(s.seed, s.epoch, s.slot) for s in samples]
         noise, timesteps = L.draw_noise(tuple(latents.shape[1:]), generators,
                                         self.noise_scheduler.config.num_train_timesteps,
-                                        noise_offset=self.config.noise_offset)
+                                        noise_offset=self.config.noise_offset,
+                                        min_timestep=self.config.min_timestep,
+                                        max_timestep=self.config.max_timestep)
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = L.target_for(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
