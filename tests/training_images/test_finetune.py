@@ -106,3 +106,8 @@ def test_the_timestep_range_is_checked(tmp_path):
     assert "max_timestep must be more than min_timestep (500), got 400" in str(info.value)
     config = load_image_config(str(CONFIG), [f"dataset={tmp_path / 'd'}", "min_timestep=700"])
     assert (config.min_timestep, config.max_timestep) == (700, None)
+    from modules.training.images.config import timestep_problems
+    assert timestep_problems(config, 1000) == []
+    assert "must lie within the base model's 500 training timesteps" in timestep_problems(config, 500)[0]
+    config.max_timestep = 1001
+    assert "max_timestep 1001" in timestep_problems(config, 1000)[0]

@@ -371,6 +371,16 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> list[str]:
     return [] if value in options else [f"{name} must be one of {', '.join(options)}, got {value!r}"]
 
 
+def timestep_problems(config: ImageTrainConfig, num_train_timesteps: int) -> list[str]:
+    """What is wrong with the config's timestep range for a base whose scheduler has *num_train_timesteps*."""
+    low, high = config.min_timestep or 0, config.max_timestep or num_train_timesteps
+    if low < num_train_timesteps and high <= num_train_timesteps:
+        return []
+    return [f"the timestep range (min_timestep {low}, max_timestep {high}) must lie within the base model's "
+            f"{num_train_timesteps} training timesteps: min_timestep below {num_train_timesteps}, max_timestep "
+            f"at most {num_train_timesteps}"]
+
+
 def base_problems(config: ImageTrainConfig, kind: str, base_name: str) -> list[str]:
     """Settings that do not fit the base model's *kind* ("sd1", "sd2" or "sdxl"), named with both."""
     out = []

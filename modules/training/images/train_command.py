@@ -89,7 +89,7 @@ def run_image_training(config_path: str | None, overrides: list[str], *, data_di
 
     from modules.paths import Paths
     from modules.training.images.base_model import find_base, load_base
-    from modules.training.images.config import base_problems, load_image_config
+    from modules.training.images.config import base_problems, load_image_config, timestep_problems
     from modules.training.images.trainer import ImageTrainer
     world_size = world_size_from_env()
     run = open_run_dir(resume) if resume else None
@@ -118,6 +118,9 @@ def run_image_training(config_path: str | None, overrides: list[str], *, data_di
         problems = base_problems(config, base.kind, info.name)
         if problems:
             raise ConfigError(problems)
+    problems = timestep_problems(config, base.pipe.scheduler.config.num_train_timesteps)
+    if problems:
+        raise ConfigError(problems)
     accelerator = make_accelerator(config)
     if not config.run_name:
         name = [f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"]

@@ -103,10 +103,6 @@ class ImageTrainer:
         self.device = accelerator.device
         self.world = accelerator.num_processes
         self.noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        if (config.max_timestep or 0) > steps or (config.min_timestep or 0) >= steps:
-            raise ImageTrainingError(f"min_timestep/max_timestep ({config.min_timestep}, {config.max_timestep}) "
-                                     f"must lie within the base model's {steps} training timesteps")
         prediction = config.prediction_type
         self.prediction_type = (self.noise_scheduler.config.get("prediction_type") or "epsilon"
                                 if prediction == "auto" else prediction)
