@@ -397,6 +397,14 @@ class Llama(nn.Module):
         if key_mask is None and (past == 0 or T == 1):
             return None
         S = past + T
+        if key_mask is not None and T == 1:
+            # One query per row: it sees exactly the keys its row marks (the paged engine's decode passes put a
+            # row's new token anywhere, not always in the last slot); a row that marks none sees its last slot,
+            # so its (ignored) output stays finite.
+            visible = key_mask.bool()
+            lonely = ~visible.any(dim=-1, keepdim=True)
+            last = torch.arange(S, device=device)[None, :] == S - 1
+            return (visible | (lonely & last))[:, None, None, :]                      # (B, 1, 1, S)
         query_slot = torch.arange(past, S, device=device)[:, None]                  # (T, 1)
         mask = torch.arange(S, device=device)[None, :] <= query_slot                 # (T, S) causal
         if key_mask is None:

@@ -200,3 +200,15 @@ def test_grouped_decode_attention_equals_sdpa(heads, kv_heads):
         head_major = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in bf16[1:]]
         assert not head_major[0].is_contiguous()
         assert torch.equal(grouped_decode_attend(bf16[0], *head_major, m), grouped_decode_attend(*bf16, m))
+
+
+def test_a_one_token_query_sees_exactly_the_keys_its_row_marks():
+    """Decode passes of the paged engine put a row's new token in any slot (rows gathered left-aligned, whole
+    blocks): the mask for one query per row is the key mask itself; a row marking nothing sees its last slot."""
+    key_mask = torch.tensor([[True, True, True, False], [True, False, False, False], [False] * 4])
+    mask = Llama._attention_mask(3, 1, 3, key_mask, torch.device("cpu"))
+    assert mask.shape == (3, 1, 1, 4)
+    assert mask[:, 0, 0].tolist() == [[True, True, True, False], [True, False, False, False],
+                                      [False, False, False, True]]
+    longer = Llama._attention_mask(1, 2, 2, torch.tensor([[False, True, True, True]]), torch.device("cpu"))
+    assert longer[0, 0].tolist() == [[False, True, True, False], [False, True, True, True]]   # causal, as before

@@ -69,7 +69,7 @@ def test_clear_cache_frees_unreferenced_cached_blocks():
     assert p.cached_blocks == 0 and p.free_blocks == 5 and match_prefix(p, prefix_hashes([1, 2, 3, 4], 4, 4)) == []
 
 
-def test_paged_batch_writes_rows_into_their_blocks_and_gathers_right_aligned():
+def test_a_decode_pass_writes_each_new_token_into_its_block_and_gathers_whole_blocks_left_aligned():
     p = pool(blocks=8)
     a, b = BlockTable(p), BlockTable(p)
     a.add([p.allocate(), p.allocate()])    # 5 cached + 1 new
@@ -77,14 +77,31 @@ def test_paged_batch_writes_rows_into_their_blocks_and_gathers_right_aligned():
     p.k[0, :, a.slots(0, 5)] = 1.0
     p.k[0, :, b.slots(0, 2)] = 2.0
     view = PagedBatch(p, [a, b], cached=[5, 2], new=[1, 1], device=torch.device("cpu"))
-    assert (view.length, view.batch_size, view.max_len) == (5, 2, 6)
+    assert (view.length, view.batch_size, view.max_len) == (7, 2, 8)        # two blocks of 4 per row
     assert view.positions.tolist() == [[5], [2]]
-    assert view.key_mask.tolist() == [[True] * 6, [False, False, False, True, True, True]]
+    assert view.key_mask.tolist() == [[True] * 6 + [False] * 2, [True] * 3 + [False] * 5]
     k = torch.full((2, 2, 1, 3), 7.0)
     keys, values = view.append(0, k, k)
-    assert keys.shape == (2, 2, 6, 3)
+    assert keys.shape == (2, 2, 8, 3)
     assert (p.k[0, :, a.slots(5, 6)] == 7).all() and (p.k[0, :, b.slots(2, 3)] == 7).all()
-    assert keys[0, 0, :, 0].tolist() == [1, 1, 1, 1, 1, 7]
+    assert keys[0, 0, :6, 0].tolist() == [1, 1, 1, 1, 1, 7]
+    assert keys[1, 0, :3, 0].tolist() == [2, 2, 7]
+
+
+def test_a_pass_with_longer_chunks_gathers_rows_right_aligned():
+    p = pool(blocks=8)
+    a, b = BlockTable(p), BlockTable(p)
+    a.add([p.allocate(), p.allocate()])    # 4 cached + 2 new
+    b.add([p.allocate()])                  # 2 cached + 1 new
+    p.k[0, :, a.slots(0, 4)] = 1.0
+    p.k[0, :, b.slots(0, 2)] = 2.0
+    view = PagedBatch(p, [a, b], cached=[4, 2], new=[2, 1], device=torch.device("cpu"))
+    assert (view.length, view.batch_size, view.max_len) == (4, 2, 6)
+    assert view.positions.tolist() == [[4, 5], [0, 2]]
+    assert view.key_mask.tolist() == [[True] * 6, [False, False, False, True, True, True]]
+    k = torch.full((2, 2, 2, 3), 7.0)
+    keys, _ = view.append(0, k, k)
+    assert keys[0, 0, :, 0].tolist() == [1, 1, 1, 1, 7, 7]
     assert keys[1, 0, 3:, 0].tolist() == [2, 2, 7]
 
 

@@ -99,6 +99,10 @@ class PagedBatch:
     def __init__(self, pool: BlockPool, tables: Sequence[BlockTable], cached: Sequence[int], new: Sequence[int],
                  device: torch.device):
         self.pool = pool
+        self._blocks = None
+        if len(tables) > 1 and all(n == 1 for n in new):
+            self._decode_layout(tables, cached, device)
+            return
         B, T = len(tables), max(new)
         S = max(c + n for c, n in zip(cached, new))
         self.batch_size, self.length, self.max_len = B, S - T, S
@@ -124,6 +128,32 @@ class PagedBatch:
             self.key_mask = mask.to(device)
         self._shape = (B, T, S)
 
+    def _decode_layout(self, tables: Sequence[BlockTable], cached: Sequence[int], device: torch.device) -> None:
+        """A pass where every row feeds one token: rows are gathered whole blocks at a time, left-aligned.
+
+        Why: a block holds 16 slots of one K/V head side by side, so gathering block ids copies 16x longer
+        runs than gathering slot ids (2 KB instead of 128 B for the TinyLlama shape): 0.9 against 1.6 ms a
+        layer for 32 rows x 700 slots. The right-aligned slot layout of other passes cannot do that (a row's
+        start is rarely on a block boundary), and it does not need to here: with one query per row no causal
+        mask applies, the key mask marks each row's slots 0 .. cached (its new token last), and
+        :meth:`Llama._attention_mask` lets a one-token query see exactly its row's marked keys.
+        """
+        size = self.pool.block_size
+        lengths = [c + 1 for c in cached]
+        M = max(-(-n // size) for n in lengths)
+        B, S = len(tables), M * size
+        self.batch_size, self.length, self.max_len = B, S - 1, S
+        blocks = torch.zeros((B, M), dtype=torch.long)             # block 0: the reserved padding block
+        for j, (table, n) in enumerate(zip(tables, lengths)):
+            used = -(-n // size)
+            blocks[j, :used] = torch.tensor(table.blocks[:used], dtype=torch.long)
+        self._blocks = blocks.view(-1).to(device)
+        self._dst = torch.cat([table.slots(c, c + 1) for table, c in zip(tables, cached)]).to(device)
+        self._src = None
+        self.positions = torch.tensor(cached, dtype=torch.long)[:, None].to(device)
+        self.key_mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]).to(device)
+        self._shape = (B, 1, S)
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the rows' new k, v (B, K, T, hd) into their blocks; return every row's slots (B, K, S, hd)."""
         B, T, S = self._shape
@@ -135,6 +165,11 @@ class PagedBatch:
                 flat = flat.index_select(1, self._src)
             pool_t.index_copy_(1, self._dst, flat.to(pool_t.dtype))
         # (B, K, S, hd) views of contiguous (K, B, S, hd) gathers: see the pool's layout note
-        keys = pool_k.index_select(1, self._gather).view(heads, B, S, hd).transpose(0, 1)
-        values = pool_v.index_select(1, self._gather).view(heads, B, S, hd).transpose(0, 1)
-        return keys, values
+        if self._blocks is not None:
+            size = self.pool.block_size
+            keys = pool_k.view(heads, -1, size * hd).index_select(1, self._blocks)
+            values = pool_v.view(heads, -1, size * hd).index_select(1, self._blocks)
+        else:
+            keys = pool_k.index_select(1, self._gather)
+            values = pool_v.index_select(1, self._gather)
+        return keys.view(heads, B, S, hd).transpose(0, 1), values.view(heads, B, S, hd).transpose(0, 1)
