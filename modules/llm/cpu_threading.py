@@ -132,9 +132,17 @@ class _Blocks:
 
 def project(x: torch.Tensor, modules: tuple[nn.Linear, ...], row_parallel: RowParallel | None) -> list[torch.Tensor]:
     """Apply each linear to ``x``, split over threads when a :class:`RowParallel` is attached."""
-    if row_parallel is not None:
-        return row_parallel.linears(x, modules)
-    return [linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x) for m in modules]
+    return row_parallel.linears(x, modules) if row_parallel is not None else [m(x) for m in modules]
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state-dict keys and hooks) whose forward is :func:`linear`: what the
+    Llama model's projections are, so a single bf16 row decodes through ``torch.mv``. A subclass rather than a
+    function call in the model, so module hooks (the importance-matrix collector's, an extension's) still
+    see every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

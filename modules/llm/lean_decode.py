@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.llm.cpu_threading import linear
+from modules.llm.cpu_threading import Linear, linear
 from modules.llm.model import _SDPA_HAS_GQA
 
 
@@ -132,6 +132,6 @@ def lean_decoder(model: Any, slots: int) -> LeanDecoder | None:
         if getattr(attn, "attention_backend", "sdpa") != "sdpa":
             return None
         linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+    if any(type(m) not in (nn.Linear, Linear) or m.bias is not None for m in linears):
         return None
     return LeanDecoder(model, slots)

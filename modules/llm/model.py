@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.llm.config import LlamaConfig
-from modules.llm.cpu_threading import RowParallel, project
+from modules.llm.cpu_threading import Linear, RowParallel, project
 
 #: SDPA grew ``enable_gqa`` in torch 2.5 (it is a builtin without an inspectable signature, hence the
 #: docstring check); older versions get K/V expanded per group instead.
@@ -155,10 +155,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         d, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=bias)
+        self.q_proj = Linear(d, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_head * self.head_dim, d, bias=bias)
         self.row_parallel: RowParallel | None = None
         self.attention_backend = "sdpa"  # or "xformers" (Llama.use_attention)
 
@@ -250,9 +250,9 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         d, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(d, i, bias=bias)
-        self.up_proj = nn.Linear(d, i, bias=bias)
-        self.down_proj = nn.Linear(i, d, bias=bias)
+        self.gate_proj = Linear(d, i, bias=bias)
+        self.up_proj = Linear(d, i, bias=bias)
+        self.down_proj = Linear(i, d, bias=bias)
         self.row_parallel: RowParallel | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +300,7 @@ class Llama(nn.Module):
             layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight   # one tensor, counted and saved once
         self.rotary = RotaryEmbedding(config)

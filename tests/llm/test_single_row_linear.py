@@ -41,3 +41,20 @@ def test_a_bf16_model_decodes_the_same_logits_alone_and_in_a_batch():
         alone = model(ids[:1, -1:], positions=torch.tensor([[4]]), cache=None)
         batch = model(ids[:, -1:], positions=torch.tensor([[4], [4]]), cache=None)
     assert torch.equal(alone[0], batch[0])
+
+
+def test_module_hooks_see_every_projection_of_a_single_row():
+    """The importance-matrix collector (and any extension) hooks the model's linears: a one-row bf16 decode
+    through torch.mv still calls them as modules."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Llama(config).to(torch.bfloat16).eval()
+    seen = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda m, args, name=name: seen.append(name))
+    with torch.inference_mode():
+        model(torch.tensor([[5]]))
+    assert sorted(seen) == sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    assert len(seen) == 8
