@@ -19,6 +19,7 @@ user's chat or picture.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import queue
@@ -26,7 +27,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class Job:
         self._skip = threading.Event()
         self._skipped_at: int | None = None  # the step at which the job honoured a Skip (see ``skipped``)
         self._stream: queue.Queue = queue.Queue()
+        #: wakes an asyncio consumer (:meth:`stream_batches_async`) after an item is put; None when none waits
+        self._waker: Callable[[], None] | None = None
 
     # -- inside the job -----------------------------------------------------------
     def report(self, step: int, total: int, *, text: str = "", preview: Any = None) -> None:
@@ -136,6 +139,12 @@ class Job:
     def emit(self, item: Any) -> None:
         """Send one streamed item (a token, a preview) to whoever iterates ``stream()``."""
         self._stream.put(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            waker()
 
     # -- outside the job ------------------------------------------------------------
     def interrupt(self) -> None:
@@ -174,6 +183,54 @@ class Job:
         if self.error is not None:
             raise self.error
 
+    async def stream_batches_async(self) -> AsyncIterator[list[Any]]:
+        """:meth:`stream_batches` for a consumer on an asyncio event loop, with no thread hop.
+
+        Why: an async server that iterates the blocking stream pays a worker-thread round trip per batch (anyio's
+        ``run_sync_in_worker_thread``, condition variables, cancel scopes): profiled under 32 streamed replies,
+        that was as much CPU as the event loop itself, on the two cores the decode thread needs. Here the
+        producer wakes the loop with ``call_soon_threadsafe`` (at most one pending wake-up at a time) and the
+        consumer drains whatever is there. A consumer that is cancelled (its client left) simply stops.
+        """
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        pending = threading.Lock()                          # held while a wake-up is scheduled and not yet run
+
+        def on_loop() -> None:
+            pending.release()
+            ready.set()
+
+        def waker() -> None:                                # producer thread
+            if pending.acquire(blocking=False):
+                try:
+                    loop.call_soon_threadsafe(on_loop)
+                except RuntimeError:                        # the loop is closed: nobody is listening any more
+                    pending.release()
+
+        self._waker = waker
+        try:
+            while True:
+                ready.clear()
+                items = []
+                while True:
+                    try:
+                        items.append(self._stream.get_nowait())
+                    except queue.Empty:
+                        break
+                if not items:
+                    await ready.wait()
+                    continue
+                done = any(item is _DONE for item in items)
+                items = [item for item in items if item is not _DONE]
+                if items:
+                    yield items
+                if done:
+                    break
+        finally:
+            self._waker = None
+        if self.error is not None:
+            raise self.error
+
     def result(self, timeout: float | None = None) -> Any:
         if not self._done.wait(timeout):
             raise TimeoutError(f"{self.name} did not finish within {timeout}s")
@@ -197,6 +254,7 @@ class Job:
         self.finished = time.time()
         self._stream.put(_DONE)
         self._done.set()
+        self._wake()
 
 
 class JobQueue:

@@ -24,7 +24,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -578,6 +578,15 @@ class GenerationHandle:
         :meth:`modules.jobs.Job.stream_batches`)."""
         try:
             yield from self.job.stream_batches(timeout=timeout)
+        except JobInterrupted:
+            return
+
+    async def event_batches_async(self) -> AsyncIterator[list[TokenDelta]]:
+        """:meth:`event_batches` for an asyncio consumer, without a thread hop per batch
+        (:meth:`modules.jobs.Job.stream_batches_async`)."""
+        try:
+            async for batch in self.job.stream_batches_async():
+                yield batch
         except JobInterrupted:
             return
 

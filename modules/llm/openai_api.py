@@ -686,15 +686,11 @@ def _sse(request: Request, choices: list[_Choice], base: dict[str, Any], *, n: i
     async def one(choice: _Choice) -> AsyncIterator[str]:
         if choice.chat:
             yield line(chunk(choice, None, None, role=True))
-        # one thread hop per batch of deltas already generated (not per token): under load the event loop
-        # and the decode thread share two cores, and per-token hops cost as much as a tiny model's step
-        stream = choice.handle.event_batches()
+        # every delta already generated at once, and no thread hop: under load the event loop and the decode
+        # thread share two cores (modules.jobs.Job.stream_batches_async says what a hop per batch cost)
         pending: list[Any] = []  # deltas whose text is held back (stop strings, split characters)
         first = True
-        while True:
-            batch = await run_in_threadpool(next, stream, None)
-            if batch is None:
-                break
+        async for batch in choice.handle.event_batches_async():
             lines = []
             for delta in batch:
                 if first and not choice.chat and choice.echo:
