@@ -260,3 +260,42 @@ def test_stream_batches_hand_over_everything_already_emitted(q):
     assert next(batches) == ["d"]
     with pytest.raises(ValueError, match="broken at d"):
         next(batches)
+
+
+def test_an_asyncio_consumer_gets_every_item_in_order_the_error_and_can_leave_early():
+    import asyncio
+
+    from modules.jobs import Job
+
+    def produce(job, n, error=None):
+        for i in range(n):
+            job.emit(i)
+            if i % 7 == 0:
+                time.sleep(0.002)                     # let the consumer catch up and wait for some items
+        job.finish(None, error)
+
+    async def consume(job):
+        return [item async for batch in job.stream_batches_async() for item in batch]
+
+    job = Job(None, "stream")
+    job.emit("early")                                 # put before the consumer subscribed: still delivered
+    producer = threading.Thread(target=produce, args=(job, 200))
+    producer.start()
+    assert asyncio.run(consume(job)) == ["early", *range(200)]
+    producer.join()
+    assert job._waker is None
+
+    failing = Job(None, "fails")
+    threading.Thread(target=produce, args=(failing, 3, ValueError("boom"))).start()
+    with pytest.raises(ValueError, match="boom"):
+        asyncio.run(consume(failing))
+
+    async def leave_after_first(job):
+        async for _ in job.stream_batches_async():
+            break                                     # the client went away
+
+    leaving = Job(None, "leaves")
+    leaving.emit(1)
+    asyncio.run(leave_after_first(leaving))
+    assert leaving._waker is None
+    leaving.emit(2)                                   # a producer that goes on after the consumer left is fine
