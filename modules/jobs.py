@@ -168,20 +168,22 @@ class Job:
         that hops threads per step (an async server streaming a reply) pays one hop for all of them when it
         falls behind the producer, instead of one per token."""
         while True:
-            items = [self._stream.get(timeout=timeout)]
-            while True:
-                try:
-                    items.append(self._stream.get_nowait())
-                except queue.Empty:
-                    break
-            done = any(item is _DONE for item in items)
-            items = [item for item in items if item is not _DONE]
+            items, done = self._drain([self._stream.get(timeout=timeout)])
             if items:
                 yield items
             if done:
                 break
         if self.error is not None:
             raise self.error
+
+    def _drain(self, items: list[Any]) -> tuple[list[Any], bool]:
+        """*items* and every item already waiting, without the end marker; and whether the end was among them."""
+        while True:
+            try:
+                items.append(self._stream.get_nowait())
+            except queue.Empty:
+                break
+        return [item for item in items if item is not _DONE], any(item is _DONE for item in items)
 
     async def stream_batches_async(self) -> AsyncIterator[list[Any]]:
         """:meth:`stream_batches` for a consumer on an asyncio event loop, with no thread hop.
@@ -211,21 +213,13 @@ class Job:
         try:
             while True:
                 ready.clear()
-                items = []
-                while True:
-                    try:
-                        items.append(self._stream.get_nowait())
-                    except queue.Empty:
-                        break
-                if not items:
-                    await ready.wait()
-                    continue
-                done = any(item is _DONE for item in items)
-                items = [item for item in items if item is not _DONE]
+                items, done = self._drain([])
                 if items:
                     yield items
                 if done:
                     break
+                if not items:
+                    await ready.wait()
         finally:
             self._waker = None
         if self.error is not None:

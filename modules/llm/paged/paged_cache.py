@@ -1,13 +1,15 @@
 """Per-sequence block tables, and the view one forward pass of the model attends through.
 
-The model (:class:`modules.llm.model.Llama`) is unchanged: it calls ``cache.append(layer, k, v)`` and
-attends to what comes back, with the ``key_mask`` and ``positions`` it is given, exactly as it does for the
-contiguous left-padded cache. :class:`PagedBatch` is that cache for one forward pass over rows of different
+The model (:class:`modules.llm.model.Llama`) knows nothing of blocks: it calls ``cache.append(layer, k, v)``
+and attends to what comes back, with the ``key_mask`` and ``positions`` it is given, exactly as it does for
+the contiguous left-padded cache. :class:`PagedBatch` is that cache for one forward pass over rows of different
 lengths: ``append`` scatters each row's new keys/values into its own blocks, then gathers every row's slots
 into a right-aligned ``[B, K, S, hd]`` view (one ``index_select`` per layer into a head-major
-``[K, B, S, hd]`` tensor; the index is built once per pass), and the key mask hides the slots left of a shorter row. Rows feeding fewer new tokens than the
-longest are left-padded in the query dimension; their padding queries are computed and thrown away (their
-keys are never written), so the last query of every row is its real last token (``last_only`` works).
+``[K, B, S, hd]`` tensor; the index is built once per pass), and the key mask hides the slots left of a
+shorter row (a pass of one new token per row gathers whole blocks instead: :meth:`PagedBatch._decode_layout`).
+Rows feeding fewer new tokens than the longest are left-padded in the query dimension; their padding
+queries are computed and thrown away (their keys are never written), so the last query of every row is its
+real last token (``last_only`` works).
 
 Measured on this CPU: the gather costs about as much as the attention that reads it, and both are small next
 to the weight reads of a decode step, so a custom paged-attention kernel would buy little here.
