@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "train-vae": "modules.training.images.vae_command",
     "demo-image-model": "modules.training.images.demo_image_recipe",
     "eval-images": "modules.training.images.eval_images_command",
+    "word-effects": "modules.training.images.word_effects_command",
     "make-shapes-data": "modules.shapes.data_command",
     "train-shapes-classifier": "modules.shapes.classifier_command",
     "eval-shapes-classifier": "modules.shapes.classifier_eval_command",
