@@ -20,6 +20,18 @@ def test_explicit_precision_and_offload():
     assert any("fp16 on CPU" in n for n in choose_devices("cpu", "fp16").notes)
 
 
+def test_bf16_on_a_cpu_without_hardware_bf16_is_said_to_be_slow(monkeypatch):
+    import modules.devices as devices
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
+    d = choose_devices("cpu", "bf16")
+    assert d.dtype is torch.bfloat16                       # what was asked, with a note that says what to use
+    assert any("no AVX-512 BF16" in n and "--precision fp32" in n for n in d.notes)
+    assert any("fp32 is recommended" in n and "bf16 or" not in n for n in choose_devices("cpu", "fp16").notes)
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
+    assert not any("AVX-512" in n for n in choose_devices("cpu", "bf16").notes)
+    assert any("bf16 or fp32 is recommended" in n for n in choose_devices("cpu", "fp16").notes)
+
+
 def test_xformers_requested_but_unavailable_says_so():
     d = choose_devices("cpu", "auto", xformers=True)
     assert d.attention == "sdpa"
