@@ -58,9 +58,6 @@ from torch import nn
 
 #: torch's CPU int4 kernel needs the output width to be a multiple of this
 INT4_ROW_MULTIPLE = 16
-#: rows per block of the CPU int4 packing (_convert_weight_to_int4pack_for_cpu); a last, partial block of
-#: 16, 32 or 48 rows is packed differently (see cpu_int4_unpack)
-_CPU_INT4_BLOCK = 64
 #: the kernels' activation dtype on the CPU (see the module docstring)
 DEFAULT_KERNEL_DTYPE = torch.bfloat16
 #: inputs of at least this many rows (prefill) multiply by the weight converted to the kernel dtype instead of
@@ -168,16 +165,27 @@ def cpu_int4_pack(q: torch.Tensor) -> torch.Tensor:
 def cpu_int4_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Inverse of :func:`cpu_int4_pack`, to save a CPU layer: (N, K/2) packed -> (N, K) uint8 values.
 
-    torch 2.13 packs blocks of 64 rows as [K][32] bytes, byte j holding row j (low nibble) and row j + 32
-    (high nibble); a last block of r < 64 rows as [K][r/2] bytes, byte j holding rows 2j and 2j + 1. The
-    tests check this against the packing op, so a torch that changes it fails there, not in a saved file.
+    torch's CPU layout depends on the instruction set its kernels were dispatched to: with AVX-512 it packs
+    blocks of 64 rows as [K][32] bytes, byte j holding row j (low nibble) and row j + 32 (high nibble);
+    with AVX2 (seen on an AMD EPYC, 2026-12-04) blocks of 32 rows, rows j and j + 16; a last, partial block
+    of r rows is [K][r/2] bytes holding adjacent rows. Which block size this process packs with is found by
+    packing a small random probe (:func:`_cpu_int4_block`); a layout outside that family is inverted by
+    probing the whole matrix (:func:`_cpu_int4_unpack_by_probing`, slower), so saving is right either way.
     """
+    block = _cpu_int4_block()
+    if block is None:
+        return _cpu_int4_unpack_by_probing(packed, rows, cols)
+    return _cpu_int4_unpack_blocks(packed, rows, cols, block)
+
+
+def _cpu_int4_unpack_blocks(packed: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
+    """The inverse for the block layout of :func:`cpu_int4_unpack` with *block* rows per full block."""
     flat = packed.reshape(-1)
     out = torch.empty(rows, cols, dtype=torch.uint8, device=packed.device)
-    full = rows // _CPU_INT4_BLOCK * _CPU_INT4_BLOCK
+    full = rows // block * block
     if full:
-        blocks = flat[: full * cols // 2].view(full // _CPU_INT4_BLOCK, cols, _CPU_INT4_BLOCK // 2)
-        per_row = torch.cat([blocks & 0xF, blocks >> 4], dim=2)                    # (blocks, K, 64)
+        blocks = flat[: full * cols // 2].view(full // block, cols, block // 2)
+        per_row = torch.cat([blocks & 0xF, blocks >> 4], dim=2)                    # (blocks, K, block)
         out[:full] = per_row.permute(0, 2, 1).reshape(full, cols)
     rest = rows - full
     if rest:
@@ -185,6 +193,45 @@ def cpu_int4_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         per_row = torch.stack([tail & 0xF, tail >> 4], dim=2).reshape(cols, rest)   # (K, r)
         out[full:] = per_row.T
     return out
+
+
+def _cpu_int4_block(candidates: tuple[int, ...] = (64, 32, 16)) -> int | None:
+    """The rows per block torch's CPU int4 packing uses in this process (None: not the block layout).
+
+    A 176 x 8 probe (two 64-row blocks and a 48-row tail) of random values is packed and unpacked with
+    each candidate; the one that gives the values back is it (a wrong one cannot, but by a 16^-1000 chance).
+    """
+    probe = torch.randint(0, 16, (176, 8), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = cpu_int4_pack(probe)
+    for block in candidates:
+        if torch.equal(_cpu_int4_unpack_blocks(packed, 176, 8, block), probe.to(torch.uint8)):
+            return block
+    return None
+
+
+def _cpu_int4_unpack_by_probing(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The inverse of any packing that rearranges the values: the packing op is run on the values' own flat
+    positions, four bits at a time, which says for every packed nibble which value it holds."""
+    def nibbles_of(data: torch.Tensor) -> torch.Tensor:             # packed bytes -> nibbles, low one first
+        flat = data.reshape(-1)
+        return torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(-1)
+
+    values = nibbles_of(packed.cpu())
+    if values.numel() != rows * cols or rows * cols >= 2 ** 31:
+        raise ValueError(f"an int4 packing of {packed.numel()} bytes cannot hold a {rows}x{cols} weight")
+    position = torch.arange(rows * cols, dtype=torch.int32).view(rows, cols)
+    source = torch.zeros(rows * cols, dtype=torch.int32)           # packed nibble i holds value source[i]
+    shift = 0
+    while shift == 0 or (1 << shift) < rows * cols:
+        source |= nibbles_of(cpu_int4_pack((position >> shift) & 0xF)).to(torch.int32) << shift
+        shift += 4
+    index = source.long()
+    if not bool(torch.zeros(rows * cols, dtype=torch.bool).index_fill_(0, index, True).all()):
+        raise RuntimeError(f"torch {torch.__version__}'s CPU int4 packing is not a rearrangement of the values; "
+                           "saving int4 layers needs a torch whose packing is (2.13 is)")
+    out = torch.empty(rows * cols, dtype=torch.uint8)
+    out[index] = values
+    return out.view(rows, cols).to(packed.device)
 
 
 # -------------------------------------------------------------------------------------------- layers

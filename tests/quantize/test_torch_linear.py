@@ -97,6 +97,17 @@ def test_cpu_int4_unpack_inverts_torchs_packing(rows):
     assert pack_nibbles(q).shape == (rows, 48)
 
 
+@pytest.mark.parametrize("rows", [16, 48, 80, 208])
+def test_the_probing_inverse_undoes_any_layout_torch_packs_with(rows):
+    """The fallback for a layout outside the block family: exact on this torch's own packing, whichever
+    instruction set it packs for (AVX-512: 64-row blocks, AVX2: 32-row blocks)."""
+    from modules.quantize.torch_linear import _cpu_int4_block, _cpu_int4_unpack_by_probing
+    q = torch.randint(0, 16, (rows, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(_cpu_int4_unpack_by_probing(cpu_int4_pack(q), rows, 96), q)
+    assert _cpu_int4_block() in (64, 32)
+    assert _cpu_int4_block(candidates=(16,)) is None           # a block size torch does not pack with is refused
+
+
 def test_storage_round_trip_is_exact_and_checked():
     layer = linear(64, 128, bias=True)
     for q in (Int8Linear.from_float(layer), Int4Linear.from_float(layer, 64)):
