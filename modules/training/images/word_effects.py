@@ -141,13 +141,11 @@ def pipeline_predictor(pipe, device: torch.device) -> Predict:
 
 def encode_scenes(vae, scenes: list[Scene], size: int, device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """The scenes drawn by the generator at *size* px (no jitter), encoded as the trainer encodes pictures."""
-    import numpy as np
-
+    from modules.diffusion.images import to_tensor
     from modules.shapes.render import render
     out = []
     for start in range(0, len(scenes), batch_size):
-        pixels = torch.stack([torch.from_numpy(np.array(render(s, size).convert("RGB"))).permute(2, 0, 1)
-                              for s in scenes[start:start + batch_size]]).float() / 127.5 - 1
+        pixels = to_tensor([render(s, size) for s in scenes[start:start + batch_size]])
         with torch.no_grad():
             latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0

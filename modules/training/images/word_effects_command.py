@@ -71,26 +71,18 @@ def run(args: argparse.Namespace) -> int:
 
 def measure_model(model: str, data_dir: str | None, *, n: int, timesteps: list[int], seed: int, prompt_seed: int,
                   size: int):
-    """Load *model* as txt2img does and measure it; returns (rows, what was measured)."""
-    import torch
+    """Load *model* as txt2img does (eval-images' loader) and measure it; returns (rows, what was measured)."""
     from diffusers import DDPMScheduler
 
-    from modules.diffusion.loading import load_sd_model
-    from modules.paths import Paths
-    from modules.training.config import ConfigError
-    from modules.training.images.base_model import find_base
-    from modules.training.images.eval_images import held_out_scenes
+    from modules.training.images.eval_images import EvalImagesError, EvalSettings, held_out_scenes, load_model
     from modules.training.images.word_effects import encode_scenes, measure, pipeline_predictor
-    paths = Paths.from_options(data_dir)
     try:
-        info = find_base(model, paths.model_dir("Stable-diffusion"))
-    except ConfigError as exc:
-        raise WordEffectsError(f"--model: {exc.problems[0].removeprefix('base_model ')}") from exc
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        sd = load_sd_model(info, device=device)
+        sd, _ = load_model(EvalSettings(model=model, data_dir=data_dir))
+    except EvalImagesError as exc:
+        raise WordEffectsError(str(exc)) from exc
     except ValueError as exc:
         raise WordEffectsError(f"--model {model}: {exc}") from exc
+    info, device = sd.info, sd.device
     pipe = sd.pipe
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = scheduler.config.get("prediction_type") or "epsilon"
