@@ -35,8 +35,6 @@ def prepare(opts, *, raise_callback_errors: bool = False):
     ctx = build_context(opts, raise_callback_errors=raise_callback_errors)
     if ctx.settings.load_error:
         log.error(ctx.settings.load_error)
-    for note in ctx.devices.notes:
-        log.warning(note)
     ctx.scripts.load_dir(paths.repo_scripts_dir, owner="builtin")
     for problem in register_builtin(ctx):
         log.error("capability failed: %s", problem)
